@@ -1,0 +1,91 @@
+"""The adapter contract. Kept free of heavy imports: adapters are discovered on every command."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dpcli.errors import BadInput
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class ModelSource:
+    """What the user pointed at, resolved: a folder, a single file, a Hub snapshot or a built-in name.
+
+    ``spec`` is the text the user typed. For Hub ids ``path`` is the local snapshot folder.
+    """
+
+    spec: str
+    kind: str  # folder | file | hub | builtin
+    path: Path | None = None
+    _state_dict: dict | None = field(default=None, repr=False)
+
+    def read_json(self, relative: str) -> dict | None:
+        """A JSON file inside a folder source, or None when it is absent."""
+        if self.path is None or not self.path.is_dir():
+            return None
+        file = self.path / relative
+        if not file.is_file():
+            return None
+        try:
+            return json.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            raise BadInput(f"{file} is not valid JSON: {exc}") from None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors of a single-file source, loaded safely once (see dpcli.loading.load_tensor_file)."""
+        if self._state_dict is None:
+            from dpcli.loading import load_tensor_file
+
+            self._state_dict = load_tensor_file(self.path)
+        return self._state_dict
+
+    @property
+    def suffix(self) -> str:
+        return self.path.suffix.lower() if self.path is not None and self.kind == "file" else ""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for dp: the denoiser that gets pruned, its scheduler and what else it needs."""
+
+    model: torch.nn.Module
+    adapter: str
+    source: str
+    source_kind: str
+    config: dict
+    sample_size: int
+    in_channels: int
+    scheduler: Any = None
+    scheduler_origin: str = ""
+    components: dict[str, Any] = field(default_factory=dict)
+    pruning: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class ModelAdapter:
+    """Base class for adapters. Subclasses set ``name``/``description`` and override what they support."""
+
+    name: str = ""
+    description: str = ""
+
+    def detect(self, source: ModelSource) -> float:
+        """How sure this adapter is that it can load ``source``: 0 (not mine) to 1 (certainly mine)."""
+        return 0.0
+
+    def load(self, source: ModelSource, config: Path | None = None) -> LoadedModel:
+        """Load ``source``; ``config`` overrides an inferred model config. Raise BadInput on bad input."""
+        raise NotImplementedError
+
+    def example_inputs(self, loaded: LoadedModel, batch_size: int = 1) -> tuple:
+        """Positional inputs for one forward of ``loaded.model`` at the native sample size."""
+        raise NotImplementedError
+
+    def predict(self, loaded: LoadedModel, sample, timesteps, conditioning=None):
+        """The model's prediction (noise, or v) for noisy ``sample`` at ``timesteps``."""
+        raise NotImplementedError

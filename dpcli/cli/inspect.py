@@ -1,0 +1,31 @@
+"""``dp inspect``."""
+
+from typing import Annotated
+
+import typer
+
+from dpcli.cli.options import Adapter, Config, Json, ModelArgument
+
+
+def inspect(
+    model: ModelArgument,
+    depth: Annotated[
+        int | None,
+        typer.Option("--depth", min=1, help="Group rows into blocks by the first N parts of the path."),
+    ] = None,
+    adapter: Adapter = None,
+    config: Config = None,
+    json_output: Json = False,
+) -> None:
+    """Show what is in a model: params, MACs, resolution, scheduler, and a per-layer table."""
+    from dpcli import output
+    from dpcli.inspection import inspect_model
+    from dpcli.loading import load_model
+
+    with output.stderr.status("Loading model and counting MACs"):
+        loaded = load_model(model, adapter=adapter, config=config)
+        report = inspect_model(loaded, depth=depth)
+    if json_output:
+        output.print_json(report)
+    else:
+        output.render_inspect(report)

@@ -1,0 +1,205 @@
+"""All terminal output: consoles, JSON mode, errors, progress bars, number formatting, tables.
+
+Commands compute plain data (dicts); this module renders it. Tables and summaries go to stdout,
+progress and log lines to stderr, so ``--json`` leaves exactly one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+stdout = Console(highlight=False)
+stderr = Console(stderr=True, highlight=False)
+
+
+def print_json(data: Any) -> None:
+    """Write ``data`` as one JSON object on stdout (and nothing else there)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=_json_default, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "__fspath__"):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def json_safe(value: float | None) -> float | None:
+    """Floats as JSON allows them: NaN/inf become None."""
+    if value is None or not math.isfinite(value):
+        return None
+    return value
+
+
+def error(message: str) -> None:
+    stderr.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
+
+
+def info(message: str) -> None:
+    stderr.print(escape(message), style="dim")
+
+
+def warn(message: str) -> None:
+    stderr.print(f"[yellow]Warning:[/] {escape(message)}", soft_wrap=True)
+
+
+def progress(transient: bool = False, extra: Sequence[str] = ()) -> Progress:
+    """A rich progress bar on stderr: description, bar, M/N, elapsed, ETA, then extra fields by name."""
+    columns = [
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        *(TextColumn(f"{{task.fields[{name}]}}") for name in extra),
+    ]
+    return Progress(*columns, console=stderr, transient=transient)
+
+
+def fmt_count(value: float | None, unit: str = "") -> str:
+    """1234567 -> '1.23 M' (with unit appended, e.g. 'MAC')."""
+    if value is None:
+        return "-"
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {prefix}{unit}".rstrip()
+    return f"{value:.0f} {unit}".rstrip() if float(value).is_integer() else f"{value:.3g} {unit}".rstrip()
+
+
+def fmt_int(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def fmt_pct(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f} %"
+
+
+def fmt_seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 1:
+        return f"{value * 1000:.1f} ms"
+    return f"{value:.2f} s" if value < 120 else f"{value / 60:.1f} min"
+
+
+def key_value_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left", box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, escape(value))
+    return table
+
+
+def render_plugins(data: dict) -> None:
+    """Table of installed criteria and adapters, then plugin-level failures."""
+    table = Table(title="dp plugins", title_justify="left")
+    for column in ("kind", "name", "description", "package", "version", "origin", "status"):
+        table.add_column(column)
+    for row in data["criteria"] + data["adapters"]:
+        status = (
+            "[green]ok[/]"
+            if row["status"] == "ok"
+            else f"[red]{row['status']}[/]: {escape(row['error'] or '')}"
+        )
+        table.add_row(
+            row["kind"],
+            row["name"],
+            escape(row["description"]),
+            row["package"],
+            row["version"],
+            "built-in" if row["builtin"] else "third-party",
+            status,
+        )
+    stdout.print(table)
+    for plugin in data["plugins"]:
+        if plugin["status"] == "failed":
+            stdout.print(
+                f"[red]failed plugin[/] {plugin['name']} ({plugin['package']} {plugin['version']}): "
+                f"{escape(plugin['error'] or '')}"
+            )
+        elif plugin["status"] == "disabled":
+            stdout.print(f"[yellow]disabled[/] {plugin['name']} ({plugin['package']} {plugin['version']})")
+
+
+def render_inspect(report: dict) -> None:
+    """Summary and per-layer table of ``dp inspect``; shows kept/original channels for pruned models."""
+    pruned = report.get("pruned") is not None
+    summary = [
+        ("adapter", report["adapter"]),
+        ("class", report["class"]),
+        ("source", f"{report['source']} ({report['source_kind']})"),
+        ("params", f"{fmt_int(report['params'])} ({fmt_count(report['params'])})"),
+        ("MACs", f"{fmt_count(report['macs'], 'MAC')} per forward at batch 1, {report['input_shape_text']}"),
+        (
+            "resolution",
+            f"{report['sample_size']}x{report['sample_size']}, {report['in_channels']} channel(s)",
+        ),
+        ("scheduler", report.get("scheduler") or "none"),
+    ]
+    if pruned:
+        p = report["pruned"]
+        summary.insert(
+            4, ("original", f"{fmt_int(p['params_before'])} params, {fmt_count(p['macs_before'], 'MAC')}")
+        )
+        summary.append(
+            (
+                "pruning",
+                f"{p.get('criterion')} ({fmt_pct(p['params_after'] / p['params_before'])} "
+                f"of params, {fmt_pct(p['macs_after'] / p['macs_before'])} of MACs kept)",
+            )
+        )
+    for component in report.get("components", []):
+        summary.append((component["name"], f"{component['class']}, {fmt_int(component['params'])} params"))
+    stdout.print(key_value_table(f"Model: {report['source']}", summary))
+    for note in report.get("notes", []):
+        stdout.print(f"[dim]note: {escape(note)}[/]")
+
+    depth = report.get("depth")
+    title = "Layers" if depth is None else f"Blocks (grouped at depth {depth})"
+    table = Table(title=title, title_justify="left")
+    table.add_column("module", overflow="fold")
+    table.add_column("type", overflow="fold")
+    table.add_column("in", justify="right")
+    table.add_column("out" + (" kept/orig" if pruned else ""), justify="right")
+    if pruned:
+        table.add_column("sparsity", justify="right")
+    table.add_column("params", justify="right")
+    table.add_column("MACs", justify="right")
+    table.add_column("% MACs", justify="right")
+    total_macs = report["macs"] or 1
+    for layer in report["layers"]:
+        out = _channels(layer.get("out_channels"), layer.get("original_out_channels") if pruned else None)
+        row = [layer["name"], layer["type"], _channels(layer.get("in_channels"), None), out]
+        if pruned:
+            row.append(fmt_pct(layer.get("sparsity")) if layer.get("sparsity") is not None else "")
+        row += [fmt_count(layer["params"]), fmt_count(layer["macs"]), fmt_pct(layer["macs"] / total_macs)]
+        table.add_row(*row)
+    stdout.print(table)
+
+
+def _channels(value: int | None, original: int | None) -> str:
+    if value is None:
+        return ""
+    if original is None or original == value:
+        return str(value) if original is None else f"{value}/{original}"
+    return f"[bold]{value}[/]/{original}"

@@ -1,0 +1,127 @@
+"""The plugin mechanism: built-ins through the same hooks, failures isolated, collisions named."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from dpcli import plugins
+from dpcli.adapters.base import ModelAdapter
+from dpcli.errors import BadInput
+from dpcli.hookspecs import hookimpl
+
+
+class ToyAdapter(ModelAdapter):
+    description = "toy adapter from a test plugin"
+
+    def __init__(self, name):
+        self.name = name
+
+
+def plugin_registering(*names):
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def dpcli_register_adapters(register):
+            for name in names:
+                register(ToyAdapter(name))
+
+    return Plugin()
+
+
+class RaisingPlugin:
+    @staticmethod
+    @hookimpl
+    def dpcli_register_adapters(register):
+        register(ToyAdapter("half-done"))
+        raise RuntimeError("boom in hook")
+
+
+@pytest.fixture
+def use_registry():
+    def install(registry):
+        plugins.set_registry(registry)
+        return registry
+
+    yield install
+    plugins.set_registry(None)
+
+
+def test_builtins_come_from_entry_points_of_dpcli():
+    registry = plugins.load_registry(third_party=False)
+    ddpm = registry.usable("adapter")["ddpm"]
+    assert ddpm.plugin.builtin and ddpm.plugin.package == "dpcli"
+
+
+def test_third_party_plugin_appears_in_dp_plugins(dp, use_registry):
+    use_registry(plugins.load_registry(extra_plugins=[("toy", plugin_registering("toy"))]))
+    data = dp("plugins", "--json").json
+    toy = next(row for row in data["adapters"] if row["name"] == "toy")
+    assert toy["builtin"] is False and toy["status"] == "ok"
+    assert "toy adapter" in dp("plugins").stdout
+
+
+def test_failing_hook_is_reported_and_skipped(dp, use_registry):
+    registry = use_registry(plugins.load_registry(extra_plugins=[("raiser", RaisingPlugin())]))
+    assert "half-done" not in registry.adapters and "ddpm" in registry.adapters
+    data = dp("plugins", "--json").json
+    raiser = next(p for p in data["plugins"] if p["name"] == "raiser")
+    assert raiser["status"] == "failed" and "boom in hook" in raiser["error"]
+    assert dp("inspect", "config:ddpm-digits", "--json").exit_code == 0
+
+
+def test_plugin_that_fails_to_import_is_reported(monkeypatch, dp, use_registry):
+    def broken_load():
+        raise ImportError("No module named 'missing_dependency'")
+
+    fake = SimpleNamespace(
+        name="broken",
+        value="broken_pkg.plugin",
+        dist=SimpleNamespace(name="broken-pkg", version="9.9"),
+        load=broken_load,
+    )
+    original = plugins._entry_points
+    monkeypatch.setattr(plugins, "_entry_points", lambda: [*original(), fake])
+    use_registry(plugins.load_registry())
+    broken = next(p for p in dp("plugins", "--json").json["plugins"] if p["name"] == "broken")
+    assert broken["status"] == "failed" and "missing_dependency" in broken["error"]
+    assert broken["package"] == "broken-pkg"
+
+
+def test_disable_env_var_skips_third_party(monkeypatch):
+    loaded = []
+    fake = SimpleNamespace(
+        name="third",
+        value="x",
+        dist=SimpleNamespace(name="third-pkg", version="1"),
+        load=lambda: loaded.append(1),
+    )
+    original = plugins._entry_points
+    monkeypatch.setattr(plugins, "_entry_points", lambda: [*original(), fake])
+    monkeypatch.setenv("DPCLI_DISABLE_PLUGINS", "1")
+    registry = plugins.load_registry()
+    assert loaded == [] and "ddpm" in registry.adapters
+    assert next(p for p in registry.plugins if p.name == "third").status == "disabled"
+
+
+def test_name_taken_from_builtin_is_rejected_naming_both():
+    registry = plugins.load_registry(extra_plugins=[("impostor", plugin_registering("ddpm"))])
+    assert registry.adapters["ddpm"].__class__.__name__ == "DDPMAdapter"
+    rejected = [r for r in registry.registrations if r.status == "rejected"]
+    assert len(rejected) == 1 and "impostor" in rejected[0].error and "dpcli" in rejected[0].error
+
+
+def test_two_third_party_plugins_claiming_one_name_is_an_error_naming_both(dp, use_registry):
+    use_registry(
+        plugins.load_registry(
+            extra_plugins=[("first", plugin_registering("shared")), ("second", plugin_registering("shared"))]
+        )
+    )
+    result = dp("inspect", "config:ddpm-digits", "--adapter", "shared")
+    assert result.exit_code == 2
+    assert "'first'" in result.stderr and "'second'" in result.stderr
+
+
+def test_unknown_name_suggests_close_match():
+    registry = plugins.load_registry(third_party=False)
+    with pytest.raises(BadInput, match="did you mean 'ddpm'"):
+        registry.adapter("dpm")
