@@ -148,3 +148,16 @@ def test_truncated_real_checkpoint(dp, tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     result = dp("inspect", truncated)
     assert result.exit_code == 2 and "not a valid safetensors file" in result.stderr
+
+
+def test_original_ddpm_layout_checkpoint_is_converted(dp, tmp_path, tiny_unet):
+    from dpcli.adapters.ddpm_original import diffusers_to_original
+
+    original = diffusers_to_original(tiny_unet.state_dict(), dict(tiny_unet.config))
+    torch.save({k: v.clone() for k, v in original.items()}, tmp_path / "model.ckpt")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    report = dp("inspect", tmp_path / "model.ckpt", "--config", config, "--json")
+    assert report.exit_code == 0, report.stderr
+    assert report.json["source_kind"] == "single file, original DDPM layout"
+    assert report.json["params"] == sum(p.numel() for p in tiny_unet.parameters())
