@@ -99,8 +99,16 @@ def _scheduler_text(loaded: LoadedModel) -> str | None:
 def _pruned_summary(loaded: LoadedModel) -> dict | None:
     if not loaded.pruning:
         return None
-    keys = ("criterion", "params_before", "params_after", "macs_before", "macs_after", "cutoff", "base")
-    return {key: loaded.pruning.get(key) for key in keys}
+    pruning = loaded.pruning.get("pruning")
+    if not pruning:
+        return None
+    sizes = loaded.pruning.get("sizes", {})
+    return {
+        "criterion": pruning.get("criterion"),
+        "cutoff": pruning.get("cutoff"),
+        "base": loaded.pruning.get("base", {}).get("source"),
+        **sizes,
+    }
 
 
 def group_layers(layers: list[dict], depth: int) -> list[dict]:

@@ -24,13 +24,16 @@ from rich.progress import (
 )
 from rich.table import Table
 
-stdout = Console(highlight=False)
+# Pipes and CI logs get a wide console so tables are not folded into unreadable columns.
+stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 stderr = Console(stderr=True, highlight=False)
 
 
 def print_json(data: Any) -> None:
     """Write ``data`` as one JSON object on stdout (and nothing else there)."""
-    sys.stdout.write(json.dumps(data, indent=2, default=_json_default, allow_nan=False) + "\n")
+    sys.stdout.write(
+        json.dumps(data, indent=2, default=_json_default, allow_nan=False, ensure_ascii=False) + "\n"
+    )
     sys.stdout.flush()
 
 
@@ -203,3 +206,125 @@ def _channels(value: int | None, original: int | None) -> str:
     if original is None or original == value:
         return str(value) if original is None else f"{value}/{original}"
     return f"[bold]{value}[/]/{original}"
+
+
+def render_score(report: dict) -> None:
+    """Loss curve (sparkline) with the cutoff, and per-group score statistics."""
+    losses = report["losses"]
+    if losses:
+        stdout.print(
+            f"[bold]{report['criterion']}[/]: scanned {report['timesteps_scanned']} of "
+            f"{report['timesteps_total']} timesteps in {fmt_seconds(report['scan_seconds'])} "
+            f"({report['forward_passes']} forward passes, {report['chunk']} timesteps × "
+            f"{report['calib_size']} images each); cutoff t = {report['cutoff']}"
+            + (f" (threshold {report['threshold']})" if report.get("threshold") else "")
+        )
+        stdout.print(sparkline(losses, mark=report["cutoff"]))
+        stdout.print(
+            f"loss at t=0: {losses[0]:.4g}, max: {max(v for v in losses if v is not None):.4g}, "
+            f"at cutoff: {losses[-1]:.4g}"
+        )
+    else:
+        stdout.print(f"[bold]{report['criterion']}[/]: no timestep scan needed (data-free criterion)")
+    table = Table(title=f"Scores per group ({report['groups']} groups)", title_justify="left")
+    for column, justify in (
+        ("group", "left"),
+        ("channels", "right"),
+        ("min", "right"),
+        ("mean", "right"),
+        ("max", "right"),
+        ("std", "right"),
+    ):
+        table.add_column(column, justify=justify, overflow="fold")
+    for row in report["layers"]:
+        table.add_row(
+            row["group"],
+            str(row["channels"]),
+            f"{row['min']:.3g}",
+            f"{row['mean']:.3g}",
+            f"{row['max']:.3g}",
+            f"{row['std']:.3g}",
+        )
+    stdout.print(table)
+    if report.get("output"):
+        stdout.print(f"scores written to [bold]{escape(report['output'])}[/] (reuse: dp prune --scores)")
+    if report.get("plot"):
+        stdout.print(f"loss curve written to [bold]{escape(report['plot'])}[/]")
+
+
+def sparkline(values: list, mark: int | None = None, width: int = 60) -> str:
+    """A one-line chart of ``values`` (log scale), the cutoff position marked with a red bar."""
+    finite = [v for v in values if v is not None and v > 0]
+    if not finite:
+        return ""
+    bars = "▁▂▃▄▅▆▇█"
+    step = max(1, math.ceil(len(values) / width))
+    low, high = math.log(min(finite)), math.log(max(finite))
+    cells = []
+    for start in range(0, len(values), step):
+        window = [v for v in values[start : start + step] if v is not None and v > 0]
+        level = 0 if not window or high == low else int((math.log(max(window)) - low) / (high - low) * 7)
+        char = bars[level]
+        if mark is not None and start <= mark < start + step:
+            char = f"[red]{char}[/]"
+        cells.append(char)
+    return f"t=0 {''.join(cells)} t={len(values) - 1}"
+
+
+def render_prune(report: dict) -> None:
+    """Before/after table per layer, then totals."""
+    table = Table(
+        title=f"Pruned with {report['criterion']} (ratio {report['ratio']:.3f})", title_justify="left"
+    )
+    for column, justify in (
+        ("module", "left"),
+        ("type", "left"),
+        ("out kept/orig", "right"),
+        ("sparsity", "right"),
+        ("params before → after", "right"),
+        ("MACs before → after", "right"),
+    ):
+        table.add_column(column, justify=justify, overflow="fold")
+    for row in report["layers"]:
+        channels = ""
+        if row.get("original_out_channels") is not None:
+            channels = _channels(row.get("out_channels"), row["original_out_channels"])
+        elif row.get("original_heads") is not None:
+            channels = f"{row.get('heads')}/{row['original_heads']} heads"
+        table.add_row(
+            row["name"],
+            row["type"],
+            channels,
+            fmt_pct(row.get("sparsity")) if row.get("sparsity") is not None else "",
+            f"{fmt_count(row['params_before'])} → {fmt_count(row['params_after'])}",
+            f"{fmt_count(row['macs_before'])} → {fmt_count(row['macs_after'])}",
+        )
+    stdout.print(table)
+    totals = [
+        (
+            "params",
+            f"{fmt_int(report['params_before'])} → {fmt_int(report['params_after'])} "
+            f"({fmt_pct(report['params_fraction'])} kept)",
+        ),
+        (
+            "MACs",
+            f"{fmt_count(report['macs_before'], 'MAC')} → {fmt_count(report['macs_after'], 'MAC')} "
+            f"({fmt_pct(report['macs_fraction'])} kept)",
+        ),
+        ("ratio", f"{report['ratio']:.4f} per layer" + (" (searched)" if report["trials"] else "")),
+    ]
+    if report.get("target_macs") is not None:
+        totals.append(
+            ("target", f"{fmt_pct(report['target_macs'])} of MACs; got {fmt_pct(report['macs_fraction'])}")
+        )
+    if report.get("target_params") is not None:
+        totals.append(
+            (
+                "target",
+                f"{fmt_pct(report['target_params'])} of params; got {fmt_pct(report['params_fraction'])}",
+            )
+        )
+    if report.get("cutoff") is not None:
+        totals.append(("cutoff", f"timestep {report['cutoff']}"))
+    totals.append(("output", report["output"]))
+    stdout.print(key_value_table("Totals", totals))

@@ -89,3 +89,32 @@ class ModelAdapter:
     def predict(self, loaded: LoadedModel, sample, timesteps, conditioning=None):
         """The model's prediction (noise, or v) for noisy ``sample`` at ``timesteps``."""
         raise NotImplementedError
+
+    # Calibration data -------------------------------------------------------------------------
+    def data_size(self, loaded: LoadedModel) -> int:
+        """Side length images are resized to before ``prepare_calibration``."""
+        return loaded.sample_size
+
+    def data_channels(self, loaded: LoadedModel) -> int:
+        return loaded.in_channels
+
+    def prepare_calibration(self, loaded: LoadedModel, images):
+        """Turn images in [-1, 1] into ``(x0, conditioning)`` for the denoiser (latent models encode here)."""
+        parameter = next(loaded.model.parameters())
+        return images.to(parameter.device, parameter.dtype), None
+
+    # Pruning --------------------------------------------------------------------------------------
+    def ignored_layers(self, loaded: LoadedModel) -> list:
+        """Modules torch-pruning must leave alone (at least the output convolution)."""
+        return []
+
+    def pruner_options(self, loaded: LoadedModel) -> dict:
+        """Extra torch-pruning arguments: ``num_heads`` and ``out_channel_groups`` dicts."""
+        return {}
+
+    def after_pruning(self, loaded: LoadedModel, pruner) -> None:
+        """Fix attributes the pruned modules left stale."""
+
+    def save(self, loaded: LoadedModel, folder: Path, metadata: dict) -> dict:
+        """Write ``loaded`` into ``folder`` in the dpcli format; return the metadata written."""
+        raise NotImplementedError

@@ -34,9 +34,25 @@ class DDPMAdapter(ModelAdapter):
         return example_inputs(loaded, batch_size)
 
     def predict(self, loaded: LoadedModel, sample, timesteps, conditioning=None):
-        from dpcli.adapters.unet2d import predict
+        return loaded.model(sample, timesteps, return_dict=False)[0]
 
-        return predict(loaded, sample, timesteps, conditioning)
+    def ignored_layers(self, loaded: LoadedModel) -> list:
+        return [loaded.model.conv_out]
+
+    def pruner_options(self, loaded: LoadedModel) -> dict:
+        from dpcli.adapters.diffusers_fixes import pruning_options
+
+        return pruning_options(loaded.model)
+
+    def after_pruning(self, loaded: LoadedModel, pruner) -> None:
+        from dpcli.adapters.diffusers_fixes import fix_attributes, heads_after_pruning
+
+        fix_attributes(loaded.model, heads_after_pruning(loaded.model, pruner))
+
+    def save(self, loaded: LoadedModel, folder: Path, metadata: dict) -> dict:
+        from dpcli.adapters.unet2d import save_unet2d
+
+        return save_unet2d(loaded, folder, metadata)
 
 
 @hookimpl

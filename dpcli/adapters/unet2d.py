@@ -136,6 +136,11 @@ def detect_unet2d(source: ModelSource) -> float:
     if source.path is None:
         return 0.0
     if source.kind in ("folder", "hub"):
+        from dpcli.saving import read_metadata
+
+        saved = read_metadata(source.path)
+        if saved is not None:
+            return 1.0 if saved.get("adapter") == "ddpm" else 0.0
         index = source.read_json("model_index.json")
         if index is not None:
             unet = index.get("unet")
@@ -168,6 +173,8 @@ def load_unet2d(source: ModelSource, adapter_name: str, config_path: Path | None
         model = build_unet(config)
         source_kind = "built-in config, random weights"
         notes.append("architecture only: weights are random (seed 0)")
+    elif source.kind in ("folder", "hub") and (source.path / "dpcli.json").is_file():
+        return load_saved_unet2d(source, adapter_name)
     elif source.kind in ("folder", "hub"):
         folder = source.path
         if (folder / "model_index.json").is_file():
@@ -271,6 +278,68 @@ def infer_diffusers_config(state_dict: dict) -> tuple[dict, list[str]]:
     return config, notes
 
 
+def load_saved_unet2d(source: ModelSource, adapter_name: str) -> LoadedModel:
+    """A model folder written by dpcli (pruned and/or fine-tuned), rebuilt exactly, without pickle."""
+    from dpcli.adapters.diffusers_fixes import fix_attributes
+    from dpcli.saving import apply_shapes, load_weights, read_metadata
+
+    info = read_metadata(source.path)
+    if info is None:
+        raise BadInput(f"{source.path}/dpcli.json is not dpcli model metadata")
+    config = info["base"]["config"]
+    model = build_unet(config)
+    apply_shapes(model, info["modules"])
+    heads = {name: spec["heads"] for name, spec in info["modules"].items() if "heads" in spec}
+    fix_attributes(model, heads)
+    load_weights_into(model, load_weights(source.path, info), str(source.path))
+    scheduler_dir = source.path / "scheduler"
+    if (scheduler_dir / "scheduler_config.json").is_file():
+        scheduler, origin = load_scheduler(scheduler_dir), "saved with the model"
+    else:
+        scheduler, origin = default_scheduler(), DEFAULT_SCHEDULER_NOTE
+    pruned = info.get("pruning") is not None
+    return LoadedModel(
+        model=model.eval(),
+        adapter=adapter_name,
+        source=source.spec,
+        source_kind="dpcli " + ("pruned model" if pruned else "model"),
+        config=dict(config),
+        sample_size=_sample_size(config),
+        in_channels=int(config.get("in_channels", 3)),
+        scheduler=scheduler,
+        scheduler_origin=f"{type(scheduler).__name__} {origin}",
+        pruning=info,
+    )
+
+
+def save_unet2d(loaded: LoadedModel, folder: Path, metadata: dict) -> dict:
+    """Write ``loaded`` in the dpcli format. The base config, original widths and history carry over
+    from a dpcli source; ``metadata`` may hold ``original_modules`` (widths before pruning), ``history``
+    entries to append and ``extra_weights`` (more state dicts of the same shapes)."""
+    from dpcli.saving import module_shapes, write_model
+
+    metadata = dict(metadata)
+    previous = loaded.pruning or {}
+    extra_weights = metadata.pop("extra_weights", None)
+    given_original = metadata.pop("original_modules", None)
+    base = previous.get("base") or {"config": loaded.config, "source": loaded.source}
+    original = previous.get("original_modules") or given_original or module_shapes(loaded.model)
+    merged = {k: v for k, v in previous.items() if k in ("pruning", "sizes")}
+    merged.update(metadata)
+    merged["history"] = list(previous.get("history", [])) + list(metadata.get("history", []))
+    return write_model(
+        folder,
+        loaded.model,
+        loaded.adapter,
+        base["config"],
+        base["source"],
+        original,
+        scheduler=loaded.scheduler,
+        metadata=merged,
+        extra_weights=extra_weights,
+    )
+
+
 def example_inputs(loaded: LoadedModel, batch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """A noisy sample and timestep batch at the model's native size, on the model's device."""
     parameter = next(loaded.model.parameters())
@@ -280,9 +349,3 @@ def example_inputs(loaded: LoadedModel, batch_size: int = 1) -> tuple[torch.Tens
     )
     timesteps = torch.full((batch_size,), 10, dtype=torch.long)
     return sample.to(parameter.device, parameter.dtype), timesteps.to(parameter.device)
-
-
-def predict(
-    loaded: LoadedModel, sample: torch.Tensor, timesteps: torch.Tensor, conditioning=None
-) -> torch.Tensor:
-    return loaded.model(sample, timesteps, return_dict=False)[0]

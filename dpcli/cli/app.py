@@ -11,6 +11,8 @@ import typer
 from dpcli import __version__
 from dpcli.cli import inspect as inspect_command
 from dpcli.cli import plugins as plugins_command
+from dpcli.cli import prune as prune_command
+from dpcli.cli import score as score_command
 from dpcli.cli.options import Json
 
 state = {"debug": os.environ.get("DPCLI_DEBUG", "") not in ("", "0")}
@@ -55,6 +57,8 @@ def version(json_output: Json = False) -> None:
 
 
 app.command("inspect")(inspect_command.inspect)
+app.command("score")(score_command.score)
+app.command("prune")(prune_command.prune)
 app.command("plugins")(plugins_command.plugins)
 
 

@@ -29,3 +29,46 @@ ModelArgument = Annotated[
     str,
     typer.Argument(help="Model folder, pipeline folder, weights file, Hub id, config:NAME or builtin:NAME."),
 ]
+Criterion = Annotated[str | None, typer.Option("--criterion", help="Importance criterion (see dp plugins).")]
+Threshold = Annotated[
+    float | None,
+    typer.Option(
+        "--threshold", help="diff-taylor: stop the timestep scan when loss < threshold × max loss [0..1]."
+    ),
+]
+Ratio = Annotated[
+    float | None, typer.Option("--ratio", help="Fraction of channels removed per layer [0, 1).")
+]
+TargetMacs = Annotated[
+    float | None,
+    typer.Option("--target-macs", help="Keep this fraction of the MACs (searched), e.g. 0.5."),
+]
+TargetParams = Annotated[
+    float | None, typer.Option("--target-params", help="Keep this fraction of the parameters (searched).")
+]
+CalibSize = Annotated[
+    int, typer.Option("--calib-size", min=1, help="Calibration images used at every timestep.")
+]
+Chunk = Annotated[
+    int | None,
+    typer.Option(
+        "--chunk", min=1, help="Timesteps packed into one forward pass (default: batch-size / calib-size)."
+    ),
+]
+Timesteps = Annotated[
+    int | None, typer.Option("--timesteps", min=1, help="Scan at most this many timesteps (default: all).")
+]
+Ignore = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--ignore", help="Module name or pattern to leave unpruned (repeatable), e.g. 'mid_block.*'."
+    ),
+]
+RoundTo = Annotated[
+    int | None, typer.Option("--round-to", min=1, help="Round kept channels to a multiple of N.")
+]
+HeadRatio = Annotated[
+    float,
+    typer.Option("--head-ratio", min=0.0, max=0.95, help="Also remove this fraction of attention heads."),
+]
+Plot = Annotated[Path | None, typer.Option("--plot", help="Write the per-timestep loss curve as a PNG.")]

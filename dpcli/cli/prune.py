@@ -1,0 +1,151 @@
+"""``dp prune``."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dpcli.cli.options import (
+    Adapter,
+    BatchSize,
+    CalibSize,
+    Chunk,
+    Config,
+    Criterion,
+    Data,
+    Force,
+    HeadRatio,
+    Ignore,
+    Json,
+    ModelArgument,
+    Output,
+    Ratio,
+    RoundTo,
+    Seed,
+    TargetMacs,
+    TargetParams,
+    Threshold,
+    Timesteps,
+    Yes,
+)
+
+ScoresFile = Annotated[
+    Path | None, typer.Option("--scores", help="Reuse scores written by dp score instead of computing them.")
+]
+Tolerance = Annotated[
+    float,
+    typer.Option("--tolerance", min=0.0, max=1.0, help="How close (relative) a searched target must land."),
+]
+
+
+def prune(
+    model: ModelArgument,
+    criterion: Criterion = None,
+    ratio: Ratio = None,
+    target_macs: TargetMacs = None,
+    target_params: TargetParams = None,
+    threshold: Threshold = None,
+    data: Data = None,
+    scores: ScoresFile = None,
+    output: Output = None,
+    ignore: Ignore = None,
+    round_to: RoundTo = None,
+    head_ratio: HeadRatio = 0.0,
+    seed: Seed = 0,
+    calib_size: CalibSize = 32,
+    batch_size: BatchSize = 256,
+    chunk: Chunk = None,
+    timesteps: Timesteps = None,
+    tolerance: Tolerance = 0.05,
+    yes: Yes = False,
+    force: Force = False,
+    adapter: Adapter = None,
+    config: Config = None,
+    json_output: Json = False,
+) -> None:
+    """Prune a model to --ratio / --target-macs / --target-params with a criterion; save it safely."""
+    from dpcli import output as out
+    from dpcli.cli.common import ask_criterion, ask_target, confirm_plan, interactive, scan_progress
+    from dpcli.errors import BadInput
+    from dpcli.loading import load_model
+    from dpcli.pruning import PruneOptions
+    from dpcli.saving import AtomicFolder, prepare_output
+    from dpcli.workflow import (
+        PruneSettings,
+        ScoreSettings,
+        adapter_of,
+        compute_scores,
+        load_scores,
+        measure,
+        prune_model,
+        pruned_metadata,
+        validate_prune_settings,
+    )
+
+    can_ask = interactive() and not yes and not json_output
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise BadInput(f"--threshold must be in [0, 1], got {threshold}")
+    if criterion is None and scores is None:
+        if not can_ask:
+            raise BadInput("--criterion is required (or --scores FILE); see dp plugins for the choices")
+        criterion = ask_criterion()
+    settings = PruneSettings(ratio, target_macs, target_params, tolerance)
+    if ratio is None and target_macs is None and target_params is None:
+        if not can_ask:
+            raise BadInput("give one of --ratio, --target-macs, --target-params")
+        settings = ask_target(tolerance)
+    validate_prune_settings(settings)
+    target = Path(output) if output else Path(f"{Path(model.rstrip('/')).name.replace(':', '-')}-pruned")
+    prepare_output(target, force)
+
+    with out.stderr.status("Loading model"):
+        loaded = load_model(model, adapter=adapter, config=config)
+    options = PruneOptions(ignore=list(ignore or []), round_to=round_to, head_ratio=head_ratio)
+    if scores is not None:
+        computed = load_scores(scores, loaded)
+        if criterion is not None and criterion != computed.criterion:
+            raise BadInput(
+                f"--criterion {criterion} differs from the scores file's criterion {computed.criterion}"
+            )
+        if ignore is None and round_to is None and not head_ratio:
+            recorded = computed.settings
+            options = PruneOptions(
+                ignore=recorded.get("ignore") or [],
+                round_to=recorded.get("round_to"),
+                head_ratio=recorded.get("head_ratio") or 0.0,
+            )
+    else:
+        computed = None
+    if can_ask:
+        params, macs = measure(loaded)
+        confirm_plan(loaded, criterion or computed.criterion, settings, params, macs, target)
+    if computed is None:
+        score_settings = ScoreSettings(
+            criterion=criterion,
+            data=data,
+            threshold=threshold,
+            calib_size=calib_size,
+            batch_size=batch_size,
+            chunk=chunk,
+            timesteps=timesteps,
+            seed=seed,
+            options=options,
+        )
+        with scan_progress(loaded, score_settings) as on_progress:
+            computed = compute_scores(loaded, score_settings, on_progress=on_progress)
+    with out.stderr.status("Pruning") as status:
+
+        def on_trial(trial):
+            status.update(
+                f"Searching the ratio: {trial.ratio:.3f} -> {trial.params:,} params, {trial.macs:,} MACs"
+            )
+
+        report = prune_model(loaded, computed, settings, options, seed=seed, on_trial=on_trial)
+    with AtomicFolder(target, force=force) as folder:
+        adapter_of(loaded).save(loaded, folder, pruned_metadata(report, computed, settings, options))
+    report["output"] = str(target)
+    report.pop("original_modules")
+    if json_output:
+        out.print_json(report)
+    else:
+        out.render_prune(report)

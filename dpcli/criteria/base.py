@@ -1,0 +1,34 @@
+"""The criterion contract (kept free of heavy imports: criteria are discovered on every command)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Criterion:
+    """Base class for importance criteria.
+
+    Attributes:
+        name: the value users pass to ``--criterion``.
+        description: one line for ``dp plugins`` and the interactive picker.
+        needs_data: the criterion needs calibration images (``--data``).
+        needs_gradients: the shared timestep scan must accumulate gradients before scoring.
+        uses_threshold: ``--threshold`` means something to this criterion.
+    """
+
+    name: str = ""
+    description: str = ""
+    needs_data: bool = False
+    needs_gradients: bool = False
+    uses_threshold: bool = False
+
+    def scan_threshold(self, threshold: float | None) -> float:
+        """The loss-ratio threshold at which the timestep scan stops (0 scans every timestep)."""
+        return 0.0
+
+    def importance(self, threshold: float | None = None) -> Any:
+        """A torch-pruning ``Importance`` (callable on a dependency group, returning one score per channel)."""
+        raise NotImplementedError
+
+    def after_pruning(self, model: Any, seed: int) -> None:
+        """Hook run on the pruned model (``reinit`` re-initialises weights here)."""

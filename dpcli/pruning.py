@@ -1,0 +1,226 @@
+"""Structural pruning with torch-pruning: scores per dependency group, a ratio or a searched target.
+
+One path for every criterion: scores are first collected into a ``{group key: tensor}`` dict (computed
+now or read from a ``dp score`` file), then the pruner ranks channels from that dict. So pruning from a
+scores file gives exactly the weights that pruning with inline scoring gives.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from dpcli.adapters.base import LoadedModel
+from dpcli.errors import BadInput, DpError
+
+
+def module_names(model: torch.nn.Module) -> dict[torch.nn.Module, str]:
+    return {module: name for name, module in model.named_modules()}
+
+
+def group_key(pruner, group, names: dict) -> str:
+    """A stable name for a dependency group: its root module and whether outputs or inputs are pruned."""
+    dep = group[0].dep
+    side = "out" if pruner.DG.is_out_channel_pruning_fn(dep.handler) else "in"
+    return f"{names.get(dep.target.module, '?')}:{side}"
+
+
+class RecordingImportance:
+    """Wraps an Importance and keeps every group's scores under its group key."""
+
+    def __init__(self, inner, names: dict):
+        self.inner = inner
+        self.names = names
+        self.pruner = None
+        self.scores: dict[str, torch.Tensor] = {}
+
+    def __call__(self, group):
+        scores = self.inner(group)
+        if scores is not None:
+            self.scores[group_key(self.pruner, group, self.names)] = scores.detach().float().cpu().clone()
+        return scores
+
+
+class SavedImportance:
+    """Serves scores recorded earlier; a group without scores means the scores belong to another model."""
+
+    def __init__(self, scores: dict[str, torch.Tensor], names: dict):
+        self.scores = scores
+        self.names = names
+        self.pruner = None
+
+    def __call__(self, group):
+        key = group_key(self.pruner, group, self.names)
+        if key not in self.scores:
+            raise BadInput(f"the scores have no entry for group {key}: they were computed for another model")
+        scores = self.scores[key]
+        expected = len(group[0].idxs)
+        if scores.numel() != expected:
+            raise BadInput(f"scores for {key} have {scores.numel()} channels, the model has {expected}")
+        return scores.clone()
+
+
+@dataclass
+class PruneOptions:
+    """How to prune, besides the criterion's scores."""
+
+    ignore: list[str] = field(default_factory=list)
+    round_to: int | None = None
+    head_ratio: float = 0.0
+
+
+def resolve_ignored(model: torch.nn.Module, patterns: list[str]) -> list[torch.nn.Module]:
+    """Modules named by ``--ignore`` (exact names or shell-style patterns); each pattern must match."""
+    named = dict(model.named_modules())
+    chosen = []
+    for pattern in patterns:
+        matches = [module for name, module in named.items() if name and fnmatch.fnmatchcase(name, pattern)]
+        if not matches:
+            raise BadInput(f"--ignore {pattern!r} matches no module (see dp inspect for names)")
+        chosen.extend(matches)
+    return chosen
+
+
+def build_pruner(loaded: LoadedModel, adapter, importance, ratio: float, options: PruneOptions):
+    """A torch-pruning pruner over ``loaded.model`` with the adapter's ignored layers and head grouping."""
+    import torch_pruning as tp
+
+    model = loaded.model
+    ignored = list(adapter.ignored_layers(loaded)) + resolve_ignored(model, options.ignore)
+    extra = adapter.pruner_options(loaded)
+    example = adapter.example_inputs(loaded, batch_size=1)
+    pruner = tp.pruner.BasePruner(
+        model,
+        example,
+        importance=importance,
+        pruning_ratio=ratio,
+        ignored_layers=ignored,
+        round_to=options.round_to,
+        num_heads=extra.get("num_heads", {}),
+        out_channel_groups=dict(extra.get("out_channel_groups", {})),
+        prune_num_heads=options.head_ratio > 0,
+        head_pruning_ratio=options.head_ratio,
+        forward_fn=lambda m, inputs: adapter.predict(loaded, *inputs),
+    )
+    importance.pruner = pruner
+    return pruner
+
+
+def collect_scores(
+    loaded: LoadedModel, adapter, criterion, threshold: float | None, seed: int, options: PruneOptions
+) -> dict[str, torch.Tensor]:
+    """Every prunable group's channel scores under ``criterion`` (gradients must already be in ``.grad``)."""
+    names = module_names(loaded.model)
+    recorder = RecordingImportance(criterion.importance(threshold), names)
+    pruner = build_pruner(loaded, adapter, recorder, 0.5, options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in pruner.step(interactive=True):
+            pass  # importance is computed for every group before the first one is yielded
+    if not recorder.scores:
+        raise BadInput("nothing in this model can be pruned (every layer is ignored or too narrow)")
+    return recorder.scores
+
+
+def prune_in_place(
+    loaded: LoadedModel, adapter, scores: dict[str, torch.Tensor], ratio: float, options: PruneOptions
+) -> None:
+    """Remove channels from ``loaded.model`` at ``ratio`` per layer, ranked by ``scores``; fix attributes."""
+    names = module_names(loaded.model)
+    pruner = build_pruner(loaded, adapter, SavedImportance(scores, names), ratio, options)
+    for group in pruner.step(interactive=True):
+        group.prune()
+    adapter.after_pruning(loaded, pruner)
+    loaded.model.zero_grad(set_to_none=True)
+
+
+@dataclass
+class Trial:
+    ratio: float
+    params: int
+    macs: int
+
+
+def prune_to_target(
+    loaded: LoadedModel,
+    adapter,
+    scores,
+    measure: Callable[[LoadedModel], tuple[int, int]],
+    base: tuple[int, int],
+    options: PruneOptions,
+    ratio: float | None = None,
+    target_macs: float | None = None,
+    target_params: float | None = None,
+    tolerance: float = 0.05,
+    on_trial: Callable[[Trial], None] | None = None,
+) -> tuple[float, list[Trial]]:
+    """Prune ``loaded`` in place at ``ratio``, or at the ratio whose result is closest to a target fraction.
+
+    GroupNorm groups quantise what a ratio gives, so a target is searched by bisection on the ratio over
+    copies of the model. Returns the ratio used and the trials made. ``measure`` gives (params, macs).
+    """
+    if ratio is not None:
+        prune_in_place(loaded, adapter, scores, ratio, options)
+        return ratio, []
+    index = 1 if target_macs is not None else 0
+    target = target_macs if target_macs is not None else target_params
+    trials: dict[float, Trial] = {}
+
+    def trial(r: float) -> Trial:
+        r = round(r, 4)
+        if r not in trials:
+            candidate = copy.copy(loaded)
+            candidate.model = copy.deepcopy(loaded.model)
+            prune_in_place(candidate, adapter, scores, r, options)
+            params, macs = measure(candidate)
+            trials[r] = Trial(r, params, macs)
+            if on_trial is not None:
+                on_trial(trials[r])
+        return trials[r]
+
+    def fraction(t: Trial) -> float:
+        return (t.params, t.macs)[index] / base[index]
+
+    # The achieved size is a step function of the ratio, and not monotone near the top (a group that
+    # would lose every channel is left whole): bracket the target on a coarse grid, then bisect inside.
+    grid = [round(0.1 * i, 1) for i in range(10)]
+    bracket = None
+    for low, high in zip(grid, grid[1:], strict=False):
+        if fraction(trial(low)) > target >= fraction(trial(high)):
+            bracket = (low, high)
+            break
+    if bracket is None:
+        best = min((trial(r) for r in grid), key=lambda t: abs(fraction(t) - target))
+    else:
+        low, high = bracket
+        while high - low > 2e-3:
+            middle = (low + high) / 2
+            if fraction(trial(middle)) > target:
+                low = middle
+            else:
+                high = middle
+        best = min((trial(low), trial(high)), key=lambda t: abs(fraction(t) - target))
+    achieved = fraction(best)
+    if abs(achieved - target) > tolerance * target:
+        what = "MACs" if index else "params"
+        reachable = sorted({round(fraction(t), 3) for t in trials.values()})
+        raise BadInput(
+            f"target {what} {target:.3f} cannot be reached within {tolerance:.0%}: the closest is "
+            f"{achieved:.3f} (ratio {best.ratio}); reachable fractions seen: {reachable}"
+        )
+    prune_in_place(loaded, adapter, scores, best.ratio, options)
+    return best.ratio, sorted(trials.values(), key=lambda t: t.ratio)
+
+
+def output_shape(loaded: LoadedModel, adapter) -> tuple[int, ...]:
+    """The shape of one forward at the native size; a model that cannot run is a runtime failure."""
+    inputs = adapter.example_inputs(loaded, batch_size=1)
+    try:
+        with torch.no_grad():
+            return tuple(adapter.predict(loaded, *inputs).shape)
+    except Exception as exc:
+        raise DpError(f"the model fails its forward pass: {type(exc).__name__}: {exc}") from exc

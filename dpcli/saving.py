@@ -1,0 +1,222 @@
+"""The dpcli model format: safetensors under the original parameter names + JSON metadata. No pickle.
+
+Layout of a saved model folder::
+
+    dpcli.json                                   format, base config, per-module shapes, history, sizes
+    unet/config.json                             the BASE diffusers config (before pruning)
+    unet/diffusion_pytorch_model.safetensors     the weights, original parameter names, pruned shapes
+    scheduler/scheduler_config.json              the scheduler the model was loaded with
+
+Loading builds the model from the base config, gives every module whose saved shape differs that
+shape (in place, so diffusers classes and their forward code stay), lets the adapter fix derived
+attributes, and loads the weights with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dpcli import __version__
+from dpcli.errors import BadInput
+
+FORMAT = "dpcli-model"
+FORMAT_VERSION = 1
+METADATA_FILE = "dpcli.json"
+WEIGHTS_FILE = "unet/diffusion_pytorch_model.safetensors"
+
+
+def module_shapes(model: torch.nn.Module) -> dict[str, dict]:
+    """Widths of every conv, linear, norm and attention module: what pruning changes."""
+    shapes: dict[str, dict] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            shapes[name] = {
+                "type": type(module).__name__,
+                "in_channels": module.in_channels,
+                "out_channels": module.out_channels,
+                "groups": module.groups,
+            }
+        elif isinstance(module, torch.nn.Linear):
+            shapes[name] = {
+                "type": type(module).__name__,
+                "in_channels": module.in_features,
+                "out_channels": module.out_features,
+            }
+        elif isinstance(module, torch.nn.GroupNorm):
+            shapes[name] = {
+                "type": "GroupNorm",
+                "in_channels": module.num_channels,
+                "out_channels": module.num_channels,
+                "groups": module.num_groups,
+            }
+        elif isinstance(module, torch.nn.LayerNorm):
+            width = int(module.normalized_shape[-1])
+            shapes[name] = {"type": "LayerNorm", "in_channels": width, "out_channels": width}
+        elif hasattr(module, "heads") and hasattr(module, "to_q"):
+            shapes[name] = {"type": type(module).__name__, "heads": int(module.heads)}
+    return shapes
+
+
+def _resize_parameter(module: torch.nn.Module, attribute: str, shape: tuple[int, ...]) -> None:
+    old = getattr(module, attribute, None)
+    if old is None or tuple(old.shape) == shape:
+        return
+    setattr(
+        module,
+        attribute,
+        torch.nn.Parameter(
+            torch.empty(shape, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad
+        ),
+    )
+
+
+def apply_shapes(model: torch.nn.Module, shapes: dict[str, dict]) -> None:
+    """Give each module the saved widths (parameters re-allocated, attributes updated); values come later."""
+    modules = dict(model.named_modules())
+    unknown = [name for name in shapes if name not in modules]
+    if unknown:
+        raise BadInput(f"saved shapes name modules the model does not have (e.g. {unknown[0]})")
+    for name, spec in shapes.items():
+        module = modules[name]
+        if "heads" in spec:
+            module.heads = int(spec["heads"])
+            continue
+        new_in, new_out = int(spec["in_channels"]), int(spec["out_channels"])
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            module.in_channels, module.out_channels = new_in, new_out
+            module.groups = int(spec.get("groups", module.groups))
+            transposed = module.transposed
+            weight = (new_in, new_out // module.groups) if transposed else (new_out, new_in // module.groups)
+            _resize_parameter(module, "weight", (*weight, *module.kernel_size))
+            _resize_parameter(module, "bias", (new_out,))
+        elif isinstance(module, torch.nn.Linear):
+            module.in_features, module.out_features = new_in, new_out
+            _resize_parameter(module, "weight", (new_out, new_in))
+            _resize_parameter(module, "bias", (new_out,))
+        elif isinstance(module, torch.nn.GroupNorm):
+            module.num_channels = new_out
+            module.num_groups = int(spec.get("groups", module.num_groups))
+            _resize_parameter(module, "weight", (new_out,))
+            _resize_parameter(module, "bias", (new_out,))
+        elif isinstance(module, torch.nn.LayerNorm):
+            module.normalized_shape = (*module.normalized_shape[:-1], new_out)
+            _resize_parameter(module, "weight", module.normalized_shape)
+            _resize_parameter(module, "bias", module.normalized_shape)
+
+
+def prepare_output(output: Path, force: bool) -> None:
+    """Refuse an existing non-empty output without --force (checked before any work is done)."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise BadInput(f"output {output} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise BadInput(f"output folder {output} exists and is not empty (use --force to replace it)")
+
+
+class AtomicFolder:
+    """Write into a temporary folder beside ``target``; it replaces ``target`` only on success."""
+
+    def __init__(self, target: Path, force: bool = False):
+        self.target = Path(target)
+        self.force = force
+        self.path: Path | None = None
+
+    def __enter__(self) -> Path:
+        prepare_output(self.target, self.force)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(
+            tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent)
+        )
+        return self.path
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.path, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+        if self.target.exists():
+            trash = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.replace(self.target, trash)
+            os.replace(self.path, self.target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.path, self.target)
+
+
+def write_model(
+    folder: Path,
+    model: torch.nn.Module,
+    adapter: str,
+    base_config: dict,
+    base_source: str,
+    original_modules: dict,
+    scheduler=None,
+    metadata: dict | None = None,
+    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> dict:
+    """Write a model folder in the dpcli format into ``folder`` (which should be an AtomicFolder path).
+
+    ``extra_weights`` maps a file name under ``unet/`` (e.g. ``raw.safetensors``) to another state dict
+    of the same shapes. Returns the metadata written.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    (folder / "unet").mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    for name, extra in (extra_weights or {}).items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(folder / "unet" / name))
+    clean_config = {k: v for k, v in base_config.items() if not k.startswith("_") or k == "_class_name"}
+    (folder / "unet" / "config.json").write_text(json.dumps(clean_config, indent=2))
+    if scheduler is not None:
+        scheduler.save_config(str(folder / "scheduler"))
+    info = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dpcli_version": __version__,
+        "adapter": adapter,
+        "class": type(model).__name__,
+        "base": {"source": base_source, "config": clean_config},
+        "weights": WEIGHTS_FILE,
+        "modules": module_shapes(model),
+        "original_modules": original_modules,
+        **(metadata or {}),
+    }
+    (folder / METADATA_FILE).write_text(json.dumps(info, indent=2, default=str))
+    return info
+
+
+def read_metadata(folder: Path) -> dict | None:
+    """The dpcli.json of a saved model folder, or None when ``folder`` is not one."""
+    file = Path(folder) / METADATA_FILE
+    if not file.is_file():
+        return None
+    try:
+        info = json.loads(file.read_text())
+    except ValueError as exc:
+        raise BadInput(f"{file} is not valid JSON: {exc}") from None
+    if info.get("format") != FORMAT:
+        return None
+    if int(info.get("format_version", 0)) > FORMAT_VERSION:
+        raise BadInput(
+            f"{folder} was written by a newer dpcli (format {info['format_version']}); upgrade dpcli"
+        )
+    return info
+
+
+def load_weights(folder: Path, info: dict, name: str | None = None) -> dict[str, torch.Tensor]:
+    from dpcli.loading import load_tensor_file
+
+    path = Path(folder) / (info["weights"] if name is None else f"unet/{name}")
+    if not path.is_file():
+        raise BadInput(f"{path} is missing: the model folder is incomplete")
+    return load_tensor_file(path)

@@ -1,0 +1,316 @@
+"""The score and prune jobs as Python functions; the CLI commands are thin shells over these."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dpcli import __version__
+from dpcli.adapters.base import LoadedModel
+from dpcli.errors import BadInput
+from dpcli.flops import count_params
+from dpcli.pruning import PruneOptions, collect_scores, output_shape, prune_to_target
+from dpcli.scoring import ScanResult, accumulate_gradients, calibration_batch, calibration_noise
+
+SCORES_FORMAT = "dpcli-scores"
+
+
+@dataclass
+class ScoreSettings:
+    """Everything that decides the scores (recorded with them)."""
+
+    criterion: str
+    data: str | None = None
+    threshold: float | None = None
+    calib_size: int = 32
+    batch_size: int = 256
+    chunk: int | None = None
+    timesteps: int | None = None
+    seed: int = 0
+    options: PruneOptions = field(default_factory=PruneOptions)
+
+
+@dataclass
+class Scores:
+    """Channel scores of every prunable group, and the scan that produced them (if any)."""
+
+    criterion: str
+    tensors: dict[str, torch.Tensor]
+    scan: ScanResult | None
+    settings: dict
+    model_signature: str
+    seconds: float
+
+
+def adapter_of(loaded: LoadedModel):
+    from dpcli.plugins import get_registry
+
+    return get_registry().adapter(loaded.adapter)
+
+
+def model_signature(model: torch.nn.Module) -> str:
+    """A short hash of the model's module widths: scores only apply to a model of the same shape."""
+    from dpcli.saving import module_shapes
+
+    text = json.dumps(module_shapes(model), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def default_chunk(calib_size: int, batch_size: int) -> int:
+    """Timesteps per forward: as many as fit in ``batch_size`` samples (see benchmarks/scoring.py)."""
+    return max(1, batch_size // max(1, calib_size))
+
+
+def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=None) -> Scores:
+    """Score ``loaded`` with a criterion: the timestep scan first when the criterion needs gradients."""
+    from dpcli.plugins import get_registry
+
+    criterion = get_registry().criterion(settings.criterion)
+    adapter = adapter_of(loaded)
+    threshold = criterion.scan_threshold(settings.threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise BadInput(f"--threshold must be in [0, 1], got {threshold}")
+    started = time.perf_counter()
+    scan = None
+    if criterion.needs_gradients:
+        if not settings.data:
+            raise BadInput(
+                f"criterion '{criterion.name}' needs calibration data: pass --data FOLDER or builtin:digits"
+            )
+        x0, conditioning = calibration_batch(
+            loaded, adapter, settings.data, settings.calib_size, settings.seed
+        )
+        noise = calibration_noise(x0, settings.seed)
+        chunk = settings.chunk or default_chunk(x0.shape[0], settings.batch_size)
+        scan = accumulate_gradients(
+            loaded,
+            adapter,
+            x0,
+            noise,
+            threshold,
+            timesteps=settings.timesteps,
+            chunk=chunk,
+            batch_size=settings.batch_size,
+            conditioning=conditioning,
+            on_progress=on_progress,
+        )
+    tensors = collect_scores(loaded, adapter, criterion, threshold, settings.seed, settings.options)
+    loaded.model.zero_grad(set_to_none=True)
+    recorded = {
+        "criterion": criterion.name,
+        "threshold": threshold if criterion.uses_threshold else None,
+        "data": settings.data if criterion.needs_data else None,
+        "calib_size": settings.calib_size if criterion.needs_data else None,
+        "seed": settings.seed,
+        "timesteps": scan.timesteps if scan else None,
+        "chunk": scan.chunk if scan else None,
+        "ignore": settings.options.ignore,
+        "round_to": settings.options.round_to,
+        "head_ratio": settings.options.head_ratio,
+    }
+    return Scores(
+        criterion.name, tensors, scan, recorded, model_signature(loaded.model), time.perf_counter() - started
+    )
+
+
+def save_scores(scores: Scores, path: Path, model_source: str) -> None:
+    """Scores as safetensors (one tensor per group key) with the settings and scan in the metadata."""
+    from safetensors.torch import save_file
+
+    scan = scores.scan
+    metadata = {
+        "format": SCORES_FORMAT,
+        "dpcli_version": __version__,
+        "model": model_source,
+        "model_signature": scores.model_signature,
+        "settings": json.dumps(scores.settings),
+        "cutoff": json.dumps(scan.cutoff if scan else None),
+        "losses": json.dumps(scan.losses if scan else []),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in scores.tensors.items()}, str(temporary), metadata=metadata)
+    temporary.replace(path)
+
+
+def load_scores(path: Path, loaded: LoadedModel) -> Scores:
+    """Scores written by ``dp score``, checked against the model they are applied to."""
+    from safetensors import safe_open
+
+    from dpcli.loading import load_tensor_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"scores file not found: {path}")
+    tensors = load_tensor_file(path)
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("format") != SCORES_FORMAT:
+        raise BadInput(f"{path} is not a dp score file")
+    if metadata.get("model_signature") != model_signature(loaded.model):
+        raise BadInput(f"{path} was computed for a model of another shape ({metadata.get('model')})")
+    settings = json.loads(metadata["settings"])
+    cutoff = json.loads(metadata.get("cutoff", "null"))
+    losses = json.loads(metadata.get("losses", "[]"))
+    scan = None
+    if cutoff is not None:
+        scan = ScanResult(
+            cutoff=cutoff,
+            losses=losses,
+            threshold=settings.get("threshold") or 0.0,
+            timesteps=settings.get("timesteps") or 0,
+            chunk=settings.get("chunk") or 1,
+            calib_size=settings.get("calib_size") or 0,
+            seconds=0.0,
+        )
+    return Scores(settings["criterion"], tensors, scan, settings, metadata["model_signature"], 0.0)
+
+
+def measure(loaded: LoadedModel) -> tuple[int, int]:
+    """(params, MACs) of ``loaded`` at batch 1, native size."""
+    from dpcli.inspection import macs_of
+
+    return count_params(loaded.model), macs_of(loaded).total
+
+
+def layer_rows(model: torch.nn.Module, loaded: LoadedModel) -> dict[str, dict]:
+    """Per-layer widths, params and MACs, for before/after tables."""
+    from dpcli.inspection import layer_channels, macs_of
+
+    macs = macs_of(loaded).self_by_module
+    rows = {}
+    for name, module in model.named_modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if not name or (own == 0 and macs.get(name, 0) == 0):
+            continue
+        rows[name] = {
+            "type": type(module).__name__,
+            "params": own,
+            "macs": macs.get(name, 0),
+            **layer_channels(module),
+        }
+    return rows
+
+
+@dataclass
+class PruneSettings:
+    ratio: float | None = None
+    target_macs: float | None = None
+    target_params: float | None = None
+    tolerance: float = 0.05
+
+
+def validate_prune_settings(settings: PruneSettings) -> None:
+    given = [v for v in (settings.ratio, settings.target_macs, settings.target_params) if v is not None]
+    if len(given) != 1:
+        raise BadInput("give exactly one of --ratio, --target-macs, --target-params")
+    if settings.ratio is not None and not 0.0 <= settings.ratio < 1.0:
+        raise BadInput(f"--ratio must be in [0, 1), got {settings.ratio}")
+    for name, value in (("--target-macs", settings.target_macs), ("--target-params", settings.target_params)):
+        if value is not None and not 0.0 < value < 1.0:
+            raise BadInput(f"{name} is a fraction of the original and must be in (0, 1), got {value}")
+
+
+def prune_model(
+    loaded: LoadedModel,
+    scores: Scores,
+    settings: PruneSettings,
+    options: PruneOptions,
+    seed: int = 0,
+    on_trial=None,
+) -> dict:
+    """Prune ``loaded`` in place with ``scores``; return the report (sizes, ratio, per-layer rows)."""
+    from dpcli.plugins import get_registry
+    from dpcli.saving import module_shapes
+
+    validate_prune_settings(settings)
+    criterion = get_registry().criterion(scores.criterion)
+    adapter = adapter_of(loaded)
+    shape_before = output_shape(loaded, adapter)
+    before_rows = layer_rows(loaded.model, loaded)
+    original_modules = module_shapes(loaded.model)
+    params_before, macs_before = measure(loaded)
+    started = time.perf_counter()
+    ratio, trials = prune_to_target(
+        loaded,
+        adapter,
+        scores.tensors,
+        measure,
+        (params_before, macs_before),
+        options,
+        ratio=settings.ratio,
+        target_macs=settings.target_macs,
+        target_params=settings.target_params,
+        tolerance=settings.tolerance,
+        on_trial=on_trial,
+    )
+    criterion.after_pruning(loaded.model, seed)
+    shape_after = output_shape(loaded, adapter)
+    if shape_after != shape_before:
+        raise BadInput(f"pruning changed the output shape {shape_before} -> {shape_after}; use --ignore")
+    params_after, macs_after = measure(loaded)
+    after_rows = layer_rows(loaded.model, loaded)
+    layers = []
+    for name, before in before_rows.items():
+        after = after_rows.get(name, {})
+        row = {
+            "name": name,
+            "type": before["type"],
+            "params_before": before["params"],
+            "params_after": after.get("params", 0),
+            "macs_before": before["macs"],
+            "macs_after": after.get("macs", 0),
+        }
+        for side in ("in_channels", "out_channels", "heads"):
+            if side in before:
+                row[f"original_{side}"] = before[side]
+                row[side] = after.get(side)
+        if row.get("original_out_channels"):
+            row["sparsity"] = 1 - (row.get("out_channels") or 0) / row["original_out_channels"]
+        layers.append(row)
+    return {
+        "model": loaded.source,
+        "criterion": scores.criterion,
+        "ratio": ratio,
+        "target_macs": settings.target_macs,
+        "target_params": settings.target_params,
+        "trials": [vars(t) for t in trials],
+        "params_before": params_before,
+        "params_after": params_after,
+        "macs_before": macs_before,
+        "macs_after": macs_after,
+        "macs_fraction": macs_after / macs_before,
+        "params_fraction": params_after / params_before,
+        "cutoff": scores.scan.cutoff if scores.scan else None,
+        "prune_seconds": time.perf_counter() - started,
+        "layers": layers,
+        "original_modules": original_modules,
+    }
+
+
+def pruned_metadata(report: dict, scores: Scores, settings: PruneSettings, options: PruneOptions) -> dict:
+    """What the pruned-model folder records about how it was made."""
+    pruning = {
+        "criterion": scores.criterion,
+        "cutoff": report["cutoff"],
+        "ratio": report["ratio"],
+        "target_macs": settings.target_macs,
+        "target_params": settings.target_params,
+        "scores": scores.settings,
+        "ignore": options.ignore,
+        "round_to": options.round_to,
+        "head_ratio": options.head_ratio,
+    }
+    sizes = {k: report[k] for k in ("params_before", "params_after", "macs_before", "macs_after")}
+    return {
+        "pruning": pruning,
+        "sizes": sizes,
+        "original_modules": report["original_modules"],
+        "history": [{"step": "prune", "criterion": scores.criterion, "ratio": report["ratio"], **sizes}],
+    }
