@@ -90,6 +90,24 @@ class ModelAdapter:
         """The model's prediction (noise, or v) for noisy ``sample`` at ``timesteps``."""
         raise NotImplementedError
 
+    # Sampling (used by dp eval / dp compare and fine-tuning previews) ------------------------------
+    def noise_shape(self, loaded: LoadedModel) -> tuple[int, ...]:
+        """Shape of one sample the denoiser works on (C, H, W): pixels, or latents for latent models."""
+        return (loaded.in_channels, loaded.sample_size, loaded.sample_size)
+
+    def sampling_conditioning(self, loaded: LoadedModel, batch_size: int, generator=None, **options):
+        """Conditioning for ``batch_size`` samples (None for unconditional models). Latent adapters return
+        e.g. class labels or prompt embeddings here; ``options`` carries command options such as a prompt."""
+        return None
+
+    def denoise(self, loaded: LoadedModel, sample, timesteps, conditioning=None, guidance_scale: float = 1.0):
+        """The prediction the sampler steps with; conditional adapters apply classifier-free guidance here."""
+        return self.predict(loaded, sample, timesteps, conditioning)
+
+    def decode(self, loaded: LoadedModel, sample):
+        """Turn a final denoised sample into images in [-1, 1] (latent models decode with their autoencoder)."""
+        return sample
+
     # Calibration data -------------------------------------------------------------------------
     def data_size(self, loaded: LoadedModel) -> int:
         """Side length images are resized to before ``prepare_calibration``."""
