@@ -161,3 +161,10 @@ def test_original_ddpm_layout_checkpoint_is_converted(dp, tmp_path, tiny_unet):
     assert report.exit_code == 0, report.stderr
     assert report.json["source_kind"] == "single file, original DDPM layout"
     assert report.json["params"] == sum(p.numel() for p in tiny_unet.parameters())
+
+
+def test_debug_flag_shows_the_traceback(dp, tmp_path):
+    quiet = dp("inspect", tmp_path / "nope")
+    loud = dp("--debug", "inspect", tmp_path / "nope")
+    assert quiet.exit_code == loud.exit_code == 2
+    assert "Traceback" not in quiet.stderr and "Traceback" in loud.stderr

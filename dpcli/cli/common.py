@@ -50,6 +50,13 @@ def ask_criterion() -> str:
     return choice
 
 
+def ask_data(criterion: str) -> str:
+    """Ask for calibration data when the chosen criterion needs it."""
+    import typer
+
+    return typer.prompt(f"{criterion} needs calibration images: folder or builtin:digits", err=True)
+
+
 def ask_target(tolerance: float):
     """Ask for a MACs target (fraction kept)."""
     import typer

@@ -65,9 +65,10 @@ def prune(
 ) -> None:
     """Prune a model to --ratio / --target-macs / --target-params with a criterion; save it safely."""
     from dpcli import output as out
-    from dpcli.cli.common import ask_criterion, ask_target, confirm_plan, interactive, scan_progress
+    from dpcli.cli.common import ask_criterion, ask_data, ask_target, confirm_plan, interactive, scan_progress
     from dpcli.errors import BadInput
     from dpcli.loading import load_model
+    from dpcli.plugins import get_registry
     from dpcli.pruning import PruneOptions
     from dpcli.saving import AtomicFolder, prepare_output
     from dpcli.workflow import (
@@ -95,6 +96,8 @@ def prune(
             raise BadInput("give one of --ratio, --target-macs, --target-params")
         settings = ask_target(tolerance)
     validate_prune_settings(settings)
+    if scores is None and data is None and can_ask and get_registry().criterion(criterion).needs_data:
+        data = ask_data(criterion)
     target = Path(output) if output else Path(f"{Path(model.rstrip('/')).name.replace(':', '-')}-pruned")
     prepare_output(target, force)
 
