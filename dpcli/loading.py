@@ -163,10 +163,22 @@ def choose_adapter(source: ModelSource, name: str | None = None) -> ModelAdapter
     return scored[0][2]
 
 
-def load_model(spec: str, adapter: str | None = None, config: Path | None = None) -> LoadedModel:
-    """Load a model for dp from anything the CLI's MODEL argument accepts. The Python API entry point."""
-    if config is not None and not Path(config).exists():
-        raise BadInput(f"config not found: {config}")
+def load_model(
+    spec: str, adapter: str | None = None, config: Path | None = None, scheduler: Path | None = None
+) -> LoadedModel:
+    """Load a model for dp from anything the CLI's MODEL argument accepts. The Python API entry point.
+
+    ``scheduler`` (a scheduler_config.json or a folder holding one) replaces the model's own scheduler.
+    """
+    for label, path in (("config", config), ("scheduler", scheduler)):
+        if path is not None and not Path(path).exists():
+            raise BadInput(f"{label} not found: {path}")
     source = resolve_source(spec)
     chosen = choose_adapter(source, adapter)
-    return chosen.load(source, config=Path(config) if config is not None else None)
+    loaded = chosen.load(source, config=Path(config) if config is not None else None)
+    if scheduler is not None:
+        from dpcli.adapters.unet2d import load_scheduler
+
+        loaded.scheduler = load_scheduler(Path(scheduler))
+        loaded.scheduler_origin = f"{type(loaded.scheduler).__name__} from --scheduler {scheduler}"
+    return loaded

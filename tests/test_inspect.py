@@ -168,3 +168,13 @@ def test_debug_flag_shows_the_traceback(dp, tmp_path):
     loud = dp("--debug", "inspect", tmp_path / "nope")
     assert quiet.exit_code == loud.exit_code == 2
     assert "Traceback" not in quiet.stderr and "Traceback" in loud.stderr
+
+
+def test_scheduler_override(dp, tmp_path, tiny_unet_folder):
+    from diffusers import DDIMScheduler
+
+    DDIMScheduler(num_train_timesteps=250).save_config(tmp_path / "sched")
+    report = dp("inspect", tiny_unet_folder, "--scheduler", tmp_path / "sched", "--json").json
+    assert report["scheduler"].startswith("DDIMScheduler from --scheduler") and report["scheduler"].endswith("250 training steps")
+    missing = dp("inspect", tiny_unet_folder, "--scheduler", tmp_path / "nothing")
+    assert missing.exit_code == 2 and "scheduler not found" in missing.stderr

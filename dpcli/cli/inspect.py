@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from dpcli.cli.options import Adapter, Config, Json, ModelArgument
+from dpcli.cli.options import Adapter, Config, Json, ModelArgument, Scheduler
 
 
 def inspect(
@@ -15,6 +15,7 @@ def inspect(
     ] = None,
     adapter: Adapter = None,
     config: Config = None,
+    scheduler: Scheduler = None,
     json_output: Json = False,
 ) -> None:
     """Show what is in a model: params, MACs, resolution, scheduler, and a per-layer table."""
@@ -23,7 +24,7 @@ def inspect(
     from dpcli.loading import load_model
 
     with output.stderr.status("Loading model and counting MACs"):
-        loaded = load_model(model, adapter=adapter, config=config)
+        loaded = load_model(model, adapter=adapter, config=config, scheduler=scheduler)
         report = inspect_model(loaded, depth=depth)
     if json_output:
         output.print_json(report)

@@ -16,6 +16,12 @@ Config = Annotated[
         "--config", help="Model config (config.json or a folder) for single weight files.", show_default=False
     ),
 ]
+Scheduler = Annotated[
+    Path | None,
+    typer.Option(
+        "--scheduler", help="scheduler_config.json (or a folder with one) replacing the model's scheduler."
+    ),
+]
 Output = Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the result.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed: data order, noise and timesteps.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]

@@ -21,6 +21,7 @@ from dpcli.cli.options import (
     Output,
     Ratio,
     RoundTo,
+    Scheduler,
     Seed,
     TargetMacs,
     TargetParams,
@@ -61,6 +62,7 @@ def prune(
     force: Force = False,
     adapter: Adapter = None,
     config: Config = None,
+    scheduler: Scheduler = None,
     json_output: Json = False,
 ) -> None:
     """Prune a model to --ratio / --target-macs / --target-params with a criterion; save it safely."""
@@ -102,7 +104,7 @@ def prune(
     prepare_output(target, force)
 
     with out.stderr.status("Loading model"):
-        loaded = load_model(model, adapter=adapter, config=config)
+        loaded = load_model(model, adapter=adapter, config=config, scheduler=scheduler)
     options = PruneOptions(ignore=list(ignore or []), round_to=round_to, head_ratio=head_ratio)
     if scores is not None:
         computed = load_scores(scores, loaded)

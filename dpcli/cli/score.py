@@ -17,6 +17,7 @@ from dpcli.cli.options import (
     Output,
     Plot,
     RoundTo,
+    Scheduler,
     Seed,
     Threshold,
     Timesteps,
@@ -40,6 +41,7 @@ def score(
     plot: Plot = None,
     adapter: Adapter = None,
     config: Config = None,
+    scheduler: Scheduler = None,
     json_output: Json = False,
 ) -> None:
     """Compute channel importance (and the per-timestep loss curve with its cutoff); save it for dp prune."""
@@ -68,7 +70,7 @@ def score(
         options=PruneOptions(ignore=list(ignore or []), round_to=round_to, head_ratio=head_ratio),
     )
     with out.stderr.status("Loading model"):
-        loaded = load_model(model, adapter=adapter, config=config)
+        loaded = load_model(model, adapter=adapter, config=config, scheduler=scheduler)
     with scan_progress(loaded, settings) as on_progress:
         scores = compute_scores(loaded, settings, on_progress=on_progress)
     if target is not None:
