@@ -48,6 +48,7 @@ def score(
     from dpcli import output as out
     from dpcli.cli.common import scan_progress
     from dpcli.loading import load_model
+    from dpcli.plugins import get_registry
     from dpcli.plots import plot_losses
     from dpcli.pruning import PruneOptions
     from dpcli.workflow import ScoreSettings, compute_scores, save_scores
@@ -69,6 +70,7 @@ def score(
         seed=seed,
         options=PruneOptions(ignore=list(ignore or []), round_to=round_to, head_ratio=head_ratio),
     )
+    get_registry().criterion(criterion)  # an unknown name fails before the model is loaded
     with out.stderr.status("Loading model"):
         loaded = load_model(model, adapter=adapter, config=config, scheduler=scheduler)
     with scan_progress(loaded, settings) as on_progress:
