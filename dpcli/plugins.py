@@ -200,6 +200,14 @@ def load_registry(
         except Exception as exc:
             info.status, info.error = "failed", f"invalid plugin: {_describe_error(exc)}"
             continue
+        unknown = sorted(c.name for c in manager.get_hookcallers(plugin) or [] if not c.has_spec())
+        if unknown:  # a misspelled hook would otherwise do nothing, silently
+            info.status = "failed"
+            info.error = (
+                f"invalid plugin: unknown hook {', '.join(unknown)} (known: {', '.join(KINDS.values())})"
+            )
+            manager.unregister(plugin)
+            continue
         for kind, hook_name in KINDS.items():
             if info.status != "ok":
                 break

@@ -12,6 +12,17 @@ from dpcli.testing import Result, invoke, make_image_folder, make_unet, run_dp_s
 __all__ = ["TINY_CONFIG", "Result", "make_image_folder", "make_unet", "run_dp_subprocess"]
 
 
+@pytest.fixture(autouse=True)
+def builtins_only():
+    """dp's own tests see the built-in plugins only, whatever else is installed (``make test`` installs
+    the example plugins); tests of the plugin machinery load their own registries."""
+    from dpcli import plugins
+
+    plugins.set_registry(plugins.load_registry(third_party=False))
+    yield
+    plugins.set_registry(None)
+
+
 @pytest.fixture
 def dp():
     """Run ``dp ARGS...`` in-process through the real entry point (error handling and exit codes included)."""
