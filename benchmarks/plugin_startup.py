@@ -2,11 +2,17 @@
 and with the example plugins (plugins/dpcli-obd, plugins/dpcli-dit) pip-installed into a temporary
 `--target` folder on PYTHONPATH (the environment itself is not touched).
 
-Recorded (2 shared CPU cores, load average ~8, Python 3.11, typer 0.x, torch 2.x installed):
-    without plugins   dp --help 356 ms   dp plugins 553 ms
-    with both         dp --help 366 ms   dp plugins 527 ms
-`dp --help` imports no plugin (plugins load lazily, when a command needs the registry), so the
-difference is noise; `dp plugins` imports both plugin modules, which import no torch.
+Recorded on the development machine (2 CPU cores shared with other jobs; load average in brackets),
+medians of 5, wall time (CPU time of the child):
+    [6.4] without plugins  dp --help 353 ms (179 ms)  dp plugins 538 ms (273 ms)
+          with both        dp --help 389 ms (189 ms)  dp plugins 567 ms (276 ms)
+    [8.2] without plugins  dp --help 356 ms           dp plugins 553 ms
+          with both        dp --help 366 ms           dp plugins 527 ms
+    [7.9] without plugins  dp --help 581 ms (313 ms)  dp plugins 986 ms (488 ms)
+          with both        dp --help 516 ms (266 ms)  dp plugins 971 ms (498 ms)
+Wall time follows the machine's load, not the plugins: `dp --help` imports no plugin (they load lazily,
+when a command needs the registry; tests/test_plugin_packages.py checks it), and `dp plugins` imports
+both plugin modules, which import no torch.
 """
 
 import os
