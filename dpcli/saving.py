@@ -195,6 +195,37 @@ def write_model(
     return info
 
 
+def save_model(loaded, folder: Path, metadata: dict, base_config: dict | None = None) -> dict:
+    """Write ``loaded`` (a ``LoadedModel``) into ``folder`` in the dpcli format; what adapters' ``save`` call.
+
+    The base config, original widths and history carry over from a dpcli source (``loaded.pruning``);
+    ``metadata`` may hold ``original_modules`` (widths before pruning), ``history`` entries to append and
+    ``extra_weights`` (more state dicts of the same shapes, saved under ``unet/``); everything else in it is
+    recorded in dpcli.json. ``base_config`` overrides ``loaded.config`` as the config of a first save.
+    Returns the metadata written.
+    """
+    metadata = dict(metadata)
+    previous = loaded.pruning or {}
+    extra_weights = metadata.pop("extra_weights", None)
+    given_original = metadata.pop("original_modules", None)
+    base = previous.get("base") or {"config": base_config or loaded.config, "source": loaded.source}
+    original = previous.get("original_modules") or given_original or module_shapes(loaded.model)
+    merged = {k: v for k, v in previous.items() if k in ("pruning", "sizes")}
+    merged.update(metadata)
+    merged["history"] = list(previous.get("history", [])) + list(metadata.get("history", []))
+    return write_model(
+        folder,
+        loaded.model,
+        loaded.adapter,
+        base["config"],
+        base["source"],
+        original,
+        scheduler=loaded.scheduler,
+        metadata=merged,
+        extra_weights=extra_weights,
+    )
+
+
 def read_metadata(folder: Path) -> dict | None:
     """The dpcli.json of a saved model folder, or None when ``folder`` is not one."""
     file = Path(folder) / METADATA_FILE

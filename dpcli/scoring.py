@@ -97,6 +97,7 @@ def accumulate_gradients(
     batch_size: int = 256,
     conditioning: dict | None = None,
     on_progress: Callable[[int, float], None] | None = None,
+    squared: bool = False,
 ) -> ScanResult:
     """Run the scan on ``loaded.model`` in eval mode, leaving the summed gradients in ``.grad``.
 
@@ -106,6 +107,8 @@ def accumulate_gradients(
     :param batch_size: most samples in one forward pass; a larger calibration batch is split (then one
         timestep per pass, each split backpropagated as it goes: still exact).
     :param on_progress: called with (timestep, loss) for every scanned timestep.
+    :param squared: leave Σ_t g_t⊙g_t (per-timestep gradients squared, then summed) in ``.grad`` instead
+        of Σ_t g_t; timesteps are then never packed (one timestep per backward).
     """
     model = loaded.model
     scheduler = loaded.scheduler
@@ -113,12 +116,13 @@ def accumulate_gradients(
     total = min(total, int(scheduler.config.num_train_timesteps))
     images = x0.shape[0]
     micro = min(images, batch_size)
-    chunk = max(1, min(chunk, batch_size // micro)) if images <= batch_size else 1
+    chunk = max(1, min(chunk, batch_size // micro)) if images <= batch_size and not squared else 1
     elements = x0[0].numel() * images  # mse averages over every element of the calibration batch
     device = next(model.parameters()).device
 
     model.eval()
     model.zero_grad(set_to_none=True)
+    squares: dict[torch.nn.Parameter, torch.Tensor] | None = {} if squared else None
     losses: list[float] = []
     loss_max = 0.0
     cutoff = -1
@@ -149,6 +153,8 @@ def accumulate_gradients(
             chunk_losses += values
             forward_passes += 1
             samples += len(steps) * batch
+        if squares is not None:
+            _add_squared_gradients(model, squares)
         for step, loss in zip(steps, chunk_losses.tolist(), strict=False):
             if not math.isfinite(loss):
                 raise DpError(f"the loss at timestep {step} is {loss}: the model or data produce NaN/inf")
@@ -161,6 +167,9 @@ def accumulate_gradients(
                 stopped = True
                 break
         start_t += len(steps)
+    if squares is not None:
+        for parameter in model.parameters():
+            parameter.grad = squares.get(parameter)
     _check_gradients(model)
     return ScanResult(
         cutoff=cutoff,
@@ -180,3 +189,14 @@ def _check_gradients(model: torch.nn.Module) -> None:
     for name, parameter in model.named_parameters():
         if parameter.grad is not None and not torch.isfinite(parameter.grad).all():
             raise DpError(f"gradient of {name} contains NaN/inf: scores would be garbage")
+
+
+def _add_squared_gradients(model: torch.nn.Module, squares: dict) -> None:
+    """Add this timestep's squared gradients to ``squares`` and clear ``.grad`` for the next timestep."""
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            if parameter in squares:
+                squares[parameter] += parameter.grad.detach().pow(2)
+            else:
+                squares[parameter] = parameter.grad.detach().pow(2)
+            parameter.grad = None

@@ -98,6 +98,7 @@ def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=Non
             batch_size=settings.batch_size,
             conditioning=conditioning,
             on_progress=on_progress,
+            squared=bool(getattr(criterion, "squared_gradients", False)),
         )
     tensors = collect_scores(loaded, adapter, criterion, threshold, settings.seed, settings.options)
     loaded.model.zero_grad(set_to_none=True)

@@ -313,31 +313,10 @@ def load_saved_unet2d(source: ModelSource, adapter_name: str) -> LoadedModel:
 
 
 def save_unet2d(loaded: LoadedModel, folder: Path, metadata: dict) -> dict:
-    """Write ``loaded`` in the dpcli format. The base config, original widths and history carry over
-    from a dpcli source; ``metadata`` may hold ``original_modules`` (widths before pruning), ``history``
-    entries to append and ``extra_weights`` (more state dicts of the same shapes)."""
-    from dpcli.saving import module_shapes, write_model
+    """Write ``loaded`` in the dpcli format (see ``dpcli.saving.save_model``)."""
+    from dpcli.saving import save_model
 
-    metadata = dict(metadata)
-    previous = loaded.pruning or {}
-    extra_weights = metadata.pop("extra_weights", None)
-    given_original = metadata.pop("original_modules", None)
-    base = previous.get("base") or {"config": loaded.config, "source": loaded.source}
-    original = previous.get("original_modules") or given_original or module_shapes(loaded.model)
-    merged = {k: v for k, v in previous.items() if k in ("pruning", "sizes")}
-    merged.update(metadata)
-    merged["history"] = list(previous.get("history", [])) + list(metadata.get("history", []))
-    return write_model(
-        folder,
-        loaded.model,
-        loaded.adapter,
-        base["config"],
-        base["source"],
-        original,
-        scheduler=loaded.scheduler,
-        metadata=merged,
-        extra_weights=extra_weights,
-    )
+    return save_model(loaded, folder, metadata)
 
 
 def example_inputs(loaded: LoadedModel, batch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
