@@ -9,6 +9,7 @@ import traceback
 import typer
 
 from dpcli import __version__
+from dpcli.cli import finetune as finetune_command
 from dpcli.cli import inspect as inspect_command
 from dpcli.cli import plugins as plugins_command
 from dpcli.cli import prune as prune_command
@@ -60,6 +61,7 @@ app.command("inspect")(inspect_command.inspect)
 app.command("score")(score_command.score)
 app.command("prune")(prune_command.prune)
 app.command("plugins")(plugins_command.plugins)
+app.command("finetune")(finetune_command.finetune)
 
 
 def main(argv: list[str] | None = None) -> None:
