@@ -22,9 +22,25 @@ $(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 
 install: $(STAMP)
 
+# A quick DDIM sample grid (dp eval will do this properly): $(PREVIEW) MODEL OUT.png
+PREVIEW = $(PY) -c "import sys; from dpcli.loading import load_model; from dpcli.training import preview_samples, save_image_grid; save_image_grid(preview_samples(load_model(sys.argv[1]), 64), sys.argv[2])"
+
+# The main job on the built-in model, end to end: inspect -> prune with diff-taylor to ~half the MACs
+# -> short fine-tune. Tables go to the terminal, PNGs and models into $(DEMO_OUT)/ (rerunnable: --force).
 demo: $(STAMP)
-	$(DP) inspect config:ddpm-digits
-	$(DP) inspect config:ddpm-cifar10-32 --depth 2
+	mkdir -p $(DEMO_OUT)
+	$(DP) inspect builtin:ddpm-digits --depth 1
+	$(DP) score builtin:ddpm-digits --criterion diff-taylor --data builtin:digits \
+		-o $(DEMO_OUT)/scores.safetensors --plot $(DEMO_OUT)/timestep-scan.png
+	$(DP) prune builtin:ddpm-digits --scores $(DEMO_OUT)/scores.safetensors --target-macs 0.56 \
+		--yes --force -o $(DEMO_OUT)/pruned
+	$(PREVIEW) builtin:ddpm-digits $(DEMO_OUT)/samples-original.png
+	$(PREVIEW) $(DEMO_OUT)/pruned $(DEMO_OUT)/samples-pruned.png
+	$(DP) finetune $(DEMO_OUT)/pruned --data builtin:digits --steps 300 --batch-size 64 --lr 2e-4 \
+		--warmup 30 --ema-decay 0.99 --preview 64 --force -o $(DEMO_OUT)/finetuned
+	cp $(DEMO_OUT)/finetuned/loss.png $(DEMO_OUT)/finetune-loss.png
+	cp $(DEMO_OUT)/finetuned/samples.png $(DEMO_OUT)/samples-finetuned.png
+	@echo "PNGs in $(DEMO_OUT)/: timestep-scan, samples-original, samples-pruned, samples-finetuned, finetune-loss"
 
 test: $(STAMP)
 	$(PY) -m ruff check dpcli tests plugins
@@ -45,6 +61,7 @@ completions: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/startup.py
+	$(PY) benchmarks/finetune.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

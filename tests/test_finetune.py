@@ -244,3 +244,23 @@ def test_bad_input_exits_2(dp, tmp_path, tiny_unet_folder, image_folder, other_m
         message="seed",
     )
     fails(*finetune_args(tiny_unet_folder, image_folder, out, steps=2), message="add --resume to continue")
+
+
+def test_builtin_digits_model_is_trained_and_config_stays_random(dp):
+    from dpcli.data import load_images
+    from dpcli.saving import module_shapes
+
+    trained = load_model("builtin:ddpm-digits")
+    untrained = load_model("config:ddpm-digits")
+    assert module_shapes(trained.model) == module_shapes(untrained.model)
+    assert trained.pruning["history"][-1]["step"] == "finetune"
+    # The trained model predicts the noise on real digits far better than random weights do.
+    x0 = load_images("builtin:digits", size=16, channels=1, limit=32)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.full((32,), 300)
+    noisy = trained.scheduler.add_noise(x0, noise, timesteps)
+    with torch.no_grad():
+        errors = [torch.mean((m.model(noisy, timesteps).sample - noise) ** 2) for m in (trained, untrained)]
+    assert errors[0] < 0.2 < errors[1]
+    assert dp("inspect", "builtin:ddpm-digits", "--json").json["params"] == 1_112_801
+    assert dp("inspect", "builtin:no-such-model").exit_code == 2
