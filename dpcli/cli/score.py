@@ -48,8 +48,8 @@ def score(
     from dpcli import output as out
     from dpcli.cli.common import scan_progress
     from dpcli.loading import load_model
-    from dpcli.plugins import get_registry
     from dpcli.plots import plot_losses
+    from dpcli.plugins import get_registry
     from dpcli.pruning import PruneOptions
     from dpcli.workflow import ScoreSettings, compute_scores, save_scores
 
