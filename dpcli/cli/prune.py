@@ -19,6 +19,7 @@ from dpcli.cli.options import (
     Json,
     ModelArgument,
     Output,
+    Prompt,
     Ratio,
     RoundTo,
     Seed,
@@ -56,6 +57,7 @@ def prune(
     batch_size: BatchSize = 256,
     chunk: Chunk = None,
     timesteps: Timesteps = None,
+    prompt: Prompt = None,
     tolerance: Tolerance = 0.05,
     yes: Yes = False,
     force: Force = False,
@@ -130,6 +132,7 @@ def prune(
             timesteps=timesteps,
             seed=seed,
             options=options,
+            prompt=prompt,
         )
         with scan_progress(loaded, score_settings) as on_progress:
             computed = compute_scores(loaded, score_settings, on_progress=on_progress)

@@ -16,6 +16,7 @@ from dpcli.cli.options import (
     ModelArgument,
     Output,
     Plot,
+    Prompt,
     RoundTo,
     Seed,
     Threshold,
@@ -32,6 +33,7 @@ def score(
     calib_size: CalibSize = 32,
     chunk: Chunk = None,
     timesteps: Timesteps = None,
+    prompt: Prompt = None,
     seed: Seed = 0,
     ignore: Ignore = None,
     round_to: RoundTo = None,
@@ -65,6 +67,7 @@ def score(
         chunk=chunk,
         timesteps=timesteps,
         seed=seed,
+        prompt=prompt,
         options=PruneOptions(ignore=list(ignore or []), round_to=round_to, head_ratio=head_ratio),
     )
     with out.stderr.status("Loading model"):
