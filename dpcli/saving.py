@@ -58,6 +58,12 @@ def module_shapes(model: torch.nn.Module) -> dict[str, dict]:
         elif isinstance(module, torch.nn.LayerNorm):
             width = int(module.normalized_shape[-1])
             shapes[name] = {"type": "LayerNorm", "in_channels": width, "out_channels": width}
+        elif isinstance(module, torch.nn.Embedding):
+            shapes[name] = {
+                "type": "Embedding",
+                "in_channels": module.num_embeddings,
+                "out_channels": module.embedding_dim,
+            }
         elif hasattr(module, "heads") and hasattr(module, "to_q"):
             shapes[name] = {"type": type(module).__name__, "heads": int(module.heads)}
     return shapes
@@ -108,6 +114,9 @@ def apply_shapes(model: torch.nn.Module, shapes: dict[str, dict]) -> None:
             module.normalized_shape = (*module.normalized_shape[:-1], new_out)
             _resize_parameter(module, "weight", module.normalized_shape)
             _resize_parameter(module, "bias", module.normalized_shape)
+        elif isinstance(module, torch.nn.Embedding):
+            module.num_embeddings, module.embedding_dim = new_in, new_out
+            _resize_parameter(module, "weight", (new_in, new_out))
 
 
 def prepare_output(output: Path, force: bool) -> None:

@@ -12,6 +12,7 @@ and the accumulated gradient are the same; the work wasted past the cutoff is at
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -39,19 +40,32 @@ class ScanResult:
     stopped_early: bool = field(default=False)
 
 
-def calibration_batch(loaded: LoadedModel, adapter, data: str, calib_size: int, seed: int):
+def calibration_batch(
+    loaded: LoadedModel, adapter, data: str, calib_size: int, seed: int, prompt: str | None = None
+):
     """``calib_size`` images drawn from ``data`` with ``seed``, prepared by the adapter (e.g. encoded to latents).
 
-    Returns ``(x0, conditioning)``; conditioning is None or a dict of batch-first tensors.
+    Returns ``(x0, conditioning)``; conditioning is None or a dict of batch-first tensors. The adapter also
+    gets the chosen images' ``files``, the data ``root`` and ``prompt`` if its prepare_calibration takes them.
     """
-    from dpcli.data import load_images
+    from dpcli.data import image_files, load_images
 
     images = load_images(data, size=adapter.data_size(loaded), channels=adapter.data_channels(loaded))
     if calib_size > len(images):
         raise BadInput(f"--calib-size {calib_size} is larger than the data ({len(images)} images in {data})")
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(images), generator=generator)[:calib_size]
-    return adapter.prepare_calibration(loaded, images[chosen])
+    listing = image_files(data)
+    context = {
+        "files": [listing[0][i] for i in chosen.tolist()] if listing else None,
+        "root": listing[1] if listing else None,
+        "prompt": prompt,
+    }
+    accepted = inspect.signature(adapter.prepare_calibration).parameters
+    if prompt is not None and "prompt" not in accepted:
+        raise BadInput(f"--prompt is not supported by the {loaded.adapter} adapter (its models take no text)")
+    extra = {name: value for name, value in context.items() if name in accepted and value is not None}
+    return adapter.prepare_calibration(loaded, images[chosen], **extra)
 
 
 def calibration_noise(x0: torch.Tensor, seed: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from dpcli.cli.options import (
     ModelArgument,
     Output,
     Plot,
+    Prompt,
     RoundTo,
     Scheduler,
     Seed,
@@ -33,6 +34,7 @@ def score(
     calib_size: CalibSize = 32,
     chunk: Chunk = None,
     timesteps: Timesteps = None,
+    prompt: Prompt = None,
     seed: Seed = 0,
     ignore: Ignore = None,
     round_to: RoundTo = None,
@@ -68,6 +70,7 @@ def score(
         chunk=chunk,
         timesteps=timesteps,
         seed=seed,
+        prompt=prompt,
         options=PruneOptions(ignore=list(ignore or []), round_to=round_to, head_ratio=head_ratio),
     )
     get_registry().criterion(criterion)  # an unknown name fails before the model is loaded
