@@ -10,6 +10,7 @@ import json
 import math
 import sys
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from rich.console import Console
@@ -369,3 +370,174 @@ def render_finetune(report: dict) -> None:
         rows.append(("samples", report["samples"]))
     rows.append(("checkpoints", report["checkpoints"]))
     stdout.print(key_value_table("Fine-tuned", rows))
+@contextmanager
+def progress_tasks(enabled: bool = True):
+    """One progress display for a command with several stages. Yields ``task(description, total)``,
+    a context manager that adds a bar and yields ``advance(n=1)``. Disabled: nothing is shown."""
+    if not enabled:
+        yield lambda description, total: nullcontext(lambda n=1: None)
+        return
+    with progress() as bar:
+
+        @contextmanager
+        def task(description: str, total: int):
+            task_id = bar.add_task(escape(description), total=max(total, 1))
+            yield lambda n=1: bar.advance(task_id, n)
+            bar.update(task_id, completed=max(total, 1))
+
+        yield task
+
+
+def fmt_ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g} ms" if value < 1000 else f"{value / 1000:.3g} s"
+
+
+def fmt_psnr(value: float | None) -> str:
+    from dpcli.metrics import PSNR_IDENTICAL
+
+    if value is None:
+        return "-"
+    return "∞ (identical)" if value >= PSNR_IDENTICAL else f"{value:.2f} dB"
+
+
+def fmt_ratio(value: float | None, suffix: str = "×") -> str:
+    return "-" if value is None else f"{value:.2f}{suffix}"
+
+
+def _sampling_text(sampling: dict) -> str:
+    return (
+        f"{sampling['sampler']}, {sampling['steps']} steps {sampling['spacing']} "
+        f"({sampling['model_evaluations']} model evaluations), seed {sampling['seed']}, "
+        f"{sampling['num_samples']} images, batch {sampling['batch_size']}, {sampling['device']} "
+        f"{sampling['precision']}"
+        + (f", {sampling['world_size']} processes" if sampling["world_size"] > 1 else "")
+    )
+
+
+def _latency_text(latency: dict | None) -> str:
+    if not latency:
+        return "not measured"
+    text = f"{fmt_ms(latency['batch_1_ms'])} per step at batch 1"
+    if latency["batch"] > 1:
+        text += f", {fmt_ms(latency['batch_ms'])} at batch {latency['batch']}"
+    return text + f" (median of {latency['repeats']}, {latency['warmup']} warm-up excluded)"
+
+
+def render_eval(report: dict) -> None:
+    """Summary of ``dp eval``: size, sampling, latency, FID, SSIM/PSNR to the reference, files."""
+    sampling = report["sampling"]
+    rows = [
+        ("params", f"{fmt_int(report['params'])} ({fmt_count(report['params'])})"),
+        ("MACs", f"{fmt_count(report['macs'], 'MAC')} per forward at batch 1"),
+        ("sampling", _sampling_text(sampling)),
+        ("latency", _latency_text(report["latency"])),
+        (
+            "throughput",
+            f"{sampling['images_per_second']:.3g} images/s for the full sampler "
+            f"({sampling['num_samples']} images in {fmt_seconds(sampling['seconds'])})",
+        ),
+    ]
+    info = report["fid_info"]
+    if report["fid"] is not None:
+        rows.append(
+            (
+                "FID",
+                f"{report['fid']:.3f} ({info['extractor']} features, {info['features']} wide; "
+                f"{info['samples']} samples vs {info['reference']}, {info['reference_count']} images)",
+            )
+        )
+    else:
+        rows.append(("FID", f"unavailable: {info['unavailable']}"))
+    reference = report.get("reference")
+    if reference:
+        rows.append(
+            (
+                "reference",
+                f"{reference['model']} ({fmt_count(reference['params'])} params, "
+                f"{fmt_count(reference['macs'], 'MAC')}; MACs kept {fmt_pct(report['macs'] / reference['macs'])})",
+            )
+        )
+        rows.append(("SSIM", f"{report['ssim']:.4f} to the reference, same noise, paired by index"))
+        rows.append(("PSNR", fmt_psnr(report["psnr"])))
+    if report.get("stats_file"):
+        rows.append(("FID stats", f"written to {report['stats_file']}"))
+    if report.get("output"):
+        rows.append(("output", f"{report['output']} (report.json, grid.png, samples.safetensors)"))
+    stdout.print(key_value_table(f"Evaluation: {report['model']}", rows))
+    if not report.get("output"):
+        stdout.print("[dim]pass --output DIR to keep the report, the sample grid and the samples[/]")
+
+
+def render_compare(result: dict) -> None:
+    """One table, models side by side (the first is the baseline), then where the grid went."""
+    models = result["models"]
+    table = Table(title=f"Compared with {result['baseline']} (baseline)", title_justify="left")
+    table.add_column("")
+    for index, model in enumerate(models):
+        label = model["model"] or "?"
+        table.add_column(
+            escape(f"{index + 1}. {label}") + (" [dim](report)[/]" if model["from_report"] else ""),
+            justify="right",
+            overflow="fold",
+        )
+    batch = next((m["latency"]["batch"] for m in models if m.get("latency")), None)
+
+    def add(name: str, values: list[str]) -> None:
+        table.add_row(name, *values)
+
+    add("params", [fmt_count(m["params"]) for m in models])
+    add("MACs", [fmt_count(m["macs"], "MAC") for m in models])
+    add("MACs kept", [fmt_pct(m["macs_fraction"]) for m in models])
+    add("MACs ratio", [fmt_ratio(m["macs_ratio"]) for m in models])
+    add("ms/step, batch 1", [fmt_ms((m.get("latency") or {}).get("batch_1_ms")) for m in models])
+    if batch and batch > 1:
+        add(f"ms/step, batch {batch}", [fmt_ms((m.get("latency") or {}).get("batch_ms")) for m in models])
+    add("speedup, batch 1", [fmt_ratio(m["speedup_batch_1"]) for m in models])
+    if batch and batch > 1:
+        add(f"speedup, batch {batch}", [fmt_ratio(m["speedup_batch"]) for m in models])
+    add("speedup / MACs ratio, batch 1", [fmt_ratio(m["speedup_per_macs_ratio_batch_1"], "") for m in models])
+    if batch and batch > 1:
+        add(
+            f"speedup / MACs ratio, batch {batch}",
+            [fmt_ratio(m["speedup_per_macs_ratio_batch"], "") for m in models],
+        )
+    add(
+        "images/s (sampler)",
+        [f"{m['images_per_second']:.3g}" if m.get("images_per_second") else "-" for m in models],
+    )
+    add(
+        "SSIM to 1st",
+        [
+            "baseline" if m["baseline"] else (f"{m['ssim']:.4f}" if m["ssim"] is not None else "-")
+            for m in models
+        ],
+    )
+    add("PSNR to 1st", ["baseline" if m["baseline"] else fmt_psnr(m["psnr"]) for m in models])
+    if any(m.get("fid") is not None for m in models):
+        add("FID (from report)", [f"{m['fid']:.3f}" if m.get("fid") is not None else "-" for m in models])
+    names = []
+    for model in models:
+        for block in model.get("blocks") or []:
+            if block["name"] not in names:
+                names.append(block["name"])
+    for name in names:
+        cells = []
+        for model in models:
+            block = next((b for b in model.get("blocks") or [] if b["name"] == name), None)
+            cells.append("-" if block is None else _channels(block["width"], block.get("original")))
+        add(f"width {name}", cells)
+    stdout.print(table)
+    for index, model in enumerate(models):
+        if model.get("consistency_note"):
+            stdout.print(
+                f"[dim]{index + 1}. {escape(model['model'] or '?')}: {escape(model['consistency_note'])}[/]"
+            )
+    if result.get("grid"):
+        grid = result["grid"]
+        stdout.print(
+            f"grid: [bold]{escape(grid['path'])}[/] (one row per model, the same sample index in each column)"
+        )
+    else:
+        stdout.print("[dim]pass --output DIR to write the comparison and its image grid[/]")

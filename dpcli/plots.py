@@ -75,3 +75,30 @@ def plot_training(losses: list[float], lrs: list[float], path: Path, title: str 
     plt.close(figure)
     temporary.replace(path)
     return path
+def save_image_grid(rows, path: Path, pad: int = 2, min_cell: int = 64) -> dict:
+    """A PNG grid: one row per entry of ``rows`` (uint8 tensors [n, C, H, W]), image j of every row in
+    column j. Small images are enlarged (nearest neighbour) to at least ``min_cell`` pixels; rows with
+    fewer images leave their cells blank. Returns the path and the layout (rows, columns, cell, pad)."""
+    import numpy as np
+    from PIL import Image
+
+    path = Path(path)
+    columns = max((len(row) for row in rows), default=0)
+    heights = [int(row.shape[-2]) for row in rows if len(row)]
+    widths = [int(row.shape[-1]) for row in rows if len(row)]
+    height, width = (max(heights), max(widths)) if heights else (1, 1)
+    scale = max(1, -(-min_cell // max(height, width)))
+    cell_h, cell_w = height * scale, width * scale
+    canvas = np.full(
+        (len(rows) * (cell_h + pad) + pad, max(columns, 1) * (cell_w + pad) + pad, 3), 255, dtype=np.uint8
+    )
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            pixels = image.cpu().numpy()
+            pixels = np.repeat(pixels, 3, axis=0) if pixels.shape[0] == 1 else pixels[:3]
+            pixels = pixels.transpose(1, 2, 0).repeat(scale, axis=0).repeat(scale, axis=1)
+            top, left = pad + r * (cell_h + pad), pad + c * (cell_w + pad)
+            canvas[top : top + pixels.shape[0], left : left + pixels.shape[1]] = pixels
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(path)
+    return {"path": str(path), "rows": len(rows), "columns": columns, "cell": [cell_h, cell_w], "pad": pad}

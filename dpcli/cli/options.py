@@ -89,3 +89,35 @@ Prompt = Annotated[
         "else the empty prompt).",
     ),
 ]
+NumSamples = Annotated[int, typer.Option("--num-samples", min=1, help="Images to sample (indices 0..N-1).")]
+SamplingSteps = Annotated[
+    int | None, typer.Option("--steps", min=1, help="Denoising steps of the sampler (default 100).")
+]
+Spacing = Annotated[
+    str | None,
+    typer.Option(
+        "--spacing",
+        help="Timesteps: uniform (as diffusers spaces them) or quad (the paper's CIFAR-10 spacing).",
+    ),
+]
+SamplerName = Annotated[
+    str | None, typer.Option("--sampler", help="ddim (eta 0, deterministic; default) or ddpm.")
+]
+Device = Annotated[
+    str | None,
+    typer.Option(
+        "--device", help="cpu, cuda, cuda:1, ... (default: this rank's GPU if there is one, else CPU)."
+    ),
+]
+Precision = Annotated[
+    str,
+    typer.Option("--precision", help="auto (bf16, else fp16, on GPU; fp32 on CPU), fp32, bf16 or fp16."),
+]
+LatencyBatch = Annotated[
+    int,
+    typer.Option("--latency-batch", min=1, help="Throughput batch for latency (batch 1 is always timed)."),
+]
+Repeats = Annotated[
+    int, typer.Option("--repeats", min=1, help="Timed repeats per latency figure (the median is reported).")
+]
+NoLatency = Annotated[bool, typer.Option("--no-latency", help="Skip the latency measurement.")]

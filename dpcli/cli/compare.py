@@ -1,0 +1,100 @@
+"""``dp compare``."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dpcli.cli.options import (
+    BatchSize,
+    Device,
+    Force,
+    Json,
+    LatencyBatch,
+    NoLatency,
+    NumSamples,
+    Output,
+    Precision,
+    Repeats,
+    SamplerName,
+    SamplingSteps,
+    Scheduler,
+    Spacing,
+)
+
+Models = Annotated[
+    list[str] | None,
+    typer.Argument(help="Models to compare; the first is the baseline (see dp eval for what MODEL can be)."),
+]
+Reports = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--report",
+        help="A dp eval report (report.json or its folder) to use instead of sampling; repeatable, "
+        "placed after the MODEL arguments.",
+    ),
+]
+
+
+def compare(
+    models: Models = None,
+    report: Reports = None,
+    num_samples: NumSamples = 8,
+    steps: SamplingSteps = None,
+    spacing: Spacing = None,
+    sampler: SamplerName = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed of the sampling noise.")] = None,
+    batch_size: BatchSize = 64,
+    latency_batch: LatencyBatch = 64,
+    repeats: Repeats = 5,
+    no_latency: NoLatency = False,
+    device: Device = None,
+    precision: Precision = "auto",
+    scheduler: Scheduler = None,
+    output: Output = None,
+    force: Force = False,
+    json_output: Json = False,
+) -> None:
+    """Models side by side: size, MACs, latency, speedup, per-block widths, SSIM/PSNR to the first, a grid."""
+    from dpcli import output as out
+    from dpcli.evaluation import CompareSettings, LatencySettings, json_report, write_compare_output
+    from dpcli.evaluation import compare as run_compare
+    from dpcli.sampling import SamplerSettings, finish_distributed, init_distributed
+    from dpcli.saving import AtomicFolder, prepare_output
+
+    if output is not None:
+        prepare_output(output, force)
+    explicit = any(value is not None for value in (steps, spacing, sampler, seed))
+    settings = CompareSettings(
+        models=list(models or []),
+        reports=list(report or []),
+        num_samples=num_samples,
+        sampling=SamplerSettings(
+            sampler=sampler or "ddim",
+            steps=steps or 100,
+            spacing=spacing or "uniform",
+            seed=0 if seed is None else seed,
+            batch_size=batch_size,
+            precision=precision,
+        ),
+        latency=None if no_latency else LatencySettings(batch=latency_batch, repeats=repeats),
+        device=device,
+        scheduler=scheduler,
+    )
+    rank, _ = init_distributed()
+    try:
+        with out.progress_tasks(enabled=rank == 0) as progress:
+            result = run_compare(
+                settings, progress, status=out.info if rank == 0 else None, explicit_sampling=explicit
+            )
+        if result is None:
+            return
+        if output is not None:
+            with AtomicFolder(output, force=force) as folder:
+                write_compare_output(result, folder, final=Path(output))
+        if json_output:
+            out.print_json(json_report(result))
+        else:
+            out.render_compare(json_report(result))
+    finally:
+        finish_distributed()

@@ -1,0 +1,125 @@
+"""``dp eval``."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dpcli.cli.options import (
+    Adapter,
+    BatchSize,
+    Config,
+    Data,
+    Device,
+    Force,
+    Json,
+    LatencyBatch,
+    ModelArgument,
+    NoLatency,
+    NumSamples,
+    Output,
+    Precision,
+    Repeats,
+    SamplerName,
+    SamplingSteps,
+    Scheduler,
+    Seed,
+    Spacing,
+)
+
+Reference = Annotated[
+    str | None,
+    typer.Option("--reference", help="Model to compare images with, from the same noise (SSIM, PSNR)."),
+]
+FidStatsFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--fid-stats", help="FID against saved statistics (dp eval --save-stats, or a .npz mu/sigma)."
+    ),
+]
+InceptionWeights = Annotated[
+    Path | None,
+    typer.Option(
+        "--inception-weights",
+        help="torch-fidelity's Inception-v3 weights file (default: the torch hub cache; never downloaded).",
+    ),
+]
+SaveStats = Annotated[
+    Path | None, typer.Option("--save-stats", help="Write the FID statistics of --data to this file.")
+]
+
+
+def evaluate(
+    model: ModelArgument,
+    reference: Reference = None,
+    num_samples: NumSamples = 256,
+    steps: SamplingSteps = 100,
+    spacing: Spacing = "uniform",
+    sampler: SamplerName = "ddim",
+    seed: Seed = 0,
+    batch_size: BatchSize = 64,
+    data: Data = None,
+    fid_stats: FidStatsFile = None,
+    inception_weights: InceptionWeights = None,
+    save_stats: SaveStats = None,
+    latency_batch: LatencyBatch = 64,
+    repeats: Repeats = 5,
+    no_latency: NoLatency = False,
+    device: Device = None,
+    precision: Precision = "auto",
+    output: Output = None,
+    force: Force = False,
+    adapter: Adapter = None,
+    config: Config = None,
+    scheduler: Scheduler = None,
+    json_output: Json = False,
+) -> None:
+    """Sample a model: latency, FID against --data, SSIM/PSNR to --reference from the same noise, a grid."""
+    from dpcli import output as out
+    from dpcli.errors import BadInput
+    from dpcli.evaluation import EvalSettings, LatencySettings, json_report, write_eval_output
+    from dpcli.evaluation import evaluate as run_eval
+    from dpcli.sampling import SamplerSettings, finish_distributed, init_distributed
+    from dpcli.saving import AtomicFolder, prepare_output
+
+    if output is not None:
+        prepare_output(output, force)
+    if save_stats is not None and save_stats.exists() and not force:
+        raise BadInput(f"--save-stats {save_stats} exists (use --force to replace it)")
+    settings = EvalSettings(
+        model=model,
+        reference=reference,
+        num_samples=num_samples,
+        sampling=SamplerSettings(
+            sampler=sampler or "ddim",
+            steps=steps or 100,
+            spacing=spacing or "uniform",
+            seed=seed,
+            batch_size=batch_size,
+            precision=precision,
+        ),
+        latency=None if no_latency else LatencySettings(batch=latency_batch, repeats=repeats),
+        data=data,
+        fid_stats=fid_stats,
+        inception_weights=inception_weights,
+        save_stats=save_stats,
+        device=device,
+        adapter=adapter,
+        config=config,
+        scheduler=scheduler,
+    )
+    rank, _ = init_distributed()
+    try:
+        with out.progress_tasks(enabled=rank == 0) as progress:
+            report = run_eval(settings, progress, status=out.info if rank == 0 else None)
+        if report is None:
+            return
+        if output is not None:
+            with AtomicFolder(output, force=force) as folder:
+                write_eval_output(report, folder, final=Path(output))
+        if json_output:
+            out.print_json(json_report(report))
+        else:
+            out.render_eval(json_report(report))
+    finally:
+        finish_distributed()

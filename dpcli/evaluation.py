@@ -1,0 +1,638 @@
+"""The eval and compare jobs as Python functions (``dp eval`` and ``dp compare`` are thin shells over these).
+
+``evaluate`` samples a model (and a reference from the same noise), measures latency, FID, SSIM and PSNR
+and returns a JSON-ready report; ``compare`` puts several models (sampled here, or read from earlier
+reports) side by side. Progress goes through a ``progress(description, total)`` callback that returns
+a context manager yielding ``advance(n=1)``; the default shows nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dpcli import __version__
+from dpcli.adapters.base import LoadedModel
+from dpcli.errors import BadInput
+from dpcli.metrics import (
+    DIGITS,
+    INCEPTION,
+    FidComputer,
+    FidStats,
+    data_as_uint8,
+    extractor_features,
+    find_inception_weights,
+    load_stats,
+    missing_inception_message,
+    save_stats,
+    ssim_psnr,
+)
+from dpcli.sampling import Sampler, SamplerSettings, Samples, generate, is_main_process, steps_for_rank
+
+REPORT_FILE = "report.json"
+GRID_FILE = "grid.png"
+SAMPLES_FILE = "samples.safetensors"
+REPORT_FORMAT = "dpcli-eval"
+GRID_SAMPLES = 64  # at most this many images in dp eval's grid
+
+
+def _no_progress(description: str, total: int):
+    return contextlib.nullcontext(lambda n=1: None)
+
+
+Progress = Callable[[str, int], contextlib.AbstractContextManager]
+
+
+# What a model is -------------------------------------------------------------------------------
+
+
+def block_widths(loaded: LoadedModel) -> list[dict]:
+    """Output width of every top-level block (``conv_in``, ``down_blocks.0``, ..., ``mid_block``, ...,
+    ``conv_out``): out channels of its last convolution or linear layer, with the width before pruning."""
+    original = (loaded.pruning or {}).get("original_modules", {})
+    blocks: dict[str, dict] = {}
+    for name, module in loaded.model.named_modules():
+        if not isinstance(module, (torch.nn.modules.conv._ConvNd, torch.nn.Linear)):
+            continue
+        parts = name.split(".")
+        block = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+        if block.startswith(("time_", "class_")):  # embeddings: not a feature-map width
+            continue
+        width = module.out_channels if hasattr(module, "out_channels") else module.out_features
+        before = original.get(name, {}).get("out_channels")
+        blocks[block] = {"name": block, "width": int(width), "original": before}
+    return sorted(blocks.values(), key=lambda block: _flow_position(block["name"]))
+
+
+def _flow_position(name: str) -> int:
+    """Blocks in the order data flows through a UNet (the stable sort keeps module order within a stage)."""
+    for position, prefix in enumerate(("conv_in", "down_blocks", "mid_block", "up_blocks")):
+        if name.startswith(prefix):
+            return position
+    return 4
+
+
+def model_summary(loaded: LoadedModel) -> dict:
+    """Params, MACs (one batch-1 forward, see dpcli.flops) and block widths of ``loaded``."""
+    from dpcli.flops import count_params
+    from dpcli.inspection import macs_of
+
+    return {
+        "model": loaded.source,
+        "adapter": loaded.adapter,
+        "params": count_params(loaded.model),
+        "macs": macs_of(loaded).total,
+        "blocks": block_widths(loaded),
+    }
+
+
+# Latency --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LatencySettings:
+    batch: int = 64  # the throughput batch; batch 1 is always measured
+    warmup: int = 2
+    repeats: int = 5
+
+    def validate(self) -> None:
+        if self.batch < 1 or self.warmup < 0 or self.repeats < 1:
+            raise BadInput("--latency-batch and --repeats must be at least 1")
+
+
+def measure_latency(sampler: Sampler, settings: LatencySettings, progress: Progress = _no_progress) -> dict:
+    """Median ms per denoising step at batch 1 and at the throughput batch (warm-up excluded)."""
+    sizes = [1] + ([settings.batch] if settings.batch > 1 else [])
+    runs = settings.warmup + settings.repeats
+    results = {}
+    with progress("Latency", runs * len(sizes)) as advance:
+        for size in sizes:
+            results[size] = sampler.step_latency(size, settings.warmup, settings.repeats, on_run=advance)
+    return {
+        "batch_1_ms": results[1],
+        "batch": settings.batch,
+        "batch_ms": results.get(settings.batch, results[1]),
+        "warmup": settings.warmup,
+        "repeats": settings.repeats,
+        "device": str(sampler.device),
+        "precision": sampler.precision_name,
+    }
+
+
+# Sampling with a progress bar -------------------------------------------------------------------
+
+
+def sample_model(
+    loaded: LoadedModel,
+    settings: SamplerSettings,
+    num_samples: int,
+    device=None,
+    progress: Progress = _no_progress,
+    label: str = "",
+) -> tuple[Sampler, Samples | None]:
+    """Sample ``num_samples`` images of ``loaded`` (split over torchrun ranks; None on ranks > 0)."""
+    sampler = Sampler(loaded, settings, device)
+    with progress(f"Sampling {label or loaded.source}", steps_for_rank(sampler, num_samples)) as advance:
+        samples = generate(sampler, num_samples, on_step=advance)
+    return sampler, samples
+
+
+# FID ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FidPlan:
+    """What FID compares against, decided (and validated) before any sampling."""
+
+    extractor: str
+    data: str | None = None
+    stats: FidStats | None = None
+    inception_weights: Path | None = None
+    save_stats: Path | None = None
+
+    @property
+    def reference(self) -> str:
+        return self.data if self.data is not None else f"statistics {self.stats.source}"
+
+
+def plan_fid(
+    data: str | None,
+    fid_stats: Path | None,
+    inception_weights: Path | None,
+    save_stats_to: Path | None,
+    num_samples: int,
+) -> FidPlan | None:
+    """Validate the FID options; None when FID is not requested (no --data and no --fid-stats).
+
+    ``builtin:digits`` uses the shipped digits feature network, anything else Inception-v3, whose
+    weights must be available locally (they are never downloaded): a clear BadInput otherwise.
+    """
+    if data is not None and fid_stats is not None:
+        raise BadInput("give --data or --fid-stats for FID, not both")
+    if save_stats_to is not None and data is None:
+        raise BadInput("--save-stats writes the FID statistics of --data: pass --data too")
+    if data is None and fid_stats is None:
+        if inception_weights is not None:
+            raise BadInput("--inception-weights is for FID: pass --data or --fid-stats too")
+        return None
+    if num_samples < 2:
+        raise BadInput(f"FID needs at least 2 samples (--num-samples >= 2), got {num_samples}")
+    stats = None
+    if fid_stats is not None:
+        stats = load_stats(fid_stats)
+        if stats.extractor not in (INCEPTION, DIGITS):
+            raise BadInput(f"{fid_stats}: unknown feature extractor {stats.extractor!r}")
+        expected = extractor_features(stats.extractor)
+        if stats.features != expected:
+            raise BadInput(
+                f"{fid_stats} holds statistics of {stats.features} features; {stats.extractor} gives {expected}"
+            )
+        extractor = stats.extractor
+    else:
+        check_data(data)
+        extractor = DIGITS if data == "builtin:digits" else INCEPTION
+    weights = find_inception_weights(inception_weights)
+    if extractor == INCEPTION and weights is None:
+        raise BadInput(missing_inception_message())
+    return FidPlan(extractor, data, stats, weights if extractor == INCEPTION else None, save_stats_to)
+
+
+def check_data(data: str) -> None:
+    """Fail before sampling, not after, when --data cannot serve images."""
+    from dpcli.data import BUILTIN_DATASETS, IMAGE_SUFFIXES, list_images
+
+    if data.startswith("builtin:"):
+        if data.split(":", 1)[1] not in BUILTIN_DATASETS:
+            raise BadInput(
+                f"unknown built-in dataset {data!r} (available: builtin:{', builtin:'.join(BUILTIN_DATASETS)})"
+            )
+        return
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise BadInput(f"data not found: {data}")
+    if path.is_dir() and not list_images(path):
+        raise BadInput(f"no images in {data} (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
+
+
+def compute_fid(
+    plan: FidPlan,
+    loaded: LoadedModel,
+    samples: Samples,
+    progress: Progress = _no_progress,
+    device: str | torch.device = "cpu",
+) -> tuple[float, dict]:
+    """FID of ``samples`` against the plan's data or statistics (features computed on ``device``);
+    also writes --save-stats."""
+    from dpcli.data import load_images
+    from dpcli.plugins import get_registry
+
+    fid = FidComputer(plan.extractor, plan.inception_weights, device=device)
+    if plan.stats is not None:
+        fid.set_real_stats(plan.stats)
+        reference_count = plan.stats.count
+    else:
+        adapter = get_registry().adapter(loaded.adapter)
+        data = data_as_uint8(
+            load_images(plan.data, size=adapter.data_size(loaded), channels=adapter.data_channels(loaded))
+        )
+        if len(data) < 2:
+            raise BadInput(f"FID needs at least 2 reference images; {plan.data} has {len(data)}")
+        with progress("FID features (data)", len(data)) as advance:
+            fid.update(data, real=True, on_batch=advance)
+        reference_count = len(data)
+        if plan.save_stats is not None:
+            save_stats(fid.real_stats(plan.data), plan.save_stats, data=plan.data)
+    with progress("FID features (samples)", len(samples.images)) as advance:
+        fid.update(samples.images, real=False, on_batch=advance)
+    value = fid.compute()
+    info = {
+        "extractor": plan.extractor,
+        "features": fid.features,
+        "reference": plan.reference,
+        "reference_count": reference_count,
+        "samples": len(samples.images),
+        "unavailable": None,
+    }
+    return value, info
+
+
+def fid_unavailable(reason: str) -> dict:
+    return {
+        "extractor": None,
+        "features": None,
+        "reference": None,
+        "reference_count": None,
+        "samples": None,
+        "unavailable": reason,
+    }
+
+
+# dp eval --------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalSettings:
+    model: str
+    reference: str | None = None
+    num_samples: int = 256
+    sampling: SamplerSettings = field(default_factory=SamplerSettings)
+    latency: LatencySettings | None = field(default_factory=LatencySettings)
+    data: str | None = None
+    fid_stats: Path | None = None
+    inception_weights: Path | None = None
+    save_stats: Path | None = None
+    device: str | None = None
+    adapter: str | None = None
+    config: Path | None = None
+    scheduler: Path | None = None  # replaces the scheduler of the model and of the reference
+
+
+def check_same_noise(model: LoadedModel, reference: LoadedModel, what: str = "reference") -> None:
+    """Two models compared from the same noise must sample the same shape."""
+    from dpcli.plugins import get_registry
+
+    registry = get_registry()
+    mine = tuple(registry.adapter(model.adapter).noise_shape(model))
+    theirs = tuple(registry.adapter(reference.adapter).noise_shape(reference))
+    if mine != theirs:
+        raise BadInput(
+            f"{what} {reference.source} samples {_shape_text(theirs)} but {model.source} samples "
+            f"{_shape_text(mine)}: different sample size or channel count, no common noise to compare from"
+        )
+
+
+def _shape_text(shape) -> str:
+    channels, *size = shape
+    return f"{channels} channel(s) at {'x'.join(map(str, size))}"
+
+
+def evaluate(settings: EvalSettings, progress: Progress = _no_progress, status=None) -> dict | None:
+    """Run ``dp eval``; returns the report on rank 0 (None on other torchrun ranks).
+
+    The report's ``samples`` entry is the :class:`Samples` (removed before JSON output); ``grid_rows``
+    likewise holds the images for the PNG grid.
+    """
+    from dpcli.loading import load_model
+
+    status = status or (lambda text: None)
+    settings.sampling.validate()
+    if settings.num_samples < 1:
+        raise BadInput(f"--num-samples must be at least 1, got {settings.num_samples}")
+    if settings.latency is not None:
+        settings.latency.validate()
+    plan = plan_fid(
+        settings.data,
+        settings.fid_stats,
+        settings.inception_weights,
+        settings.save_stats,
+        settings.num_samples,
+    )
+    status(f"Loading {settings.model}")
+    loaded = load_model(
+        settings.model, adapter=settings.adapter, config=settings.config, scheduler=settings.scheduler
+    )
+    reference = None
+    if settings.reference is not None:
+        status(f"Loading {settings.reference}")
+        reference = load_model(settings.reference, scheduler=settings.scheduler)
+        check_same_noise(loaded, reference)
+    summary = model_summary(loaded)
+    reference_summary = model_summary(reference) if reference is not None else None
+
+    sampler, samples = sample_model(
+        loaded, settings.sampling, settings.num_samples, settings.device, progress
+    )
+    reference_samples = None
+    if reference is not None:
+        _, reference_samples = sample_model(
+            reference, settings.sampling, settings.num_samples, settings.device, progress, "reference"
+        )
+    if not is_main_process():
+        return None
+
+    latency = measure_latency(sampler, settings.latency, progress) if settings.latency else None
+    consistency = {"ssim": None, "psnr": None}
+    if reference_samples is not None:
+        if reference_samples.images.shape != samples.images.shape:
+            raise BadInput(
+                f"reference {settings.reference} makes images of shape {tuple(reference_samples.images.shape[1:])},"
+                f" {settings.model} {tuple(samples.images.shape[1:])}: they cannot be paired"
+            )
+        consistency = ssim_psnr(samples.images, reference_samples.images)
+    if plan is not None:
+        fid, fid_info = compute_fid(plan, loaded, samples, progress, device=sampler.device)
+    else:
+        fid, fid_info = None, fid_unavailable("no reference images: pass --data D or --fid-stats FILE")
+    report = {
+        "format": REPORT_FORMAT,
+        "dpcli_version": __version__,
+        **summary,
+        "image_shape": list(samples.images.shape[1:]),
+        "sampling": samples.describe(),
+        "latency": latency,
+        "fid": fid,
+        "fid_info": fid_info,
+        "reference": reference_summary,
+        "ssim": consistency["ssim"],
+        "psnr": consistency["psnr"],
+        "stats_file": str(settings.save_stats) if settings.save_stats else None,
+        "output": None,
+        "files": None,
+        "grid": None,
+    }
+    report["samples"] = samples
+    report["grid_rows"] = grid_rows(samples.images[:GRID_SAMPLES])
+    return report
+
+
+def grid_rows(images: torch.Tensor, columns: int | None = None) -> list[torch.Tensor]:
+    """Split images into rows of ``columns`` (default: a square-ish grid)."""
+    import math
+
+    if len(images) == 0:
+        return []
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    return [images[start : start + columns] for start in range(0, len(images), columns)]
+
+
+def write_eval_output(report: dict, folder: Path, final: Path | None = None) -> dict:
+    """Write report.json, grid.png and samples.safetensors into ``folder`` (an AtomicFolder path that
+    becomes ``final``; paths in the report name ``final``)."""
+    from dpcli.plots import save_image_grid
+
+    folder = Path(folder)
+    final = Path(final) if final is not None else folder
+    samples: Samples = report["samples"]
+    write_samples(samples, folder / SAMPLES_FILE, report["model"])
+    grid = save_image_grid(report["grid_rows"], folder / GRID_FILE)
+    report["files"] = {"report": REPORT_FILE, "grid": GRID_FILE, "samples": SAMPLES_FILE}
+    report["grid"] = {**grid, "path": str(final / GRID_FILE)}
+    report["output"] = str(final)
+    (folder / REPORT_FILE).write_text(json.dumps(json_report(report), indent=2, allow_nan=False))
+    return report
+
+
+def json_report(report: dict) -> dict:
+    """The report without the in-memory images."""
+    return {k: v for k, v in report.items() if k not in ("samples", "grid_rows")}
+
+
+def write_samples(samples: Samples, path: Path, model: str) -> None:
+    from safetensors.torch import save_file
+
+    metadata = {"format": "dpcli-samples", "model": model, "sampling": json.dumps(samples.describe())}
+    tensors = {
+        "images": samples.images.contiguous(),
+        "indices": torch.tensor(samples.indices, dtype=torch.long),
+    }
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def read_eval_report(path: Path) -> tuple[dict, torch.Tensor | None, Path]:
+    """A dp eval report (report.json, or the folder holding it) and its samples when present."""
+    path = Path(path).expanduser()
+    file = path / REPORT_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise BadInput(f"--report {path}: no dp eval report there (expected {REPORT_FILE})")
+    try:
+        report = json.loads(file.read_text())
+    except ValueError as exc:
+        raise BadInput(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        raise BadInput(f"{file} is not a dp eval report")
+    images = None
+    samples_file = file.parent / ((report.get("files") or {}).get("samples") or SAMPLES_FILE)
+    if samples_file.is_file():
+        from dpcli.loading import load_tensor_file
+
+        images = load_tensor_file(samples_file).get("images")
+    return report, images, file
+
+
+# dp compare -----------------------------------------------------------------------------------
+
+
+@dataclass
+class CompareSettings:
+    models: list[str] = field(default_factory=list)
+    reports: list[Path] = field(default_factory=list)
+    num_samples: int = 8
+    sampling: SamplerSettings = field(default_factory=SamplerSettings)
+    latency: LatencySettings | None = field(default_factory=LatencySettings)
+    device: str | None = None
+    scheduler: Path | None = None  # replaces the scheduler of every model sampled here
+
+
+@dataclass
+class Entry:
+    """One model in a comparison: measured here, or read from a dp eval report."""
+
+    summary: dict
+    sampling: dict
+    latency: dict | None
+    images: torch.Tensor | None
+    report_path: str | None = None
+    fid: float | None = None
+
+
+def sampling_from_report(report: dict, base: SamplerSettings) -> SamplerSettings:
+    """The sampler settings a report was made with (so live models sample from the same noise)."""
+    recorded = report.get("sampling") or {}
+    return SamplerSettings(
+        sampler=recorded.get("sampler", base.sampler),
+        steps=int(recorded.get("steps", base.steps)),
+        spacing=recorded.get("spacing", base.spacing),
+        seed=int(recorded.get("seed", base.seed)),
+        batch_size=base.batch_size,
+        precision=base.precision,
+        guidance_scale=base.guidance_scale,
+        options=dict(base.options),
+    )
+
+
+def compare(
+    settings: CompareSettings,
+    progress: Progress = _no_progress,
+    status=None,
+    explicit_sampling: bool = False,
+) -> dict | None:
+    """Run ``dp compare``: live models first (in order), then reports. Returns the comparison on rank 0.
+
+    With reports and no explicit sampling options, live models sample with the first report's settings.
+    """
+    from dpcli.loading import load_model
+
+    status = status or (lambda text: None)
+    if len(settings.models) + len(settings.reports) < 2:
+        raise BadInput("dp compare needs at least two models (MODEL arguments and/or --report files)")
+    if settings.num_samples < 1:
+        raise BadInput(f"--num-samples must be at least 1, got {settings.num_samples}")
+    if settings.latency is not None:
+        settings.latency.validate()
+    read = [read_eval_report(path) for path in settings.reports]
+    sampling = settings.sampling
+    if read and not explicit_sampling:
+        sampling = sampling_from_report(read[0][0], sampling)
+    sampling.validate()
+
+    entries: list[Entry] = []
+    first_loaded = None
+    for spec in settings.models:
+        status(f"Loading {spec}")
+        loaded = load_model(spec, scheduler=settings.scheduler)
+        if first_loaded is None:
+            first_loaded = loaded
+        else:
+            check_same_noise(first_loaded, loaded, what="model")
+        summary = model_summary(loaded)
+        sampler, samples = sample_model(loaded, sampling, settings.num_samples, settings.device, progress)
+        if not is_main_process():
+            continue
+        latency = measure_latency(sampler, settings.latency, progress) if settings.latency else None
+        summary["image_shape"] = list(samples.images.shape[1:])
+        entries.append(Entry(summary, samples.describe(), latency, samples.images))
+        loaded.model.to("cpu")
+    if not is_main_process():
+        return None
+    for report, images, file in read:
+        summary = {k: report.get(k) for k in ("model", "adapter", "params", "macs", "blocks", "image_shape")}
+        entries.append(
+            Entry(
+                summary,
+                report.get("sampling") or {},
+                report.get("latency"),
+                images,
+                str(file),
+                report.get("fid"),
+            )
+        )
+    return compare_entries(entries, settings.num_samples)
+
+
+def _same_noise(a: Entry, b: Entry) -> bool:
+    keys = ("sampler", "seed", "timesteps")
+    return all(a.sampling.get(k) == b.sampling.get(k) for k in keys) and a.summary.get(
+        "image_shape"
+    ) == b.summary.get("image_shape")
+
+
+def _ratio(numerator, denominator) -> float | None:
+    if numerator is None or denominator in (None, 0):
+        return None
+    return numerator / denominator
+
+
+def compare_entries(entries: list[Entry], num_samples: int) -> dict:
+    """Side-by-side numbers relative to the first entry, and the grid rows (same indices per column)."""
+    first = entries[0]
+    rows = []
+    models = []
+    for position, entry in enumerate(entries):
+        latency = entry.latency or {}
+        base = first.latency or {}
+        speedup_1 = _ratio(base.get("batch_1_ms"), latency.get("batch_1_ms"))
+        same_batch = base.get("batch") == latency.get("batch")
+        speedup_batch = _ratio(base.get("batch_ms"), latency.get("batch_ms")) if same_batch else None
+        macs_ratio = _ratio(first.summary.get("macs"), entry.summary.get("macs"))
+        row = {
+            **entry.summary,
+            "from_report": entry.report_path,
+            "baseline": position == 0,
+            "latency": entry.latency,
+            "images_per_second": entry.sampling.get("images_per_second"),
+            "macs_fraction": _ratio(entry.summary.get("macs"), first.summary.get("macs")),
+            "macs_ratio": macs_ratio,
+            "speedup_batch_1": speedup_1,
+            "speedup_batch": speedup_batch,
+            "speedup_per_macs_ratio_batch_1": _ratio(speedup_1, macs_ratio),
+            "speedup_per_macs_ratio_batch": _ratio(speedup_batch, macs_ratio),
+            "ssim": None,
+            "psnr": None,
+            "consistency_note": None,
+            "fid": entry.fid,
+        }
+        if position > 0:
+            if first.images is None or entry.images is None:
+                row["consistency_note"] = "no samples to pair (report without samples.safetensors)"
+            elif not _same_noise(first, entry):
+                row["consistency_note"] = (
+                    "sampled with other settings (seed, sampler or timesteps) than the first"
+                )
+            else:
+                count = min(len(first.images), len(entry.images), num_samples)
+                metrics = ssim_psnr(entry.images[:count], first.images[:count])
+                row["ssim"], row["psnr"] = metrics["ssim"], metrics["psnr"]
+        models.append(row)
+        if entry.images is not None:
+            rows.append(entry.images[:num_samples])
+        else:
+            rows.append(torch.zeros((0, 1, 1, 1), dtype=torch.uint8))
+    return {
+        "format": "dpcli-compare",
+        "dpcli_version": __version__,
+        "baseline": first.summary.get("model"),
+        "num_samples": num_samples,
+        "sampling": first.sampling,
+        "models": models,
+        "output": None,
+        "grid": None,
+        "grid_rows": rows,
+    }
+
+
+def write_compare_output(result: dict, folder: Path, final: Path | None = None) -> dict:
+    """Write compare.json and grid.png (one row per model) into ``folder`` (an AtomicFolder path)."""
+    from dpcli.plots import save_image_grid
+
+    folder = Path(folder)
+    final = Path(final) if final is not None else folder
+    grid = save_image_grid(result["grid_rows"], folder / GRID_FILE)
+    result["grid"] = {**grid, "path": str(final / GRID_FILE)}
+    result["output"] = str(final)
+    (folder / "compare.json").write_text(json.dumps(json_report(result), indent=2, allow_nan=False))
+    return result

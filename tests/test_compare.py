@@ -1,0 +1,121 @@
+"""`dp compare`: models side by side from the same noise, a grid with one row per model, earlier reports."""
+
+import pytest
+from conftest import TINY_CONFIG, make_unet
+from PIL import Image
+
+FAST = ["--steps", "2", "--num-samples", "3", "--no-latency"]
+MODEL_KEYS = {
+    "model",
+    "adapter",
+    "params",
+    "macs",
+    "blocks",
+    "image_shape",
+    "from_report",
+    "baseline",
+    "latency",
+    "images_per_second",
+    "macs_fraction",
+    "macs_ratio",
+    "speedup_batch_1",
+    "speedup_batch",
+    "speedup_per_macs_ratio_batch_1",
+    "speedup_per_macs_ratio_batch",
+    "ssim",
+    "psnr",
+    "consistency_note",
+    "fid",
+}
+
+
+@pytest.fixture
+def pruned_folder(dp, tmp_path, tiny_unet_folder):
+    out = tmp_path / "pruned"
+    assert (
+        dp("prune", tiny_unet_folder, "--criterion", "magnitude", "--ratio", "0.5", "-o", out).exit_code == 0
+    )
+    return out
+
+
+def test_three_models_side_by_side_with_one_grid_row_each(dp, tmp_path, tiny_unet_folder, pruned_folder):
+    out = tmp_path / "cmp"
+    result = dp("compare", tiny_unet_folder, pruned_folder, tiny_unet_folder, *FAST, "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = result.json
+    assert set(report) == {
+        "format",
+        "dpcli_version",
+        "baseline",
+        "num_samples",
+        "sampling",
+        "models",
+        "output",
+        "grid",
+    }
+    original, pruned, again = report["models"]
+    assert all(set(model) == MODEL_KEYS for model in report["models"])
+    assert original["baseline"] and original["ssim"] is None
+    assert again["ssim"] == pytest.approx(1.0) and again["macs_ratio"] == pytest.approx(1.0)
+    assert pruned["ssim"] < 0.999 and pruned["macs_fraction"] < 1 < pruned["macs_ratio"]
+    assert pruned["macs_ratio"] == pytest.approx(original["macs"] / pruned["macs"])
+    grid = report["grid"]
+    assert grid["rows"] == 3 and grid["columns"] == 3
+    cell_height, cell_width = grid["cell"]
+    with Image.open(out / "grid.png") as image:
+        assert image.height == 3 * (cell_height + grid["pad"]) + grid["pad"]
+        assert image.width == 3 * (cell_width + grid["pad"]) + grid["pad"]
+    assert (out / "compare.json").is_file()
+
+
+def test_table_shows_speedup_and_block_widths(dp, tiny_unet_folder, pruned_folder):
+    result = dp(
+        "compare", tiny_unet_folder, pruned_folder, "--steps", "2", "--num-samples", "2",
+        "--latency-batch", "2", "--repeats", "1",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    for text in (
+        "speedup, batch 1",
+        "speedup / MACs ratio",
+        "ms/step, batch 2",
+        "SSIM to 1st",
+        "width conv_in",
+    ):
+        assert text in result.stdout, text
+    assert "/32" in result.stdout  # pruned widths are shown as kept/original
+
+
+def test_earlier_eval_reports_are_reused(dp, tmp_path, tiny_unet_folder, pruned_folder):
+    common = ["--steps", "2", "--num-samples", "3", "--seed", "4", "--no-latency"]
+    assert dp("eval", tiny_unet_folder, *common, "-o", tmp_path / "a").exit_code == 0
+    assert dp("eval", pruned_folder, *common, "-o", tmp_path / "b").exit_code == 0
+    from_reports = dp(
+        "compare", "--report", tmp_path / "a", "--report", tmp_path / "b" / "report.json", "--json"
+    )
+    assert from_reports.exit_code == 0, from_reports.stderr
+    assert "Sampling" not in from_reports.stderr
+    direct = dp("compare", tiny_unet_folder, pruned_folder, *common, "--json")
+    assert direct.exit_code == 0, direct.stderr
+    assert from_reports.json["models"][1]["from_report"].endswith("report.json")
+    assert from_reports.json["models"][1]["ssim"] == pytest.approx(direct.json["models"][1]["ssim"])
+    # A live model samples with the report's settings, so it pairs with the report's images.
+    mixed = dp("compare", tiny_unet_folder, "--report", tmp_path / "a", "--no-latency", "--json")
+    assert mixed.exit_code == 0, mixed.stderr
+    assert mixed.json["sampling"]["seed"] == 4 and mixed.json["models"][1]["ssim"] == pytest.approx(1.0)
+
+
+def test_bad_input_exits_2(dp, tmp_path, tiny_unet_folder):
+    gray = tmp_path / "gray"
+    make_unet({**TINY_CONFIG, "in_channels": 1, "out_channels": 1}).save_pretrained(gray)
+    (tmp_path / "not-a-report.json").write_text("{}")
+    cases = [
+        ([tiny_unet_folder], "at least two models"),
+        ([tiny_unet_folder, gray], "different sample size or channel count"),
+        ([tiny_unet_folder, "--report", tmp_path / "missing"], "no dp eval report"),
+        ([tiny_unet_folder, "--report", tmp_path / "not-a-report.json"], "is not a dp eval report"),
+    ]
+    for args, message in cases:
+        result = dp("compare", *args, *FAST, "-o", tmp_path / "out")
+        assert result.exit_code == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+    assert not (tmp_path / "out").exists()
