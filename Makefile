@@ -22,8 +22,6 @@ $(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 
 install: $(STAMP)
 
-# A quick DDIM sample grid (dp eval will do this properly): $(PREVIEW) MODEL OUT.png
-PREVIEW = $(PY) -c "import sys; from dpcli.loading import load_model; from dpcli.training import preview_samples, save_image_grid; save_image_grid(preview_samples(load_model(sys.argv[1]), 64), sys.argv[2])"
 
 # The main job on the built-in model, end to end: inspect -> prune with diff-taylor to ~half the MACs
 # -> short fine-tune. Tables go to the terminal, PNGs and models into $(DEMO_OUT)/ (rerunnable: --force).
@@ -34,13 +32,15 @@ demo: $(STAMP)
 		-o $(DEMO_OUT)/scores.safetensors --plot $(DEMO_OUT)/timestep-scan.png
 	$(DP) prune builtin:ddpm-digits --scores $(DEMO_OUT)/scores.safetensors --target-macs 0.56 \
 		--yes --force -o $(DEMO_OUT)/pruned
-	$(PREVIEW) builtin:ddpm-digits $(DEMO_OUT)/samples-original.png
-	$(PREVIEW) $(DEMO_OUT)/pruned $(DEMO_OUT)/samples-pruned.png
 	$(DP) finetune $(DEMO_OUT)/pruned --data builtin:digits --steps 300 --batch-size 64 --lr 2e-4 \
 		--warmup 30 --ema-decay 0.99 --preview 64 --force -o $(DEMO_OUT)/finetuned
 	cp $(DEMO_OUT)/finetuned/loss.png $(DEMO_OUT)/finetune-loss.png
-	cp $(DEMO_OUT)/finetuned/samples.png $(DEMO_OUT)/samples-finetuned.png
-	@echo "PNGs in $(DEMO_OUT)/: timestep-scan, samples-original, samples-pruned, samples-finetuned, finetune-loss"
+	$(DP) eval builtin:ddpm-digits --data builtin:digits --num-samples 256 --steps 50 --force -o $(DEMO_OUT)/eval-original
+	$(DP) eval $(DEMO_OUT)/finetuned --reference builtin:ddpm-digits --data builtin:digits --num-samples 256 \
+		--steps 50 --force -o $(DEMO_OUT)/eval-finetuned
+	$(DP) compare builtin:ddpm-digits $(DEMO_OUT)/pruned $(DEMO_OUT)/finetuned --num-samples 8 --steps 50 \
+		--force -o $(DEMO_OUT)/compare
+	@echo "PNGs in $(DEMO_OUT)/: timestep-scan.png, finetune-loss.png, eval-*/ (sample grids, reports), compare/ (one row per model)"
 
 test: $(STAMP)
 	$(PY) -m ruff check dpcli tests plugins
