@@ -747,3 +747,5 @@ def test_unsupported_latent_models_are_clear_bad_input(dp, tmp_path):
     )
     result = dp("inspect", inpainting)
     assert result.exit_code == 2 and "two text encoders" in result.stderr
+    forced = dp("inspect", inpainting / "unet" / "diffusion_pytorch_model.safetensors", "--adapter", "ldm")
+    assert forced.exit_code == 2 and "not a CompVis latent-diffusion checkpoint" in forced.stderr

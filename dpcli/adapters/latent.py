@@ -81,6 +81,8 @@ def load_latent(source: ModelSource, adapter_name: str, config_path: Path | None
     scheduler = None
     scheduler_origin = ""
     hub = " (Hub cache)" if source.kind == "hub" else ""
+    if source.path is None:
+        raise BadInput(f"the ldm adapter has no built-in models ({source.spec})")
     if source.kind in ("folder", "hub") and (source.path / "dpcli.json").is_file():
         return load_saved_latent(source, adapter_name)
     if source.kind in ("folder", "hub") and (source.path / "model_index.json").is_file():
@@ -408,6 +410,10 @@ def _load_compvis(source: ModelSource, config_path: Path | None, notes: list[str
     from dpcli.adapters import compvis
 
     state_dict = source.state_dict()
+    if not compvis.is_compvis_state_dict(state_dict):
+        raise BadInput(
+            f"{source.path} is not a CompVis latent-diffusion checkpoint (no {compvis.UNET_PREFIX}* weights)"
+        )
     yaml_path = compvis.find_original_config(source.path, config_path)
     original = compvis.read_original_config(yaml_path)
     notes.append(f"architecture from {yaml_path}")
