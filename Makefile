@@ -5,12 +5,15 @@ PY := $(VENV)/bin/python
 DP := $(VENV)/bin/dp
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-output
+# Example third-party plugins: installed into the venv like any plugin, and tested by `make test`.
+PLUGINS := plugins/dpcli-obd plugins/dpcli-dit
 
 .PHONY: install demo test lint format completions bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --progress-bar off -e '.[dev]'
+	$(PY) -m pip install --quiet --progress-bar off --no-deps $(addprefix -e ,$(PLUGINS))
 	@# A CPU-only torch that cannot load torchvision breaks diffusers and timm: fail loudly here.
 	@$(PY) -c "import torch, torchvision, torchvision.ops, timm, diffusers, fvcore, torch_pruning" || \
 		{ echo "torch and torchvision do not import together; see README (Troubleshooting)"; exit 1; }
@@ -19,21 +22,37 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+
+# The main job on the built-in model, end to end: inspect -> prune with diff-taylor to ~half the MACs
+# -> short fine-tune. Tables go to the terminal, PNGs and models into $(DEMO_OUT)/ (rerunnable: --force).
 demo: $(STAMP)
-	$(DP) inspect config:ddpm-digits
-	$(DP) inspect config:ddpm-cifar10-32 --depth 2
+	mkdir -p $(DEMO_OUT)
+	$(DP) inspect builtin:ddpm-digits --depth 1
+	$(DP) score builtin:ddpm-digits --criterion diff-taylor --data builtin:digits \
+		-o $(DEMO_OUT)/scores.safetensors --plot $(DEMO_OUT)/timestep-scan.png
+	$(DP) prune builtin:ddpm-digits --scores $(DEMO_OUT)/scores.safetensors --target-macs 0.56 \
+		--yes --force -o $(DEMO_OUT)/pruned
+	$(DP) finetune $(DEMO_OUT)/pruned --data builtin:digits --steps 300 --batch-size 64 --lr 2e-4 \
+		--warmup 30 --ema-decay 0.99 --preview 64 --force -o $(DEMO_OUT)/finetuned
+	cp $(DEMO_OUT)/finetuned/loss.png $(DEMO_OUT)/finetune-loss.png
+	$(DP) eval builtin:ddpm-digits --data builtin:digits --num-samples 256 --steps 50 --force -o $(DEMO_OUT)/eval-original
+	$(DP) eval $(DEMO_OUT)/finetuned --reference builtin:ddpm-digits --data builtin:digits --num-samples 256 \
+		--steps 50 --force -o $(DEMO_OUT)/eval-finetuned
+	$(DP) compare builtin:ddpm-digits $(DEMO_OUT)/pruned $(DEMO_OUT)/finetuned --num-samples 8 --steps 50 \
+		--force -o $(DEMO_OUT)/compare
+	@echo "PNGs in $(DEMO_OUT)/: timestep-scan.png, finetune-loss.png, eval-*/ (sample grids, reports), compare/ (one row per model)"
 
 test: $(STAMP)
-	$(PY) -m ruff check dpcli tests
-	$(PY) -m pytest
+	$(PY) -m ruff check dpcli tests plugins
+	$(PY) -m pytest tests $(addsuffix /tests,$(PLUGINS))
 
 lint: $(STAMP)
-	$(PY) -m ruff check dpcli tests
-	$(PY) -m ruff format --check dpcli tests
+	$(PY) -m ruff check dpcli tests plugins
+	$(PY) -m ruff format --check dpcli tests plugins
 
 format: $(STAMP)
-	$(PY) -m ruff format dpcli tests
-	$(PY) -m ruff check --fix dpcli tests
+	$(PY) -m ruff format dpcli tests plugins
+	$(PY) -m ruff check --fix dpcli tests plugins
 
 completions: $(STAMP)
 	_DP_COMPLETE=source_bash $(DP) > completions/dp.bash
@@ -42,6 +61,7 @@ completions: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/startup.py
+	$(PY) benchmarks/finetune.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -19,6 +19,16 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def image_files(spec: str) -> tuple[list[Path], Path] | None:
+    """The image files ``load_images(spec)`` reads, in its order, and the data root; None for built-ins."""
+    if spec.startswith("builtin:"):
+        return None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return list_images(path), path
+    return [path], path.parent
+
+
 def builtin_digits() -> tuple[np.ndarray, np.ndarray]:
     """The UCI ML hand-written digits (1797 images, 8x8, values 0..16) and their labels (0..9).
 

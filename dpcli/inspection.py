@@ -25,6 +25,8 @@ def layer_channels(module: torch.nn.Module) -> dict:
     if isinstance(module, torch.nn.LayerNorm):
         width = module.normalized_shape[-1]
         return {"in_channels": width, "out_channels": width}
+    if isinstance(module, torch.nn.Embedding):
+        return {"in_channels": module.num_embeddings, "out_channels": module.embedding_dim}
     if hasattr(module, "heads") and hasattr(module, "to_q"):
         return {"heads": int(module.heads)}
     return {}

@@ -40,6 +40,41 @@ def plot_losses(scan, path: Path, title: str = "") -> Path:
     return path
 
 
+def plot_training(losses: list[float], lrs: list[float], path: Path, title: str = "") -> Path:
+    """Training loss per step (raw and smoothed, log scale) with the learning rate on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
+    steps = list(range(1, len(losses) + 1))
+    smoothed, average = [], 0.0
+    for count, loss in enumerate(losses, 1):
+        average = 0.98 * average + 0.02 * loss
+        smoothed.append(average / (1 - 0.98**count))  # bias-corrected, as in the progress display
+    axis.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
+    axis.plot(steps, smoothed, color="tab:blue", linewidth=1.8, label="loss (smoothed)")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("training loss")
+    if losses and min(losses) > 0:
+        axis.set_yscale("log")
+    lr_axis = axis.twinx()
+    lr_axis.plot(steps, lrs, color="tab:orange", linewidth=1.2, label="learning rate")
+    lr_axis.set_ylabel("learning rate")
+    lr_axis.set_ylim(bottom=0)
+    handles = axis.get_legend_handles_labels()
+    lr_handles = lr_axis.get_legend_handles_labels()
+    axis.legend(handles[0] + lr_handles[0], handles[1] + lr_handles[1], loc="upper right")
+    axis.set_title(title or "dp finetune")
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temporary)
+    plt.close(figure)
+    temporary.replace(path)
+    return path
 def save_image_grid(rows, path: Path, pad: int = 2, min_cell: int = 64) -> dict:
     """A PNG grid: one row per entry of ``rows`` (uint8 tensors [n, C, H, W]), image j of every row in
     column j. Small images are enlarged (nearest neighbour) to at least ``min_cell`` pixels; rows with

@@ -98,25 +98,35 @@ class Registry:
         name = getattr(obj, "name", None)
         if not isinstance(name, str) or not _NAME_PATTERN.match(name):
             raise ValueError(f"{kind} {obj!r} has no valid name (lower-case letters, digits, '-' or '_')")
-        registration = Registration(kind, name, obj, plugin)
-        holder = self.usable(kind).get(name)
-        if holder is not None:
-            who = f"'{plugin.package}' and '{holder.plugin.package}'"
-            if holder.plugin.builtin:
-                registration.status = "rejected"
-                registration.error = (
-                    f"{kind} '{name}' from package '{plugin.package}' collides with the built-in one "
-                    f"from '{holder.plugin.package}'; the built-in is kept"
-                )
-            else:
-                # Between two third-party packages neither wins silently: the name becomes unusable
-                # until the user uninstalls or disables one of them.
+        self.registrations.append(Registration(kind, name, obj, plugin))
+
+    def _resolve_collisions(self) -> None:
+        """Decide every name claimed more than once, after all hooks ran (so a plugin that failed half-way
+        and had its registrations withdrawn leaves no trace). Built-ins load first and keep their names."""
+        claims: dict[tuple[str, str], list[Registration]] = {}
+        for registration in self.registrations:
+            registration.status, registration.error = "ok", None
+            claims.setdefault((registration.kind, registration.name), []).append(registration)
+        for (kind, name), claimants in claims.items():
+            builtin = next((r for r in claimants if r.plugin.builtin), None)
+            if builtin is not None:
+                for other in claimants:
+                    if other is not builtin:
+                        other.status = "rejected"
+                        other.error = (
+                            f"{kind} '{name}' from package '{other.plugin.package}' collides with the "
+                            f"built-in one from '{builtin.plugin.package}'; the built-in is kept"
+                        )
+            elif len(claimants) > 1:
+                # Between third-party packages neither wins silently: the name becomes unusable until
+                # the user uninstalls or disables all but one of them.
+                packages = [f"'{r.plugin.package}'" for r in claimants]
+                who = f"both {packages[0]} and {packages[1]}" if len(packages) == 2 else ", ".join(packages)
                 message = (
-                    f"{kind} '{name}' is registered by both {who}; uninstall one or select with DPCLI_PLUGINS"
+                    f"{kind} '{name}' is registered by {who}; uninstall one or select with DPCLI_PLUGINS"
                 )
-                holder.status = registration.status = "conflict"
-                holder.error = registration.error = message
-        self.registrations.append(registration)
+                for claimant in claimants:
+                    claimant.status, claimant.error = "conflict", message
 
 
 def _third_party_selection() -> tuple[bool, set[str] | None]:
@@ -174,7 +184,7 @@ def load_registry(
             continue
         try:
             loaded.append((info, ep.load()))
-        except Exception as exc:  # a broken plugin must not break dp
+        except (Exception, SystemExit) as exc:  # a broken plugin must not break dp
             info.status, info.error = "failed", f"import failed: {_describe_error(exc)}"
 
     for name, obj in extra_plugins or []:
@@ -190,6 +200,14 @@ def load_registry(
         except Exception as exc:
             info.status, info.error = "failed", f"invalid plugin: {_describe_error(exc)}"
             continue
+        unknown = sorted(c.name for c in manager.get_hookcallers(plugin) or [] if not c.has_spec())
+        if unknown:  # a misspelled hook would otherwise do nothing, silently
+            info.status = "failed"
+            info.error = (
+                f"invalid plugin: unknown hook {', '.join(unknown)} (known: {', '.join(KINDS.values())})"
+            )
+            manager.unregister(plugin)
+            continue
         for kind, hook_name in KINDS.items():
             if info.status != "ok":
                 break
@@ -198,10 +216,11 @@ def load_registry(
                 continue
             try:
                 impl(register=lambda obj, kind=kind, info=info: registry._register(kind, obj, info))
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 info.status, info.error = "failed", f"{hook_name} raised {_describe_error(exc)}"
                 # What a half-run hook managed to register is withdrawn with it.
                 registry.registrations = [r for r in registry.registrations if r.plugin is not info]
+    registry._resolve_collisions()
     return registry
 
 

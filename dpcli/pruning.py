@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -121,6 +122,9 @@ def collect_scores(
         torch.manual_seed(seed)
         for _ in pruner.step(interactive=True):
             pass  # importance is computed for every group before the first one is yielded
+    recorder.pruner = None
+    del pruner
+    gc.collect()  # free the dependency graph (reference cycles) before the caller goes on
     if not recorder.scores:
         raise BadInput("nothing in this model can be pruned (every layer is ignored or too narrow)")
     return recorder.scores
@@ -177,6 +181,10 @@ def prune_to_target(
             candidate.model = copy.deepcopy(loaded.model)
             prune_in_place(candidate, adapter, scores, r, options)
             params, macs = measure(candidate)
+            # torch-pruning's dependency graph holds reference cycles: without a collection, several
+            # pruned copies of the model stay alive at once (5 x 3.4 GB for a Stable Diffusion UNet).
+            del candidate
+            gc.collect()
             trials[r] = Trial(r, params, macs)
             if on_trial is not None:
                 on_trial(trials[r])

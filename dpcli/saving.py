@@ -58,6 +58,12 @@ def module_shapes(model: torch.nn.Module) -> dict[str, dict]:
         elif isinstance(module, torch.nn.LayerNorm):
             width = int(module.normalized_shape[-1])
             shapes[name] = {"type": "LayerNorm", "in_channels": width, "out_channels": width}
+        elif isinstance(module, torch.nn.Embedding):
+            shapes[name] = {
+                "type": "Embedding",
+                "in_channels": module.num_embeddings,
+                "out_channels": module.embedding_dim,
+            }
         elif hasattr(module, "heads") and hasattr(module, "to_q"):
             shapes[name] = {"type": type(module).__name__, "heads": int(module.heads)}
     return shapes
@@ -108,6 +114,9 @@ def apply_shapes(model: torch.nn.Module, shapes: dict[str, dict]) -> None:
             module.normalized_shape = (*module.normalized_shape[:-1], new_out)
             _resize_parameter(module, "weight", module.normalized_shape)
             _resize_parameter(module, "bias", module.normalized_shape)
+        elif isinstance(module, torch.nn.Embedding):
+            module.num_embeddings, module.embedding_dim = new_in, new_out
+            _resize_parameter(module, "weight", (new_in, new_out))
 
 
 def prepare_output(output: Path, force: bool) -> None:
@@ -193,6 +202,37 @@ def write_model(
     }
     (folder / METADATA_FILE).write_text(json.dumps(info, indent=2, default=str))
     return info
+
+
+def save_model(loaded, folder: Path, metadata: dict, base_config: dict | None = None) -> dict:
+    """Write ``loaded`` (a ``LoadedModel``) into ``folder`` in the dpcli format; what adapters' ``save`` call.
+
+    The base config, original widths and history carry over from a dpcli source (``loaded.pruning``);
+    ``metadata`` may hold ``original_modules`` (widths before pruning), ``history`` entries to append and
+    ``extra_weights`` (more state dicts of the same shapes, saved under ``unet/``); everything else in it is
+    recorded in dpcli.json. ``base_config`` overrides ``loaded.config`` as the config of a first save.
+    Returns the metadata written.
+    """
+    metadata = dict(metadata)
+    previous = loaded.pruning or {}
+    extra_weights = metadata.pop("extra_weights", None)
+    given_original = metadata.pop("original_modules", None)
+    base = previous.get("base") or {"config": base_config or loaded.config, "source": loaded.source}
+    original = previous.get("original_modules") or given_original or module_shapes(loaded.model)
+    merged = {k: v for k, v in previous.items() if k in ("pruning", "sizes")}
+    merged.update(metadata)
+    merged["history"] = list(previous.get("history", [])) + list(metadata.get("history", []))
+    return write_model(
+        folder,
+        loaded.model,
+        loaded.adapter,
+        base["config"],
+        base["source"],
+        original,
+        scheduler=loaded.scheduler,
+        metadata=merged,
+        extra_weights=extra_weights,
+    )
 
 
 def read_metadata(folder: Path) -> dict | None:

@@ -12,6 +12,7 @@ and the accumulated gradient are the same; the work wasted past the cutoff is at
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -39,19 +40,32 @@ class ScanResult:
     stopped_early: bool = field(default=False)
 
 
-def calibration_batch(loaded: LoadedModel, adapter, data: str, calib_size: int, seed: int):
+def calibration_batch(
+    loaded: LoadedModel, adapter, data: str, calib_size: int, seed: int, prompt: str | None = None
+):
     """``calib_size`` images drawn from ``data`` with ``seed``, prepared by the adapter (e.g. encoded to latents).
 
-    Returns ``(x0, conditioning)``; conditioning is None or a dict of batch-first tensors.
+    Returns ``(x0, conditioning)``; conditioning is None or a dict of batch-first tensors. The adapter also
+    gets the chosen images' ``files``, the data ``root`` and ``prompt`` if its prepare_calibration takes them.
     """
-    from dpcli.data import load_images
+    from dpcli.data import image_files, load_images
 
     images = load_images(data, size=adapter.data_size(loaded), channels=adapter.data_channels(loaded))
     if calib_size > len(images):
         raise BadInput(f"--calib-size {calib_size} is larger than the data ({len(images)} images in {data})")
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(images), generator=generator)[:calib_size]
-    return adapter.prepare_calibration(loaded, images[chosen])
+    listing = image_files(data)
+    context = {
+        "files": [listing[0][i] for i in chosen.tolist()] if listing else None,
+        "root": listing[1] if listing else None,
+        "prompt": prompt,
+    }
+    accepted = inspect.signature(adapter.prepare_calibration).parameters
+    if prompt is not None and "prompt" not in accepted:
+        raise BadInput(f"--prompt is not supported by the {loaded.adapter} adapter (its models take no text)")
+    extra = {name: value for name, value in context.items() if name in accepted and value is not None}
+    return adapter.prepare_calibration(loaded, images[chosen], **extra)
 
 
 def calibration_noise(x0: torch.Tensor, seed: int) -> torch.Tensor:
@@ -97,6 +111,7 @@ def accumulate_gradients(
     batch_size: int = 256,
     conditioning: dict | None = None,
     on_progress: Callable[[int, float], None] | None = None,
+    squared: bool = False,
 ) -> ScanResult:
     """Run the scan on ``loaded.model`` in eval mode, leaving the summed gradients in ``.grad``.
 
@@ -106,6 +121,8 @@ def accumulate_gradients(
     :param batch_size: most samples in one forward pass; a larger calibration batch is split (then one
         timestep per pass, each split backpropagated as it goes: still exact).
     :param on_progress: called with (timestep, loss) for every scanned timestep.
+    :param squared: leave Σ_t g_t⊙g_t (per-timestep gradients squared, then summed) in ``.grad`` instead
+        of Σ_t g_t; timesteps are then never packed (one timestep per backward).
     """
     model = loaded.model
     scheduler = loaded.scheduler
@@ -113,12 +130,13 @@ def accumulate_gradients(
     total = min(total, int(scheduler.config.num_train_timesteps))
     images = x0.shape[0]
     micro = min(images, batch_size)
-    chunk = max(1, min(chunk, batch_size // micro)) if images <= batch_size else 1
+    chunk = max(1, min(chunk, batch_size // micro)) if images <= batch_size and not squared else 1
     elements = x0[0].numel() * images  # mse averages over every element of the calibration batch
     device = next(model.parameters()).device
 
     model.eval()
     model.zero_grad(set_to_none=True)
+    squares: dict[torch.nn.Parameter, torch.Tensor] | None = {} if squared else None
     losses: list[float] = []
     loss_max = 0.0
     cutoff = -1
@@ -149,6 +167,8 @@ def accumulate_gradients(
             chunk_losses += values
             forward_passes += 1
             samples += len(steps) * batch
+        if squares is not None:
+            _add_squared_gradients(model, squares)
         for step, loss in zip(steps, chunk_losses.tolist(), strict=False):
             if not math.isfinite(loss):
                 raise DpError(f"the loss at timestep {step} is {loss}: the model or data produce NaN/inf")
@@ -161,6 +181,9 @@ def accumulate_gradients(
                 stopped = True
                 break
         start_t += len(steps)
+    if squares is not None:
+        for parameter in model.parameters():
+            parameter.grad = squares.get(parameter)
     _check_gradients(model)
     return ScanResult(
         cutoff=cutoff,
@@ -180,3 +203,14 @@ def _check_gradients(model: torch.nn.Module) -> None:
     for name, parameter in model.named_parameters():
         if parameter.grad is not None and not torch.isfinite(parameter.grad).all():
             raise DpError(f"gradient of {name} contains NaN/inf: scores would be garbage")
+
+
+def _add_squared_gradients(model: torch.nn.Module, squares: dict) -> None:
+    """Add this timestep's squared gradients to ``squares`` and clear ``.grad`` for the next timestep."""
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            if parameter in squares:
+                squares[parameter] += parameter.grad.detach().pow(2)
+            else:
+                squares[parameter] = parameter.grad.detach().pow(2)
+            parameter.grad = None

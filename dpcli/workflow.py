@@ -33,6 +33,7 @@ class ScoreSettings:
     timesteps: int | None = None
     seed: int = 0
     options: PruneOptions = field(default_factory=PruneOptions)
+    prompt: str | None = None
 
 
 @dataclass
@@ -83,7 +84,7 @@ def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=Non
                 f"criterion '{criterion.name}' needs calibration data: pass --data FOLDER or builtin:digits"
             )
         x0, conditioning = calibration_batch(
-            loaded, adapter, settings.data, settings.calib_size, settings.seed
+            loaded, adapter, settings.data, settings.calib_size, settings.seed, prompt=settings.prompt
         )
         noise = calibration_noise(x0, settings.seed)
         chunk = settings.chunk or default_chunk(x0.shape[0], settings.batch_size)
@@ -98,6 +99,7 @@ def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=Non
             batch_size=settings.batch_size,
             conditioning=conditioning,
             on_progress=on_progress,
+            squared=bool(getattr(criterion, "squared_gradients", False)),
         )
     tensors = collect_scores(loaded, adapter, criterion, threshold, settings.seed, settings.options)
     loaded.model.zero_grad(set_to_none=True)
@@ -112,6 +114,7 @@ def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=Non
         "ignore": settings.options.ignore,
         "round_to": settings.options.round_to,
         "head_ratio": settings.options.head_ratio,
+        "prompt": settings.prompt if criterion.needs_data else None,
     }
     return Scores(
         criterion.name, tensors, scan, recorded, model_signature(loaded.model), time.perf_counter() - started

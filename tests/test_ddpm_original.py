@@ -8,26 +8,13 @@ import torch.nn.functional as F
 from diffusers import UNet2DModel
 
 from dpcli.adapters.ddpm_original import (
+    DDPM_CONSTANTS,
     diffusers_to_original,
     infer_original_config,
     is_original_ddpm_state_dict,
     original_to_diffusers,
 )
 from dpcli.errors import BadInput
-
-DDPM_CONSTANTS = {
-    "act_fn": "silu",
-    "attention_head_dim": None,
-    "center_input_sample": False,
-    "downsample_padding": 0,
-    "flip_sin_to_cos": False,
-    "freq_shift": 1,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-6,
-    "time_embedding_type": "positional",
-    "add_attention": True,
-    "resnet_time_scale_shift": "default",
-}
 
 # google/ddpm-cifar10-32, the diffusers port of DDPM's CIFAR-10 model.
 CIFAR10_CONFIG = {

@@ -175,6 +175,8 @@ def test_scheduler_override(dp, tmp_path, tiny_unet_folder):
 
     DDIMScheduler(num_train_timesteps=250).save_config(tmp_path / "sched")
     report = dp("inspect", tiny_unet_folder, "--scheduler", tmp_path / "sched", "--json").json
-    assert report["scheduler"].startswith("DDIMScheduler from --scheduler") and report["scheduler"].endswith("250 training steps")
+    assert report["scheduler"].startswith("DDIMScheduler from --scheduler") and report["scheduler"].endswith(
+        "250 training steps"
+    )
     missing = dp("inspect", tiny_unet_folder, "--scheduler", tmp_path / "nothing")
     assert missing.exit_code == 2 and "scheduler not found" in missing.stderr

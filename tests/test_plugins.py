@@ -125,3 +125,49 @@ def test_unknown_name_suggests_close_match():
     registry = plugins.load_registry(third_party=False)
     with pytest.raises(BadInput, match="did you mean 'ddpm'"):
         registry.adapter("dpm")
+
+
+class MisspelledPlugin:
+    @staticmethod
+    @hookimpl
+    def dpcli_register_criterias(register):
+        raise AssertionError("never called")
+
+
+def test_misspelled_hook_is_reported_instead_of_ignored():
+    registry = plugins.load_registry(extra_plugins=[("typo", MisspelledPlugin())])
+    typo = next(p for p in registry.plugins if p.name == "typo")
+    assert typo.status == "failed" and "unknown hook dpcli_register_criterias" in typo.error
+
+
+def test_plugin_calling_sys_exit_on_import_is_isolated(monkeypatch):
+    def exiting_load():
+        raise SystemExit(3)
+
+    fake = SimpleNamespace(
+        name="exits",
+        value="exits.plugin",
+        dist=SimpleNamespace(name="exits-pkg", version="1"),
+        load=exiting_load,
+    )
+    original = plugins._entry_points
+    monkeypatch.setattr(plugins, "_entry_points", lambda: [*original(), fake])
+    registry = plugins.load_registry()
+    assert next(p for p in registry.plugins if p.name == "exits").status == "failed"
+    assert "ddpm" in registry.adapters
+
+
+def test_withdrawn_registrations_leave_no_false_conflict():
+    registry = plugins.load_registry(
+        extra_plugins=[("good", plugin_registering("shared")), ("raiser", RaisingSharedPlugin())]
+    )
+    assert "shared" in registry.adapters
+    assert next(p for p in registry.plugins if p.name == "raiser").status == "failed"
+
+
+class RaisingSharedPlugin:
+    @staticmethod
+    @hookimpl
+    def dpcli_register_adapters(register):
+        register(ToyAdapter("shared"))
+        raise RuntimeError("boom after claiming 'shared'")

@@ -199,35 +199,23 @@ def test_bad_input_exits_2_and_writes_nothing(dp, tmp_path, tiny_unet_folder, ar
 def test_bad_data_is_named(dp, tmp_path, tiny_unet_folder):
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = dp(
-        "prune",
-        tiny_unet_folder,
-        "--criterion",
-        "diff-taylor",
-        "--ratio",
-        "0.3",
-        "--data",
-        empty,
-        "-o",
-        tmp_path / "out",
-    )
-    assert result.exit_code == 2 and "no images" in result.stderr
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "bad.jpg").write_bytes(b"nope")
-    result = dp(
-        "prune",
-        tiny_unet_folder,
-        "--criterion",
-        "diff-taylor",
-        "--ratio",
-        "0.3",
-        "--data",
-        broken,
-        "-o",
-        tmp_path / "out",
-    )
-    assert result.exit_code == 2 and "bad.jpg" in result.stderr
+    for data, message in ((empty, "no images"), (broken, "bad.jpg")):
+        result = dp(
+            "prune",
+            tiny_unet_folder,
+            "--criterion",
+            "diff-taylor",
+            "--ratio",
+            "0.3",
+            "--data",
+            data,
+            "-o",
+            tmp_path / "out",
+        )
+        assert result.exit_code == 2 and message in result.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -66,6 +66,8 @@ class LoadedModel:
     components: dict[str, Any] = field(default_factory=dict)
     pruning: dict | None = None
     notes: list[str] = field(default_factory=list)
+    # Adapter-specific facts the hooks need (the ldm adapter: latent scaling factor, conditioning kind).
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class ModelAdapter:
@@ -117,7 +119,10 @@ class ModelAdapter:
         return loaded.in_channels
 
     def prepare_calibration(self, loaded: LoadedModel, images):
-        """Turn images in [-1, 1] into ``(x0, conditioning)`` for the denoiser (latent models encode here)."""
+        """Turn images in [-1, 1] into ``(x0, conditioning)`` for the denoiser (latent models encode here).
+
+        Adapters may accept more keyword arguments, passed only when they do: ``files`` (the image paths,
+        None for built-in data), ``root`` (the data folder) and ``prompt`` (``--prompt``)."""
         parameter = next(loaded.model.parameters())
         return images.to(parameter.device, parameter.dtype), None
 

@@ -30,7 +30,7 @@ _DATA_PARALLEL_PREFIX = "module."
 _ORIGINAL_MARKER_KEYS = {"temb.dense.0.weight", "down.0.block.0.conv1.weight"}
 
 # The values diffusers' google/ddpm-* configs use; the original model hard-codes all of them.
-_DDPM_CONSTANTS = {
+DDPM_CONSTANTS = {
     "act_fn": "silu",
     "attention_head_dim": None,
     "center_input_sample": False,
@@ -152,7 +152,7 @@ def infer_original_config(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict,
             for level in reversed(range(num_levels))
         ],
         "norm_num_groups": _ASSUMED_NORM_NUM_GROUPS,
-        **_DDPM_CONSTANTS,
+        **DDPM_CONSTANTS,
     }
     return config, notes
 

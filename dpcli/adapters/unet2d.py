@@ -21,6 +21,17 @@ def builtin_config_names() -> list[str]:
     return sorted(p.stem for p in CONFIGS.glob("*.json"))
 
 
+def builtin_model_names() -> list[str]:
+    """Trained models shipped in the package (dpcli format folders under resources/)."""
+    return sorted(p.parent.name for p in RESOURCES.glob("*/dpcli.json"))
+
+
+def _builtin_name(source: ModelSource) -> tuple[str, str]:
+    """('builtin' or 'config', NAME) of a ``builtin:NAME`` / ``config:NAME`` source."""
+    prefix, name = source.spec.split(":", 1)
+    return prefix, name
+
+
 def build_unet(config: dict, seed: int | None = 0):
     """A UNet2DModel from a diffusers config dict (random weights, seeded for reproducibility)."""
     from diffusers import UNet2DModel
@@ -131,8 +142,9 @@ def unet_class_of(folder: Path) -> str | None:
 def detect_unet2d(source: ModelSource) -> float:
     """How likely ``source`` is a plain (pixel-space) UNet2DModel DDPM."""
     if source.kind == "builtin":
-        name = source.spec.split(":", 1)[1]
-        return 1.0 if name in builtin_config_names() else 0.0
+        prefix, name = _builtin_name(source)
+        names = builtin_model_names() if prefix == "builtin" else builtin_config_names()
+        return 1.0 if name in names else 0.0
     if source.path is None:
         return 0.0
     if source.kind in ("folder", "hub"):
@@ -167,8 +179,13 @@ def load_unet2d(source: ModelSource, adapter_name: str, config_path: Path | None
     scheduler_origin = DEFAULT_SCHEDULER_NOTE
     source_kind = source.kind
 
+    if source.kind == "builtin" and _builtin_name(source)[0] == "builtin":
+        folder = RESOURCES / _builtin_name(source)[1]
+        loaded = load_saved_unet2d(ModelSource(spec=source.spec, kind="builtin", path=folder), adapter_name)
+        loaded.source_kind = "built-in trained model"
+        return loaded
     if source.kind == "builtin":
-        name = source.spec.split(":", 1)[1]
+        name = _builtin_name(source)[1]
         config = read_config_file(CONFIGS / f"{name}.json")
         model = build_unet(config)
         source_kind = "built-in config, random weights"
@@ -313,31 +330,10 @@ def load_saved_unet2d(source: ModelSource, adapter_name: str) -> LoadedModel:
 
 
 def save_unet2d(loaded: LoadedModel, folder: Path, metadata: dict) -> dict:
-    """Write ``loaded`` in the dpcli format. The base config, original widths and history carry over
-    from a dpcli source; ``metadata`` may hold ``original_modules`` (widths before pruning), ``history``
-    entries to append and ``extra_weights`` (more state dicts of the same shapes)."""
-    from dpcli.saving import module_shapes, write_model
+    """Write ``loaded`` in the dpcli format (see ``dpcli.saving.save_model``)."""
+    from dpcli.saving import save_model
 
-    metadata = dict(metadata)
-    previous = loaded.pruning or {}
-    extra_weights = metadata.pop("extra_weights", None)
-    given_original = metadata.pop("original_modules", None)
-    base = previous.get("base") or {"config": loaded.config, "source": loaded.source}
-    original = previous.get("original_modules") or given_original or module_shapes(loaded.model)
-    merged = {k: v for k, v in previous.items() if k in ("pruning", "sizes")}
-    merged.update(metadata)
-    merged["history"] = list(previous.get("history", [])) + list(metadata.get("history", []))
-    return write_model(
-        folder,
-        loaded.model,
-        loaded.adapter,
-        base["config"],
-        base["source"],
-        original,
-        scheduler=loaded.scheduler,
-        metadata=merged,
-        extra_weights=extra_weights,
-    )
+    return save_model(loaded, folder, metadata)
 
 
 def example_inputs(loaded: LoadedModel, batch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ import typer
 from dpcli import __version__
 from dpcli.cli import compare as compare_command
 from dpcli.cli import eval as eval_command
+from dpcli.cli import finetune as finetune_command
 from dpcli.cli import inspect as inspect_command
 from dpcli.cli import plugins as plugins_command
 from dpcli.cli import prune as prune_command
@@ -61,9 +62,10 @@ def version(json_output: Json = False) -> None:
 app.command("inspect")(inspect_command.inspect)
 app.command("score")(score_command.score)
 app.command("prune")(prune_command.prune)
-app.command("plugins")(plugins_command.plugins)
+app.command("finetune")(finetune_command.finetune)
 app.command("eval")(eval_command.evaluate)
 app.command("compare")(compare_command.compare)
+app.command("plugins")(plugins_command.plugins)
 
 
 def main(argv: list[str] | None = None) -> None:

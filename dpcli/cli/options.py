@@ -13,7 +13,10 @@ Adapter = Annotated[
 Config = Annotated[
     Path | None,
     typer.Option(
-        "--config", help="Model config (config.json or a folder) for single weight files.", show_default=False
+        "--config",
+        help="Model config for single weight files: config.json (or a folder), or the training YAML of a "
+        "CompVis / Stable Diffusion checkpoint.",
+        show_default=False,
     ),
 ]
 Scheduler = Annotated[
@@ -78,6 +81,14 @@ HeadRatio = Annotated[
     typer.Option("--head-ratio", min=0.0, max=0.95, help="Also remove this fraction of attention heads."),
 ]
 Plot = Annotated[Path | None, typer.Option("--plot", help="Write the per-timestep loss curve as a PNG.")]
+Prompt = Annotated[
+    str | None,
+    typer.Option(
+        "--prompt",
+        help="Text-conditional models: calibrate with this prompt (default: captions beside the images, "
+        "else the empty prompt).",
+    ),
+]
 NumSamples = Annotated[int, typer.Option("--num-samples", min=1, help="Images to sample (indices 0..N-1).")]
 SamplingSteps = Annotated[
     int | None, typer.Option("--steps", min=1, help="Denoising steps of the sampler (default 100).")

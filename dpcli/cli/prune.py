@@ -19,6 +19,7 @@ from dpcli.cli.options import (
     Json,
     ModelArgument,
     Output,
+    Prompt,
     Ratio,
     RoundTo,
     Scheduler,
@@ -57,6 +58,7 @@ def prune(
     batch_size: BatchSize = 256,
     chunk: Chunk = None,
     timesteps: Timesteps = None,
+    prompt: Prompt = None,
     tolerance: Tolerance = 0.05,
     yes: Yes = False,
     force: Force = False,
@@ -135,6 +137,7 @@ def prune(
             timesteps=timesteps,
             seed=seed,
             options=options,
+            prompt=prompt,
         )
         with scan_progress(loaded, score_settings) as on_progress:
             computed = compute_scores(loaded, score_settings, on_progress=on_progress)

@@ -16,6 +16,7 @@ from dpcli.cli.options import (
     ModelArgument,
     Output,
     Plot,
+    Prompt,
     RoundTo,
     Scheduler,
     Seed,
@@ -33,6 +34,7 @@ def score(
     calib_size: CalibSize = 32,
     chunk: Chunk = None,
     timesteps: Timesteps = None,
+    prompt: Prompt = None,
     seed: Seed = 0,
     ignore: Ignore = None,
     round_to: RoundTo = None,
@@ -49,6 +51,7 @@ def score(
     from dpcli.cli.common import scan_progress
     from dpcli.loading import load_model
     from dpcli.plots import plot_losses
+    from dpcli.plugins import get_registry
     from dpcli.pruning import PruneOptions
     from dpcli.workflow import ScoreSettings, compute_scores, save_scores
 
@@ -67,8 +70,10 @@ def score(
         chunk=chunk,
         timesteps=timesteps,
         seed=seed,
+        prompt=prompt,
         options=PruneOptions(ignore=list(ignore or []), round_to=round_to, head_ratio=head_ratio),
     )
+    get_registry().criterion(criterion)  # an unknown name fails before the model is loaded
     with out.stderr.status("Loading model"):
         loaded = load_model(model, adapter=adapter, config=config, scheduler=scheduler)
     with scan_progress(loaded, settings) as on_progress:

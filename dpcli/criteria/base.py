@@ -14,6 +14,10 @@ class Criterion:
         needs_data: the criterion needs calibration images (``--data``).
         needs_gradients: the shared timestep scan must accumulate gradients before scoring.
         uses_threshold: ``--threshold`` means something to this criterion.
+        squared_gradients: with ``needs_gradients``, the scan leaves Σ_t g_t⊙g_t in ``.grad`` instead of
+            Σ_t g_t, where g_t is the calibration-batch gradient at timestep t: the diagonal empirical
+            Fisher over the scanned timesteps, for second-order (OBD-style) criteria. The scan then runs
+            one timestep per backward pass.
     """
 
     name: str = ""
@@ -21,6 +25,7 @@ class Criterion:
     needs_data: bool = False
     needs_gradients: bool = False
     uses_threshold: bool = False
+    squared_gradients: bool = False
 
     def scan_threshold(self, threshold: float | None) -> float:
         """The loss-ratio threshold at which the timestep scan stops (0 scans every timestep)."""

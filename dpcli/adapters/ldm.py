@@ -1,0 +1,98 @@
+"""The built-in ``ldm`` adapter: latent diffusion UNets with their autoencoder (and text encoder).
+
+Unconditional ``UNet2DModel`` over a ``VQModel``/``AutoencoderKL`` (LDMPipeline), text-conditional
+``UNet2DConditionModel`` (Stable Diffusion 1.x/2.x layout) and class-conditional UNets, from diffusers
+pipeline folders, Hub ids, dpcli folders and single-file CompVis / Stable Diffusion checkpoints. Only the
+UNet is pruned; the other components are kept as they are.
+
+This module is the plugin entry point, so it stays cheap to import; the machinery is in
+``dpcli.adapters.latent`` (and ``compvis`` for single files), imported when a model is actually loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dpcli.adapters.base import LoadedModel, ModelAdapter, ModelSource
+from dpcli.hookspecs import hookimpl
+
+
+class LatentDiffusionAdapter(ModelAdapter):
+    name = "ldm"
+    description = (
+        "latent diffusion UNet + autoencoder (LDM, Stable Diffusion 1.x/2.x, class-conditional; "
+        "pipelines, Hub ids, CompVis .ckpt/.safetensors)"
+    )
+
+    def detect(self, source: ModelSource) -> float:
+        from dpcli.adapters.latent import detect_latent
+
+        return detect_latent(source)
+
+    def load(self, source: ModelSource, config: Path | None = None) -> LoadedModel:
+        from dpcli.adapters.latent import load_latent
+
+        return load_latent(source, self.name, config)
+
+    def example_inputs(self, loaded: LoadedModel, batch_size: int = 1) -> tuple:
+        from dpcli.adapters.latent import example_inputs
+
+        return example_inputs(loaded, batch_size)
+
+    def predict(self, loaded: LoadedModel, sample, timesteps, conditioning=None):
+        from dpcli.adapters.latent import predict
+
+        return predict(loaded, sample, timesteps, conditioning)
+
+    def sampling_conditioning(self, loaded: LoadedModel, batch_size: int, generator=None, **options):
+        from dpcli.adapters.latent import sampling_conditioning
+
+        return sampling_conditioning(loaded, batch_size, generator, **options)
+
+    def denoise(self, loaded: LoadedModel, sample, timesteps, conditioning=None, guidance_scale: float = 1.0):
+        from dpcli.adapters.latent import denoise
+
+        return denoise(loaded, sample, timesteps, conditioning, guidance_scale)
+
+    def decode(self, loaded: LoadedModel, sample):
+        from dpcli.adapters.latent import decode
+
+        return decode(loaded, sample)
+
+    def data_size(self, loaded: LoadedModel) -> int:
+        from dpcli.adapters.latent import data_size
+
+        return data_size(loaded)
+
+    def data_channels(self, loaded: LoadedModel) -> int:
+        from dpcli.adapters.latent import data_channels
+
+        return data_channels(loaded)
+
+    def prepare_calibration(self, loaded: LoadedModel, images, files=None, root=None, prompt=None):
+        from dpcli.adapters.latent import prepare_calibration
+
+        return prepare_calibration(loaded, images, files=files, root=root, prompt=prompt)
+
+    def ignored_layers(self, loaded: LoadedModel) -> list:
+        return [loaded.model.conv_out]
+
+    def pruner_options(self, loaded: LoadedModel) -> dict:
+        from dpcli.adapters.latent import pruner_options
+
+        return pruner_options(loaded)
+
+    def after_pruning(self, loaded: LoadedModel, pruner) -> None:
+        from dpcli.adapters.diffusers_fixes import fix_attributes, heads_after_pruning
+
+        fix_attributes(loaded.model, heads_after_pruning(loaded.model, pruner))
+
+    def save(self, loaded: LoadedModel, folder: Path, metadata: dict) -> dict:
+        from dpcli.adapters.latent import save_latent
+
+        return save_latent(loaded, folder, metadata)
+
+
+@hookimpl
+def dpcli_register_adapters(register):
+    register(LatentDiffusionAdapter())

@@ -1,0 +1,202 @@
+"""``dp finetune``."""
+
+import contextlib
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dpcli.cli.options import Adapter, BatchSize, Config, Data, Force, Json, ModelArgument, Output, Seed
+
+Steps = Annotated[
+    int,
+    typer.Option("--steps", help="Optimizer steps in total (a resumed run counts the steps already done)."),
+]
+LearningRate = Annotated[float, typer.Option("--lr", help="Peak learning rate of AdamW.")]
+Warmup = Annotated[int, typer.Option("--warmup", help="Steps of linear learning-rate warmup.")]
+Schedule = Annotated[
+    str, typer.Option("--schedule", help="Learning rate after warmup: cosine (decay to 0) or constant.")
+]
+WeightDecay = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")]
+EmaDecay = Annotated[
+    float, typer.Option("--ema-decay", help="Decay of the weights' exponential moving average.")
+]
+GradClip = Annotated[
+    float, typer.Option("--grad-clip", help="Clip the gradient norm to this (0: no clipping).")
+]
+GradAccum = Annotated[
+    int, typer.Option("--grad-accum", help="Micro-batches accumulated into one optimizer step.")
+]
+CheckpointEvery = Annotated[
+    int, typer.Option("--checkpoint-every", help="Write a checkpoint every N steps (0: only at the end).")
+]
+KeepCheckpoints = Annotated[
+    int, typer.Option("--keep-checkpoints", help="How many recent checkpoints to keep.")
+]
+Resume = Annotated[
+    bool, typer.Option("--resume", help="Continue from the latest checkpoint in OUTPUT/checkpoints.")
+]
+Teacher = Annotated[
+    str | None,
+    typer.Option(
+        "--teacher", help="Distil from this model (e.g. the unpruned original): MSE to its prediction."
+    ),
+]
+DistillWeight = Annotated[
+    float | None,
+    typer.Option("--distill-weight", help="Weight of the distillation loss (default 1 with --teacher)."),
+]
+Precision = Annotated[
+    str, typer.Option("--precision", help="fp32, or bf16/fp16 autocast (fp16 on GPU only).")
+]
+Device = Annotated[str, typer.Option("--device", help="auto (GPU when there is one), cpu or cuda.")]
+Reinit = Annotated[
+    bool,
+    typer.Option("--reinit", help="Re-initialise all weights first: train the (pruned) shape from scratch."),
+]
+Preview = Annotated[
+    int,
+    typer.Option(
+        "--preview", min=0, help="Also write OUTPUT/samples.png: N samples of the result (DDIM, 50 steps)."
+    ),
+]
+
+
+def finetune(
+    model: ModelArgument,
+    steps: Steps,
+    data: Data = None,
+    output: Output = None,
+    batch_size: BatchSize = 16,
+    lr: LearningRate = 2e-4,
+    warmup: Warmup = 0,
+    schedule: Schedule = "cosine",
+    weight_decay: WeightDecay = 0.0,
+    ema_decay: EmaDecay = 0.999,
+    grad_clip: GradClip = 1.0,
+    grad_accum: GradAccum = 1,
+    checkpoint_every: CheckpointEvery = 500,
+    keep_checkpoints: KeepCheckpoints = 2,
+    resume: Resume = False,
+    seed: Seed = 0,
+    teacher: Teacher = None,
+    distill_weight: DistillWeight = None,
+    precision: Precision = "fp32",
+    device: Device = "auto",
+    reinit: Reinit = False,
+    preview: Preview = 0,
+    force: Force = False,
+    adapter: Adapter = None,
+    config: Config = None,
+    json_output: Json = False,
+) -> None:
+    """Fine-tune (or train) a model with the DDPM loss: EMA, checkpoints, exact --resume, torchrun/DDP.
+
+    Global batch per optimizer step = --batch-size × processes × --grad-accum. Run data-parallel with
+    `torchrun --nproc-per-node N -m dpcli finetune ...`. Ctrl-C writes a checkpoint, then stops.
+    """
+    from dpcli import output as out
+    from dpcli.errors import BadInput
+    from dpcli.loading import load_model
+    from dpcli.saving import prepare_output
+    from dpcli.training import (
+        FinetuneSettings,
+        checkpoint_root,
+        latest_checkpoint,
+        load_training_images,
+        save_finetuned,
+        start_distributed,
+    )
+    from dpcli.training import finetune as train
+
+    if not data:
+        raise BadInput("--data is required: an image folder or builtin:digits")
+    if distill_weight is not None and teacher is None:
+        raise BadInput("--distill-weight needs --teacher MODEL")
+    settings = FinetuneSettings(
+        data=data,
+        steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        warmup=warmup,
+        schedule=schedule,
+        weight_decay=weight_decay,
+        ema_decay=ema_decay,
+        grad_clip=grad_clip,
+        seed=seed,
+        precision=precision,
+        teacher=teacher,
+        distill_weight=(1.0 if distill_weight is None else distill_weight) if teacher else 0.0,
+        reinit=reinit,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+    )
+    settings.validate()
+    target = Path(output) if output else Path(f"{Path(model.rstrip('/')).name.replace(':', '-')}-finetuned")
+    for name, spec in (("MODEL", model), ("--teacher", teacher)):
+        if spec and Path(spec).exists() and Path(spec).resolve() == target.resolve():
+            raise BadInput(
+                f"--output {target} is the {name}: inputs are never modified; choose another folder"
+            )
+    if resume:
+        if latest_checkpoint(target) is None:
+            raise BadInput(f"--resume: no checkpoint in {checkpoint_root(target)}")
+    elif latest_checkpoint(target) is not None and not force:
+        raise BadInput(
+            f"{target} holds checkpoints of an earlier run: add --resume to continue it, or --force to start over"
+        )
+    else:
+        prepare_output(target, force)
+
+    dist = start_distributed(device)
+    quiet = not dist.is_main
+    try:
+        with contextlib.nullcontext() if quiet else out.stderr.status("Loading model and data"):
+            loaded = load_model(model, adapter=adapter, config=config)
+            teacher_model = load_model(teacher) if teacher else None
+            images = load_training_images(loaded, data)
+        with contextlib.nullcontext() if quiet else out.progress(extra=("stats",)) as bar:
+            on_step = None
+            if bar is not None:
+                task = bar.add_task("Fine-tuning", total=settings.steps, stats="")
+                log_every = max(1, settings.steps // 20)  # log lines when stderr is a file (batch jobs)
+
+                def on_step(info):
+                    stats = (
+                        f"loss {info.smoothed_loss:.4f}  lr {info.lr:.2e}  {info.steps_per_second:.2f} it/s"
+                    )
+                    bar.update(task, completed=info.step, stats=stats)
+                    if not out.stderr.is_terminal and (info.step % log_every == 0 or info.step == info.total):
+                        eta = (info.total - info.step) / info.steps_per_second
+                        out.info(f"step {info.step}/{info.total}  {stats}  ETA {out.fmt_seconds(eta)}")
+
+            result = train(
+                loaded,
+                images,
+                settings,
+                target,
+                teacher=teacher_model,
+                resume=resume,
+                dist=dist,
+                on_step=on_step,
+            )
+        if dist.is_main:
+            with out.stderr.status("Saving"):
+                save_finetuned(loaded, result, target, preview=preview)
+        dist.barrier()
+    finally:
+        dist.close()
+    if quiet:
+        return
+    report = {
+        **result.report,
+        "output": str(target),
+        "loss_curve": str(target / "loss.png"),
+        "samples": str(target / "samples.png") if preview else None,
+        "checkpoints": str(checkpoint_root(target)),
+    }
+    if json_output:
+        out.print_json(report)
+    else:
+        out.render_finetune(report)

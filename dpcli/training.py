@@ -1,0 +1,827 @@
+"""Fine-tuning and training from scratch: the Python API behind ``dp finetune``.
+
+The DDPM loss on the adapter's denoiser (pruned or not), AdamW, timm's warmup + decay LR schedule and its
+EMA (``timm.utils.ModelEmaV3``), gradient clipping and accumulation, autocast on GPU, optional distillation
+from a teacher, checkpoints with exact resume, and data parallelism with torch.distributed.
+
+Determinism, and why a resumed or multi-process run equals a plain one:
+
+- The global batch of optimizer step ``s`` is the ``global_batch`` samples at positions
+  ``s * global_batch ...`` of an endless stream of epochs, epoch ``e`` being a permutation of the data
+  seeded by (seed, e). Its noise and timesteps come from a generator seeded by (seed, s). Nothing depends
+  on what ran before step ``s`` except the weights and optimizer state, which checkpoints hold exactly.
+- Every rank draws the noise and timesteps of the whole global batch and computes on its own slice:
+  micro-step ``k`` of rank ``r`` takes rows ``(k * world_size + r) * batch_size`` onwards. The same global
+  batch split over 1 or N processes (or over accumulation steps) is therefore the same computation, up to
+  the order of floating-point sums.
+
+Checkpoints are folders ``OUT/checkpoints/step-NNNNNNNN/`` written under a temporary name and renamed:
+``model.safetensors`` (raw weights), ``ema.safetensors``, ``state.safetensors`` (optimizer tensors, RNG
+states, loss and lr history) and ``state.json`` (step, data position, settings, optimizer hyper-parameters,
+LR schedule and grad-scaler state). Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpcli import __version__
+from dpcli.adapters.base import LoadedModel
+from dpcli.errors import BadInput, DpError
+
+CHECKPOINT_FORMAT = "dpcli-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "constant")
+# Settings a resumed run must share with the checkpoint for the result to be the run it continues.
+_RESUME_KEYS = (
+    "data",
+    "global_batch",
+    "lr",
+    "warmup",
+    "schedule",
+    "weight_decay",
+    "ema_decay",
+    "grad_clip",
+    "seed",
+    "precision",
+    "teacher",
+    "distill_weight",
+    "reinit",
+)
+_CHECKPOINT_NAME = "step-{:08d}"
+_SUMMARY_WINDOW = 100
+
+
+@dataclass
+class FinetuneSettings:
+    """Everything that decides a fine-tuning run (recorded in checkpoints and in the model's history).
+
+    ``batch_size`` is per process and per micro-step; the global batch of one optimizer step is
+    ``batch_size × world_size × grad_accum``.
+    """
+
+    data: str
+    steps: int
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup: int = 0
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    precision: str = "fp32"
+    teacher: str | None = None
+    distill_weight: float = 0.0
+    reinit: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+    def validate(self) -> None:
+        checks = [
+            (self.steps > 0, f"--steps must be at least 1, got {self.steps}"),
+            (self.batch_size > 0, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.grad_accum > 0, f"--grad-accum must be at least 1, got {self.grad_accum}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
+            (self.warmup >= 0, f"--warmup must be 0 or more, got {self.warmup}"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}"),
+            (0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {self.ema_decay}"),
+            (self.grad_clip >= 0, f"--grad-clip must be 0 (off) or more, got {self.grad_clip}"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
+            (self.distill_weight >= 0, f"--distill-weight must be 0 or more, got {self.distill_weight}"),
+            (self.checkpoint_every >= 0, "--checkpoint-every must be 0 (only at the end) or more"),
+            (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BadInput(message)
+        if self.distill_weight > 0 and not self.teacher:
+            raise BadInput("--distill-weight needs --teacher MODEL")
+
+
+# Distributed ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Distributed:
+    """Where this process stands in a torchrun job (a single process is rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    initialised_here: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.initialised_here and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def start_distributed(device: str = "auto") -> Distributed:
+    """Join the torchrun job described by the environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
+    ``MASTER_ADDR``/``MASTER_PORT``), or run as a single process. NCCL on GPU, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device not in ("auto", "cpu", "cuda"):
+        raise BadInput(f"--device must be auto, cpu or cuda, got {device!r}")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise BadInput("--device cuda: no CUDA GPU is available")
+    chosen = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(chosen)
+    state = Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)
+    if world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+        state.initialised_here = True
+    return state
+
+
+# Data order and noise ---------------------------------------------------------------------------
+
+
+def _mixed_seed(seed: int, stream: str, index: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{stream}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class DataOrder:
+    """Sample positions 0, 1, 2, ... mapped to image indices through one seeded permutation per epoch."""
+
+    def __init__(self, count: int, seed: int):
+        self.count = count
+        self.seed = seed
+        self._permutations: dict[int, torch.Tensor] = {}
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._permutations:
+            if len(self._permutations) > 2:
+                self._permutations.pop(min(self._permutations))
+            generator = torch.Generator().manual_seed(_mixed_seed(self.seed, "data", epoch))
+            self._permutations[epoch] = torch.randperm(self.count, generator=generator)
+        return self._permutations[epoch]
+
+    def indices(self, start: int, length: int) -> torch.Tensor:
+        positions = range(start, start + length)
+        return torch.stack([self.permutation(p // self.count)[p % self.count] for p in positions])
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator for the noise and timesteps of optimizer step ``step``."""
+    return torch.Generator(device=device).manual_seed(_mixed_seed(seed, "noise", step))
+
+
+# Model helpers ----------------------------------------------------------------------------------
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every tensor of the model: a checkpoint applies only to the model it started from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def reinitialise(model: torch.nn.Module, seed: int) -> None:
+    """Fresh random weights of the same shapes (the ``reinit`` criterion's re-initialisation)."""
+    from dpcli.criteria.builtin import Reinit
+
+    Reinit().after_pruning(model, seed)
+
+
+def load_training_images(loaded: LoadedModel, data: str) -> torch.Tensor:
+    from dpcli.data import load_images
+    from dpcli.workflow import adapter_of
+
+    adapter = adapter_of(loaded)
+    return load_images(data, size=adapter.data_size(loaded), channels=adapter.data_channels(loaded))
+
+
+def check_teacher(student: LoadedModel, teacher: LoadedModel) -> None:
+    """The teacher must take the student's noisy input and predict a tensor of the student's shape."""
+    from dpcli.workflow import adapter_of
+
+    inputs = adapter_of(student).example_inputs(student, 1)
+    teacher_device = next(teacher.model.parameters()).device
+    with torch.no_grad():
+        expected = adapter_of(student).predict(student, *inputs)
+        try:
+            moved = [x.to(teacher_device) if isinstance(x, torch.Tensor) else x for x in inputs]
+            got = adapter_of(teacher).predict(teacher, *moved)
+        except (RuntimeError, ValueError, AssertionError) as exc:
+            raise BadInput(
+                f"the teacher {teacher.source} does not take the student's input of shape "
+                f"{tuple(inputs[0].shape)}: {str(exc).splitlines()[0]}"
+            ) from None
+    if tuple(got.shape) != tuple(expected.shape):
+        raise BadInput(
+            f"the teacher {teacher.source} predicts shape {tuple(got.shape)}, the student "
+            f"{tuple(expected.shape)}: distillation needs the same output shape"
+        )
+
+
+# Optimizer, schedule, EMA -----------------------------------------------------------------------
+
+
+def make_lr_schedule(optimizer: torch.optim.Optimizer, settings: FinetuneSettings):
+    """timm's per-update schedule: linear warmup from lr/(warmup+1), then cosine decay to 0 over all
+    steps, or constant."""
+    from timm.scheduler import CosineLRScheduler, StepLRScheduler
+
+    warmup = dict(warmup_t=settings.warmup, warmup_lr_init=settings.lr / (settings.warmup + 1))
+    if settings.schedule == "cosine":
+        return CosineLRScheduler(optimizer, t_initial=settings.steps, lr_min=0.0, t_in_epochs=False, **warmup)
+    return StepLRScheduler(optimizer, decay_t=settings.steps, decay_rate=1.0, t_in_epochs=False, **warmup)
+
+
+def _current_lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+# Checkpoints ------------------------------------------------------------------------------------
+
+
+def checkpoint_root(output: Path) -> Path:
+    return Path(output) / CHECKPOINT_DIR
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The complete checkpoint with the highest step under OUT/checkpoints (temp folders are ignored)."""
+    root = checkpoint_root(output)
+    if not root.is_dir():
+        return None
+    found = []
+    for folder in root.iterdir():
+        name = folder.name
+        if folder.is_dir() and name.startswith("step-") and name[5:].isdigit():
+            if (folder / "state.json").is_file():
+                found.append((int(name[5:]), folder))
+    return max(found)[1] if found else None
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value)
+            tensors[f"optimizer.{index}.{key}"] = value
+    return tensors, _jsonable(state["param_groups"])
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, param_groups: list) -> None:
+    state: dict[int, dict] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = tensor
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+@dataclass
+class TrainState:
+    """Progress that checkpoints carry besides tensors of the model."""
+
+    step: int = 0
+    losses: list[float] = dataclasses.field(default_factory=list)
+    lrs: list[float] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+
+def save_checkpoint(
+    output: Path,
+    train: TrainState,
+    model: torch.nn.Module,
+    ema,
+    optimizer: torch.optim.Optimizer,
+    lr_schedule,
+    scaler,
+    record: dict,
+    keep: int,
+) -> Path:
+    """Write ``OUT/checkpoints/step-N`` atomically (temp folder + rename); keep the newest ``keep``."""
+    from safetensors.torch import save_file
+
+    root = checkpoint_root(output)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / _CHECKPOINT_NAME.format(train.step)
+    temporary = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+
+    def tensors_of(module: torch.nn.Module) -> dict:
+        return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+    save_file(tensors_of(model), str(temporary / "model.safetensors"))
+    save_file(tensors_of(ema.module), str(temporary / "ema.safetensors"))
+    tensors, param_groups = _optimizer_tensors(optimizer)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    tensors["history.loss"] = torch.tensor(train.losses, dtype=torch.float64)
+    tensors["history.lr"] = torch.tensor(train.lrs, dtype=torch.float64)
+    save_file(tensors, str(temporary / "state.safetensors"))
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "dpcli_version": __version__,
+        "step": train.step,
+        "samples_seen": train.step * record["settings"]["global_batch"],
+        "seconds": train.seconds,
+        "optimizer_param_groups": param_groups,
+        "lr_schedule": _jsonable(lr_schedule.state_dict()),
+        "grad_scaler": _jsonable(scaler.state_dict()),
+        **record,
+    }
+    (temporary / "state.json").write_text(json.dumps(state, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    complete = sorted(
+        (p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()),
+        key=lambda p: int(p.name[5:]),
+    )
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint_state(folder: Path) -> dict:
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"checkpoint {folder} is unreadable: {exc}") from None
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise BadInput(f"{folder} is not a dp finetune checkpoint")
+    if int(state.get("format_version", 0)) > CHECKPOINT_VERSION:
+        raise BadInput(f"checkpoint {folder} was written by a newer dpcli; upgrade dpcli")
+    return state
+
+
+def check_resumable(state: dict, folder: Path, record: dict) -> None:
+    """Refuse a checkpoint of another model or of a run with other settings (exit 2)."""
+    if state.get("model_signature") != record["model_signature"]:
+        raise BadInput(
+            f"checkpoint {folder} is of another model (other layer widths); fine-tune {state.get('model')} "
+            "or start over with --force"
+        )
+    if state.get("model_fingerprint") != record["model_fingerprint"]:
+        raise BadInput(
+            f"checkpoint {folder} started from other weights ({state.get('model')}); resume with the "
+            "same MODEL (and --reinit/--seed) or start over with --force"
+        )
+    saved, current = state.get("settings", {}), record["settings"]
+    different = [key for key in _RESUME_KEYS if saved.get(key) != current.get(key)]
+    if different:
+        key = different[0]
+        raise BadInput(
+            f"--resume: the checkpoint was written with {key}={saved.get(key)!r}, this run has "
+            f"{key}={current.get(key)!r} (use the same settings, or start over with --force)"
+        )
+
+
+# Training ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepInfo:
+    """What the progress display gets after every optimizer step."""
+
+    step: int
+    total: int
+    loss: float
+    smoothed_loss: float
+    lr: float
+    steps_per_second: float
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM during training: finish the step, write a checkpoint, stop.
+    A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number, frame):
+        if self.requested and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+class Interrupted(DpError):
+    """Training stopped on request after writing a checkpoint (exit code 130, as for Ctrl-C)."""
+
+    exit_code = 130
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def finetune(
+    loaded: LoadedModel,
+    images: torch.Tensor,
+    settings: FinetuneSettings,
+    output: Path,
+    teacher: LoadedModel | None = None,
+    resume: bool = False,
+    dist: Distributed | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> FinetuneResult:
+    """Train ``loaded.model`` in place on ``images`` (in [-1, 1]); checkpoints go to OUT/checkpoints.
+
+    Returns the report, the EMA model and the loss history; raises
+    :class:`Interrupted` after writing a checkpoint when stopped with Ctrl-C or SIGTERM.
+    """
+    from timm.utils import ModelEmaV3
+
+    from dpcli.scoring import loss_target
+    from dpcli.workflow import adapter_of, model_signature
+
+    settings.validate()
+    dist = dist or Distributed()
+    device = dist.device
+    if settings.precision == "fp16" and device.type != "cuda":
+        raise BadInput("--precision fp16 needs a CUDA GPU (use bf16 or fp32 on the CPU)")
+    global_batch = settings.batch_size * dist.world_size * settings.grad_accum
+    if global_batch > len(images):
+        raise BadInput(
+            f"the global batch ({settings.batch_size} × {dist.world_size} process(es) × "
+            f"{settings.grad_accum} accumulation step(s) = {global_batch}) is larger than the data "
+            f"({len(images)} images in {settings.data})"
+        )
+    adapter = adapter_of(loaded)
+    model = loaded.model
+    if settings.reinit:
+        reinitialise(model, settings.seed)
+    record = {
+        "model": loaded.source,
+        "model_signature": model_signature(model),
+        "model_fingerprint": weights_fingerprint(model),
+        "settings": {**dataclasses.asdict(settings), "global_batch": global_batch},
+    }
+    output = Path(output)
+    checkpoint = None
+    if resume:
+        checkpoint = latest_checkpoint(output)
+        if checkpoint is None:
+            raise BadInput(f"--resume: no checkpoint in {checkpoint_root(output)}")
+        saved_state = read_checkpoint_state(checkpoint)
+        check_resumable(saved_state, checkpoint, record)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model.to(device).train()
+    if teacher is not None:
+        teacher.model.to(device).eval().requires_grad_(False)
+        check_teacher(loaded, teacher)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    lr_schedule = make_lr_schedule(optimizer, settings)
+    ema = ModelEmaV3(model, decay=settings.ema_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
+    train = TrainState()
+    if checkpoint is not None:
+        _load_checkpoint(checkpoint, saved_state, model, ema, optimizer, lr_schedule, scaler, train, settings)
+    elif dist.is_main and checkpoint_root(output).exists():
+        shutil.rmtree(checkpoint_root(output))  # a fresh run (--force): stale checkpoints must not resume
+    dist.barrier()
+
+    trained = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    training_view = dataclasses.replace(loaded, model=trained)
+    teacher_adapter = adapter_of(teacher) if teacher is not None else None
+    order = DataOrder(len(images), settings.seed)
+    noise_shape = tuple(adapter.noise_shape(loaded))
+    num_timesteps = int(loaded.scheduler.config.num_train_timesteps)
+    batch = settings.batch_size
+    start_step = train.step
+    average = 0.0
+    window: list[float] = []
+    run_started = time.perf_counter()
+    previous_seconds = train.seconds
+    interrupted = False
+
+    with _StopRequest() as stop:
+        for step in range(start_step, settings.steps):
+            step_started = time.perf_counter()
+            indices = order.indices(step * global_batch, global_batch)
+            generator = step_generator(settings.seed, step, device)
+            timesteps = torch.randint(0, num_timesteps, (global_batch,), generator=generator, device=device)
+            noise = torch.randn((global_batch, *noise_shape), generator=generator, device=device)
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            for micro in range(settings.grad_accum):
+                first = (micro * dist.world_size + dist.rank) * batch
+                rows = slice(first, first + batch)
+                x0, conditioning = adapter.prepare_calibration(loaded, images[indices[rows]])
+                if tuple(x0.shape[1:]) != noise_shape:
+                    raise DpError(
+                        f"the adapter prepared samples of shape {tuple(x0.shape[1:])}, expected {noise_shape}"
+                    )
+                t, eps = timesteps[rows], noise[rows].to(x0.dtype)
+                last_micro = micro == settings.grad_accum - 1
+                sync = contextlib.nullcontext() if last_micro or not dist.enabled else trained.no_sync()
+                with sync:
+                    with _autocast(device, settings.precision):
+                        noisy = loaded.scheduler.add_noise(x0, eps, t)
+                        prediction = adapter.predict(training_view, noisy, t, conditioning).float()
+                    target = loss_target(loaded.scheduler, x0, eps, t).float()
+                    loss = torch.nn.functional.mse_loss(prediction, target)
+                    if teacher is not None and settings.distill_weight > 0:
+                        with torch.no_grad(), _autocast(device, settings.precision):
+                            guide = teacher_adapter.predict(teacher, noisy, t, conditioning).float()
+                        loss = loss + settings.distill_weight * torch.nn.functional.mse_loss(
+                            prediction, guide
+                        )
+                    scaler.scale(loss / settings.grad_accum).backward()
+                step_loss += loss.detach().double() / settings.grad_accum
+            if settings.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            lr = _current_lr(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+            lr_schedule.step_update(step + 1)
+            ema.update(model, step=step + 1)
+
+            shared = torch.stack([step_loss, torch.tensor(float(stop.requested), device=device).double()])
+            if dist.enabled:
+                torch.distributed.all_reduce(shared)
+            loss_value = float(shared[0]) / dist.world_size
+            if not math.isfinite(loss_value):
+                raise DpError(
+                    f"the loss is {loss_value} at step {step + 1}: lower --lr, use --grad-clip or fp32"
+                )
+            train.step = step + 1
+            train.losses.append(loss_value)
+            train.lrs.append(lr)
+            train.seconds = previous_seconds + time.perf_counter() - run_started
+            average = 0.98 * average + 0.02 * loss_value
+            smoothed = average / (1 - 0.98 ** (train.step - start_step))
+            window = [*window[-19:], time.perf_counter() - step_started]
+            if on_step is not None and dist.is_main:
+                on_step(
+                    StepInfo(train.step, settings.steps, loss_value, smoothed, lr, len(window) / sum(window))
+                )
+            stop_now = float(shared[1]) > 0
+            due = settings.checkpoint_every and train.step % settings.checkpoint_every == 0
+            if due or stop_now or train.step == settings.steps:
+                if dist.is_main:
+                    save_checkpoint(
+                        output,
+                        train,
+                        model,
+                        ema,
+                        optimizer,
+                        lr_schedule,
+                        scaler,
+                        record,
+                        settings.keep_checkpoints,
+                    )
+                dist.barrier()
+            if stop_now:
+                interrupted = True
+                break
+    if interrupted:
+        raise Interrupted(
+            f"interrupted at step {train.step} of {settings.steps}: checkpoint written to "
+            f"{checkpoint_root(output)}; continue with the same command and --resume"
+        )
+    model.eval()
+    return FinetuneResult(
+        report=_report(settings, train, start_step, time.perf_counter() - run_started, dist, teacher),
+        ema_model=ema.module,
+        losses=train.losses,
+        lrs=train.lrs,
+    )
+
+
+def _load_checkpoint(folder, state, model, ema, optimizer, lr_schedule, scaler, train, settings) -> None:
+    from dpcli.adapters.unet2d import load_weights_into
+    from dpcli.loading import load_tensor_file
+
+    load_weights_into(model, load_tensor_file(folder / "model.safetensors"), str(folder))
+    load_weights_into(ema.module, load_tensor_file(folder / "ema.safetensors"), str(folder))
+    tensors = load_tensor_file(folder / "state.safetensors")
+    _restore_optimizer(optimizer, tensors, state["optimizer_param_groups"])
+    if state["settings"].get("steps") == settings.steps:
+        lr_schedule.load_state_dict(state["lr_schedule"])
+    lr_schedule.step_update(int(state["step"]))
+    if state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    train.step = int(state["step"])
+    train.losses = tensors["history.loss"].tolist()
+    train.lrs = tensors["history.lr"].tolist()
+    train.seconds = float(state.get("seconds", 0.0))
+
+
+def summary_window(steps: int) -> int:
+    """Steps averaged for the reported initial and final loss: 10 % of the run, 1 to 100."""
+    return max(1, min(_SUMMARY_WINDOW, steps // 10))
+
+
+@dataclass
+class FinetuneResult:
+    """A finished run: the report (plain data, as ``--json`` prints it), the EMA model and the per-step
+    loss and learning-rate history."""
+
+    report: dict
+    ema_model: torch.nn.Module
+    losses: list[float]
+    lrs: list[float]
+
+
+def _report(settings, train: TrainState, start_step: int, run_seconds: float, dist, teacher) -> dict:
+    window = summary_window(len(train.losses))
+    ran = train.step - start_step
+    return {
+        "steps": train.step,
+        "resumed_from": start_step or None,
+        "batch_size": settings.batch_size,
+        "grad_accum": settings.grad_accum,
+        "world_size": dist.world_size,
+        "global_batch": settings.batch_size * dist.world_size * settings.grad_accum,
+        "lr": settings.lr,
+        "warmup": settings.warmup,
+        "schedule": settings.schedule,
+        "weight_decay": settings.weight_decay,
+        "ema_decay": settings.ema_decay,
+        "grad_clip": settings.grad_clip,
+        "precision": settings.precision,
+        "device": str(dist.device),
+        "seed": settings.seed,
+        "data": settings.data,
+        "teacher": teacher.source if teacher is not None else None,
+        "distill_weight": settings.distill_weight if teacher is not None else None,
+        "reinit": settings.reinit,
+        "initial_loss": sum(train.losses[:window]) / window if train.losses else None,
+        "final_loss": sum(train.losses[-window:]) / window if train.losses else None,
+        "loss_window": window,
+        "seconds": train.seconds,
+        "steps_per_second": ran / run_seconds if ran and run_seconds > 0 else None,
+    }
+
+
+def history_entry(report: dict) -> dict:
+    """The ``history`` record a fine-tuned model folder carries."""
+    keys = (
+        "steps",
+        "global_batch",
+        "batch_size",
+        "grad_accum",
+        "world_size",
+        "lr",
+        "warmup",
+        "schedule",
+        "weight_decay",
+        "ema_decay",
+        "grad_clip",
+        "precision",
+        "seed",
+        "data",
+        "teacher",
+        "distill_weight",
+        "reinit",
+        "initial_loss",
+        "final_loss",
+        "seconds",
+    )
+    entry = {"step": "finetune", **{key: report[key] for key in keys}}
+    return {**entry, "weights": "ema", "raw_weights": "unet/raw.safetensors"}
+
+
+def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, preview: int = 0) -> Path:
+    """Write the fine-tuned model into OUT (EMA weights as the main weights, the raw ones as
+    ``unet/raw.safetensors``), its loss curve and optional sample preview, and move the checkpoints in:
+    the model files appear in OUT only now."""
+    from dpcli.plots import plot_training
+    from dpcli.saving import AtomicFolder
+    from dpcli.workflow import adapter_of
+
+    output = Path(output)
+    raw = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
+    ema_view = dataclasses.replace(loaded, model=result.ema_model.eval())
+    metadata = {"history": [history_entry(result.report)], "extra_weights": {"raw.safetensors": raw}}
+    with AtomicFolder(output, force=True) as folder:
+        adapter_of(loaded).save(ema_view, folder, metadata)
+        plot_training(result.losses, result.lrs, folder / "loss.png", title=f"dp finetune {loaded.source}")
+        if preview:
+            samples = preview_samples(ema_view, preview, seed=result.report["seed"])
+            save_image_grid(samples, folder / "samples.png")
+        checkpoints = checkpoint_root(output)
+        if checkpoints.is_dir():
+            os.replace(checkpoints, folder / CHECKPOINT_DIR)
+    return output
+
+
+# Previews ---------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def preview_samples(loaded: LoadedModel, count: int = 16, seed: int = 0, steps: int = 50) -> torch.Tensor:
+    """A quick look at what the model generates: deterministic DDIM (eta 0, ``steps`` uniform steps).
+
+    Images in [-1, 1], [count, C, H, W], on the CPU. ``dp eval`` is the real sampler."""
+    from diffusers import DDIMScheduler
+
+    from dpcli.workflow import adapter_of
+
+    adapter = adapter_of(loaded)
+    sampler = DDIMScheduler.from_config(loaded.scheduler.config)
+    sampler.set_timesteps(steps)
+    device = next(loaded.model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn((count, *adapter.noise_shape(loaded)), generator=generator).to(device)
+    conditioning = adapter.sampling_conditioning(loaded, count, generator=generator)
+    for t in sampler.timesteps:
+        prediction = adapter.denoise(loaded, sample, t.expand(count).to(device), conditioning)
+        sample = sampler.step(prediction, t, sample, eta=0.0).prev_sample
+    return adapter.decode(loaded, sample).clamp(-1, 1).float().cpu()
+
+
+def save_image_grid(images: torch.Tensor, path: Path, columns: int | None = None, cell: int = 64) -> Path:
+    """Images in [-1, 1] as one PNG grid, each scaled (nearest) to about ``cell`` pixels."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    count, _, height, _ = images.shape
+    columns = columns or math.ceil(math.sqrt(count))
+    scale = max(1, cell // height)
+    grid = make_grid((images + 1) / 2, nrow=columns, padding=1, pad_value=1.0)
+    array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    picture = Image.fromarray(np.ascontiguousarray(array[..., 0] if images.shape[1] == 1 else array))
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    picture.save(temporary)
+    temporary.replace(path)
+    return path

@@ -1,0 +1,266 @@
+"""`dp finetune`: it learns, resumes exactly after SIGKILL, stops cleanly on Ctrl-C, runs data-parallel
+with the same result, writes only safe files, and refuses bad input with exit code 2."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_CONFIG, make_image_folder, make_unet
+from safetensors.torch import load_file
+
+from dpcli.loading import load_model
+
+# One thread everywhere (here and in the subprocesses): runs stay comparable bit for bit, and tiny models
+# are faster single-threaded on a shared 2-core machine anyway.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def finetune_args(model, data, out, *extra, steps=6, batch=2):
+    return [
+        "finetune",
+        model,
+        "--data",
+        data,
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(batch),
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "-o",
+        out,
+        *extra,
+    ]
+
+
+def weights(folder: Path, name: str = "diffusion_pytorch_model.safetensors") -> dict:
+    return load_file(str(folder / "unet" / name))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def popen_dp(*args) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dpcli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=SUBPROCESS_ENV,
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"dp exited early: {process.communicate()[1]}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def test_a_few_steps_lower_the_loss_and_the_result_is_a_model_every_command_takes(
+    dp, tmp_path, tiny_unet_folder, image_folder
+):
+    out = tmp_path / "tuned"
+    result = dp(*finetune_args(tiny_unet_folder, image_folder, out, "--json", steps=24, batch=4))
+    assert result.exit_code == 0, result.stderr
+    report = result.json
+    assert report["steps"] == 24 and report["global_batch"] == 4
+    assert report["final_loss"] < 0.7 * report["initial_loss"], report
+    # EMA weights are the model, the raw weights ride along; the run is recorded in the history.
+    reloaded = load_model(str(out))
+    assert_same_weights(reloaded.model.state_dict(), weights(out))
+    raw = weights(out, "raw.safetensors")
+    assert raw.keys() == weights(out).keys()
+    assert any(not torch.equal(raw[k], v) for k, v in weights(out).items())
+    history = json.loads((out / "dpcli.json").read_text())["history"]
+    assert history[-1]["step"] == "finetune" and history[-1]["steps"] == 24
+    assert history[-1]["final_loss"] == pytest.approx(report["final_loss"])
+    assert (out / "loss.png").stat().st_size > 0
+    inspected = dp("inspect", out, "--json")
+    assert inspected.exit_code == 0 and inspected.json["params"] == sum(v.numel() for v in raw.values())
+    # Checkpoints: safetensors and JSON only, nothing a pickle loader would read.
+    files = [p for p in (out / "checkpoints").rglob("*") if p.is_file()]
+    assert files and {p.suffix for p in files} == {".safetensors", ".json"}
+    for path in files:
+        head = path.read_bytes()[:1]
+        assert head != b"\x80" and not zipfile.is_zipfile(path), path
+        if path.suffix == ".safetensors":
+            assert load_file(str(path))
+        else:
+            assert json.loads(path.read_text())["format"] == "dpcli-checkpoint"
+
+
+def test_sigkill_then_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
+    dp, tmp_path, tiny_unet_folder, image_folder
+):
+    steps = 16
+    plain = tmp_path / "plain"
+    assert dp(*finetune_args(tiny_unet_folder, image_folder, plain, steps=steps)).exit_code == 0
+    killed = tmp_path / "killed"
+    process = popen_dp(*finetune_args(tiny_unet_folder, image_folder, killed, steps=steps))
+    wait_for(killed / "checkpoints" / "step-00000004", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed / "dpcli.json").exists(), "model files appear only at the end"
+    result = dp(*finetune_args(tiny_unet_folder, image_folder, killed, "--resume", "--json", steps=steps))
+    assert result.exit_code == 0, result.stderr
+    assert result.json["resumed_from"] >= 4
+    assert_same_weights(weights(plain), weights(killed))
+    assert_same_weights(weights(plain, "raw.safetensors"), weights(killed, "raw.safetensors"))
+    plain_history = json.loads((plain / "dpcli.json").read_text())["history"][-1]
+    resumed_history = json.loads((killed / "dpcli.json").read_text())["history"][-1]
+    assert plain_history["final_loss"] == resumed_history["final_loss"]
+
+
+def test_ctrl_c_writes_a_checkpoint_then_stops(tmp_path, tiny_unet_folder, image_folder):
+    out = tmp_path / "out"
+    process = popen_dp(*finetune_args(tiny_unet_folder, image_folder, out, steps=400))
+    wait_for(out / "checkpoints" / "step-00000002", process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted at step" in stderr and "--resume" in stderr
+    assert "Traceback" not in stderr
+    states = [json.loads(p.read_text()) for p in (out / "checkpoints").glob("step-*/state.json")]
+    stopped_at = max(state["step"] for state in states)
+    assert 2 <= stopped_at < 400
+    assert not (out / "dpcli.json").exists()
+
+
+def test_two_processes_with_gloo_equal_one_process_with_the_same_global_batch(
+    dp, tmp_path, tiny_unet_folder, image_folder
+):
+    single = tmp_path / "single"
+    result = dp(*finetune_args(tiny_unet_folder, image_folder, single, "--json", steps=3, batch=4))
+    assert result.exit_code == 0, result.stderr
+    parallel = tmp_path / "parallel"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    args = finetune_args(tiny_unet_folder, image_folder, parallel, "--json", steps=3, batch=2)
+    proc = subprocess.run(
+        [*torchrun, "-m", "dpcli", *map(str, args)], capture_output=True, text=True, env=SUBPROCESS_ENV
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)  # rank 0 alone prints
+    assert report["world_size"] == 2 and report["global_batch"] == 4
+    assert report["final_loss"] == pytest.approx(result.json["final_loss"], rel=1e-5)
+    for name in ("diffusion_pytorch_model.safetensors", "raw.safetensors"):
+        one, two = weights(single, name), weights(parallel, name)
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_accumulation_equals_a_larger_batch(dp, tmp_path, tiny_unet_folder, image_folder):
+    large = tmp_path / "large"
+    accumulated = tmp_path / "accumulated"
+    assert dp(*finetune_args(tiny_unet_folder, image_folder, large, steps=2, batch=4)).exit_code == 0
+    args = finetune_args(tiny_unet_folder, image_folder, accumulated, "--grad-accum", "2", steps=2, batch=2)
+    assert dp(*args).exit_code == 0
+    for key, value in weights(large).items():
+        torch.testing.assert_close(weights(accumulated)[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_distillation_from_a_teacher_and_reinit(dp, tmp_path, tiny_unet_folder, image_folder):
+    out = tmp_path / "distilled"
+    result = dp(
+        *finetune_args(tiny_unet_folder, image_folder, out, "--teacher", tiny_unet_folder, "--json", steps=2)
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.json["teacher"] == str(tiny_unet_folder) and result.json["distill_weight"] == 1.0
+    scratch = tmp_path / "scratch"
+    args = finetune_args(tiny_unet_folder, image_folder, scratch, "--reinit", "--lr", "1e-9", steps=1)
+    assert dp(*args).exit_code == 0
+    original = make_unet().state_dict()
+    raw = weights(scratch, "raw.safetensors")
+    changed = [k for k in original if k.endswith("conv1.weight") and not torch.allclose(raw[k], original[k])]
+    assert changed, "--reinit starts from fresh weights"
+    assert json.loads((scratch / "dpcli.json").read_text())["history"][-1]["reinit"] is True
+
+
+@pytest.fixture
+def other_model_folder(tmp_path) -> Path:
+    folder = tmp_path / "other"
+    make_unet({**TINY_CONFIG, "block_out_channels": [16, 32]}).save_pretrained(folder)
+    return folder
+
+
+def test_bad_input_exits_2(dp, tmp_path, tiny_unet_folder, image_folder, other_model_folder):
+    def fails(*args, message):
+        result = dp(*args)
+        assert result.exit_code == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr
+        return result
+
+    out = tmp_path / "out"
+    fails(*finetune_args(tiny_unet_folder, image_folder, out, steps=0), message="--steps must be at least 1")
+    fails(*finetune_args(tiny_unet_folder, image_folder, out, batch=9), message="larger than the data")
+    broken = make_image_folder(tmp_path / "broken", count=2)
+    (broken / "class0" / "bad.png").write_bytes(b"not a png")
+    fails(*finetune_args(tiny_unet_folder, broken, out), message="bad.png")
+    fails(*finetune_args(tiny_unet_folder, image_folder, out, "--resume"), message="no checkpoint")
+    fails(
+        *finetune_args(tiny_unet_folder, image_folder, out, "--precision", "fp16", "--device", "cpu"),
+        message="fp16 needs a CUDA GPU",
+    )
+    fails("finetune", tiny_unet_folder, "--steps", "2", "-o", out, message="--data is required")
+    wide_teacher = tmp_path / "wide-teacher"
+    make_unet({**TINY_CONFIG, "out_channels": 6}).save_pretrained(wide_teacher)
+    fails(
+        *finetune_args(tiny_unet_folder, image_folder, out, "--teacher", wide_teacher),
+        message="same output shape",
+    )
+    assert not out.exists(), "nothing is written when the input is bad"
+
+    assert dp(*finetune_args(tiny_unet_folder, image_folder, out, steps=2)).exit_code == 0
+    fails(*finetune_args(other_model_folder, image_folder, out, "--resume", steps=4), message="another model")
+    reseeded = tmp_path / "reseeded"
+    make_unet(seed=1).save_pretrained(reseeded)
+    fails(*finetune_args(reseeded, image_folder, out, "--resume", steps=4), message="other weights")
+    fails(
+        *finetune_args(tiny_unet_folder, image_folder, out, "--resume", "--seed", "3", steps=4),
+        message="seed",
+    )
+    fails(*finetune_args(tiny_unet_folder, image_folder, out, steps=2), message="add --resume to continue")
+
+
+def test_builtin_digits_model_is_trained_and_config_stays_random(dp):
+    from dpcli.data import load_images
+    from dpcli.saving import module_shapes
+
+    trained = load_model("builtin:ddpm-digits")
+    untrained = load_model("config:ddpm-digits")
+    assert module_shapes(trained.model) == module_shapes(untrained.model)
+    assert trained.pruning["history"][-1]["step"] == "finetune"
+    # The trained model predicts the noise on real digits far better than random weights do.
+    x0 = load_images("builtin:digits", size=16, channels=1, limit=32)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.full((32,), 300)
+    noisy = trained.scheduler.add_noise(x0, noise, timesteps)
+    with torch.no_grad():
+        errors = [torch.mean((m.model(noisy, timesteps).sample - noise) ** 2) for m in (trained, untrained)]
+    assert errors[0] < 0.2 < errors[1]
+    assert dp("inspect", "builtin:ddpm-digits", "--json").json["params"] == 1_112_801
+    assert dp("inspect", "builtin:no-such-model").exit_code == 2

@@ -1,0 +1,749 @@
+"""The ldm adapter: latent UNets with their autoencoder, text encoder or class labels.
+
+Every model here is a tiny random-init build of the real diffusers / transformers classes (VQModel,
+AutoencoderKL, UNet2DModel, UNet2DConditionModel, CLIPTextModel) with a byte-level CLIP tokenizer written
+by the test; CompVis single files are made from them with dpcli's diffusers → CompVis mapping.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_image_folder
+
+from dpcli.adapters.base import ModelSource
+from dpcli.errors import BadInput
+from dpcli.loading import load_model
+from dpcli.plugins import get_registry
+
+try:
+    import transformers  # noqa: F401
+
+    HAS_TRANSFORMERS = True
+except ImportError:
+    HAS_TRANSFORMERS = False
+needs_transformers = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="text encoders need transformers")
+
+CROSS_WIDTH = 64  # text hidden size = cross-attention width (one 64-wide head, like CLIP's)
+TOKENS = 8
+
+
+def byte_level_tokenizer(folder: Path, max_length: int = TOKENS):
+    """A CLIP tokenizer with CLIP's byte alphabet and no merges, written offline."""
+    from transformers import CLIPTokenizer
+
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    characters = [chr(c) for c in printable + [256 + i for i in range(256 - len(printable))]]
+    vocab = {c: i for i, c in enumerate(characters)}
+    vocab.update({c + "</w>": len(characters) + i for i, c in enumerate(characters)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+
+
+def text_encoder(vocab: int, act: str = "quick_gelu", layers: int = 2, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=CROSS_WIDTH,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=1,
+        max_position_embeddings=TOKENS,
+        hidden_act=act,
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+        pad_token_id=vocab - 1,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def kl_autoencoder(groups: int = 4, widths=(8, 16), seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=widths,
+        down_block_types=("DownEncoderBlock2D",) * len(widths),
+        up_block_types=("UpDecoderBlock2D",) * len(widths),
+        latent_channels=4,
+        norm_num_groups=groups,
+        layers_per_block=1,
+        sample_size=16,
+    ).eval()
+
+
+def vq_autoencoder(groups: int = 4, widths=(8, 16), seed: int = 0):
+    from diffusers import VQModel
+
+    torch.manual_seed(seed)
+    return VQModel(
+        block_out_channels=widths,
+        down_block_types=("DownEncoderBlock2D",) * len(widths),
+        up_block_types=("UpDecoderBlock2D",) * len(widths),
+        latent_channels=3,
+        num_vq_embeddings=16,
+        vq_embed_dim=3,
+        norm_num_groups=groups,
+        layers_per_block=1,
+        sample_size=16,
+        scaling_factor=1.0,
+    ).eval()
+
+
+def cross_attention_unet(groups: int = 8, seed: int = 0, **overrides):
+    """SD layout in miniature: cross-attention at the first level, 4 heads, GEGLU feed-forward."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    config = {
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": (32, 64),
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": CROSS_WIDTH,
+        "attention_head_dim": 4,
+        "layers_per_block": 1,
+        "norm_num_groups": groups,
+        **overrides,
+    }
+    return UNet2DConditionModel(**config).eval()
+
+
+def latent_unet2d(in_channels: int = 3, num_class_embeds: int | None = None, seed: int = 0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=16,
+        num_class_embeds=num_class_embeds,
+    ).eval()
+
+
+def write_pipeline(folder: Path, unet, vae, vae_key="vae", text=None, tokenizer=None, scheduler=None) -> Path:
+    """A diffusers pipeline folder: each component saved with save_pretrained, plus model_index.json."""
+    from diffusers import DDIMScheduler
+
+    scheduler = scheduler or DDIMScheduler(clip_sample=False, set_alpha_to_one=False)
+    index = {"_class_name": "StableDiffusionPipeline" if text is not None else "LDMPipeline"}
+    parts = {"unet": unet, vae_key: vae, "text_encoder": text, "tokenizer": tokenizer}
+    for name, component in parts.items():
+        if component is not None:
+            component.save_pretrained(folder / name)
+            library = "transformers" if type(component).__module__.startswith("transformers") else "diffusers"
+            index[name] = [library, type(component).__name__]
+    scheduler.save_config(folder / "scheduler")
+    index["scheduler"] = ["diffusers", type(scheduler).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Pipelines and data shared by the tests of this module (built once)."""
+    root = tmp_path_factory.mktemp("ldm")
+    made = {"root": root}
+    made["vq"] = write_pipeline(root / "vq-ldm", latent_unet2d(3), vq_autoencoder(), vae_key="vqvae")
+    made["class"] = write_pipeline(root / "class-ldm", latent_unet2d(4, num_class_embeds=3), kl_autoencoder())
+    images = make_image_folder(root / "images", count=6, size=20)
+    (images / "captions.txt").write_text(
+        "class0/img000.png\ta red square\nclass0/img002.png\ta blue circle\n"
+    )
+    (images / "class0" / "img004.txt").write_text("a green field")
+    (images / "class1" / "metadata.jsonl").write_text(
+        "".join(
+            json.dumps({"file_name": f"img{i:03d}.png", "text": f"picture {i}"}) + "\n" for i in (1, 3, 5)
+        )
+    )
+    made["images"] = images
+    made["plain_images"] = make_image_folder(root / "plain", count=4, size=20)
+    if HAS_TRANSFORMERS:
+        tokenizer = byte_level_tokenizer(root / "tokenizer-files")
+        made["tokenizer"] = tokenizer
+        made["sd"] = write_pipeline(
+            root / "sd",
+            cross_attention_unet(),
+            kl_autoencoder(),
+            text=text_encoder(len(tokenizer)),
+            tokenizer=tokenizer,
+        )
+    return made
+
+
+def forward(loaded, batch: int = 2, seed: int = 3):
+    """One prediction of ``loaded`` with its adapter, on fixed inputs of its own shapes."""
+    adapter = get_registry().adapter(loaded.adapter)
+    inputs = adapter.example_inputs(loaded, batch_size=batch)
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(inputs[0].shape, generator=generator)
+    timesteps = torch.tensor([5, 700][:batch])
+    with torch.no_grad():
+        return adapter.predict(loaded, sample, timesteps, *inputs[2:])
+
+
+# Detection ------------------------------------------------------------------------------------------
+def test_latent_pipelines_go_to_ldm_and_pixel_ones_stay_with_ddpm(
+    built, tiny_pipeline_folder, tiny_unet_folder
+):
+    registry = get_registry()
+    ldm, ddpm = registry.adapter("ldm"), registry.adapter("ddpm")
+    for name in ("vq", "class") + (("sd",) if HAS_TRANSFORMERS else ()):
+        source = ModelSource(spec=name, kind="folder", path=built[name])
+        assert ldm.detect(source) >= 0.9 and ddpm.detect(source) == 0.0, name
+    for folder in (tiny_pipeline_folder, tiny_unet_folder):
+        source = ModelSource(spec=str(folder), kind="folder", path=folder)
+        assert ldm.detect(source) == 0.0 and ddpm.detect(source) > 0.5
+    assert load_model(str(built["vq"])).adapter == "ldm"
+    assert get_registry().usable("adapter")["ldm"].plugin.builtin
+
+
+def test_hub_id_of_a_latent_pipeline_through_the_local_cache(built, tmp_path):
+    import shutil
+
+    from conftest import run_dp_subprocess
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--example--tiny-ldm"
+    shutil.copytree(built["vq"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = run_dp_subprocess("inspect", "example/tiny-ldm", "--json", env=env)
+    assert result.exit_code == 0, result.stderr
+    assert result.json["adapter"] == "ldm" and result.json["source_kind"] == "diffusers pipeline (Hub cache)"
+
+
+# Inspect --------------------------------------------------------------------------------------------
+def test_inspect_shows_latent_size_and_components(dp, built):
+    result = dp("inspect", built["vq"], "--json")
+    assert result.exit_code == 0, result.stderr
+    report = result.json
+    assert report["adapter"] == "ldm" and report["class"] == "UNet2DModel"
+    assert report["input_shape"] == [1, 3, 8, 8] and report["macs"] > 0
+    assert [c["name"] for c in report["components"]] == ["vae"] and report["components"][0][
+        "class"
+    ] == "VQModel"
+    assert any("16x16 images" in note for note in report["notes"])
+    table = dp("inspect", built["vq"])
+    assert "VQModel" in table.stdout and "down_blocks.1.attentions.0.to_q" in table.stdout
+
+
+@needs_transformers
+def test_inspect_text_pipeline_lists_autoencoder_and_text_encoder_separately(dp, built):
+    report = dp("inspect", built["sd"], "--json").json
+    components = {c["name"]: c for c in report["components"]}
+    assert set(components) == {"vae", "text_encoder"}
+    assert components["text_encoder"]["class"] == "CLIPTextModel" and components["text_encoder"]["params"] > 0
+    unet_params = sum(p.numel() for p in cross_attention_unet().parameters())
+    assert report["params"] == unet_params  # the UNet alone: the part that is pruned
+    assert any("conditioning: text" in note for note in report["notes"])
+
+
+# Scoring and pruning ----------------------------------------------------------------------------------
+@needs_transformers
+def test_text_pipeline_prunes_through_the_cli_into_a_loadable_pipeline_folder(dp, built, tmp_path):
+    out = tmp_path / "pruned"
+    result = dp(
+        "prune", built["sd"], "--criterion", "diff-taylor", "--ratio", "0.5", "--head-ratio", "0.25",
+        "--data", built["images"], "--calib-size", "4", "--timesteps", "6", "--threshold", "0.9",
+        "-o", out, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = result.json
+    assert report["params_after"] < report["params_before"] and report["macs_after"] < report["macs_before"]
+    assert {p.name for p in out.iterdir()} >= {
+        "dpcli.json",
+        "unet",
+        "scheduler",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+    }
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt*"))
+    metadata = json.loads((out / "dpcli.json").read_text())
+    assert metadata["adapter"] == "ldm" and metadata["latent"]["conditioning"] == "text"
+
+    pruned = load_model(str(out)).model
+    block = pruned.down_blocks[0].attentions[0].transformer_blocks[0]
+    assert block.attn2.to_k.in_features == CROSS_WIDTH and block.attn2.to_v.in_features == CROSS_WIDTH
+    for attention in (block.attn1, block.attn2):
+        assert attention.heads == 3 and attention.to_q.out_features % attention.heads == 0
+    geglu, down = block.ff.net[0].proj, block.ff.net[2]
+    assert geglu.out_features == 2 * down.in_features < 2 * 128
+    assert pruned.conv_out.out_channels == 4 and pruned.conv_in.in_channels == 4
+
+    inspected = dp("inspect", out, "--json").json
+    assert inspected["pruned"]["criterion"] == "diff-taylor" and len(inspected["components"]) == 2
+    again = dp("prune", out, "--criterion", "magnitude", "--ratio", "0.2", "-o", tmp_path / "twice")
+    assert again.exit_code == 0, again.stderr
+
+
+@needs_transformers
+def test_pruned_text_model_reloads_with_identical_outputs(built, tmp_path):
+    from dpcli.pruning import PruneOptions
+    from dpcli.workflow import (
+        PruneSettings,
+        ScoreSettings,
+        adapter_of,
+        compute_scores,
+        prune_model,
+        pruned_metadata,
+    )
+
+    loaded = load_model(str(built["sd"]))
+    options = PruneOptions(head_ratio=0.25)
+    settings = ScoreSettings(
+        "diff-taylor", data=str(built["images"]), calib_size=3, timesteps=4, options=options
+    )
+    scores = compute_scores(loaded, settings)
+    prune_settings = PruneSettings(ratio=0.4)
+    report = prune_model(loaded, scores, prune_settings, options)
+    adapter_of(loaded).save(
+        loaded, tmp_path / "out", pruned_metadata(report, scores, prune_settings, options)
+    )
+    reloaded = load_model(str(tmp_path / "out"))
+    assert torch.equal(forward(loaded), forward(reloaded))
+    adapter = adapter_of(loaded)
+    prompts = {"prompt": ["a cat", "a dog"]}
+    first = adapter.sampling_conditioning(loaded, 2, **prompts)
+    second = adapter.sampling_conditioning(reloaded, 2, **prompts)
+    assert torch.equal(first["encoder_hidden_states"], second["encoder_hidden_states"])
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(adapter.decode(loaded, latents), adapter.decode(reloaded, latents))
+
+
+@needs_transformers
+def test_calibration_prompt_captions_and_empty_prompt(built):
+    from dpcli.scoring import calibration_batch
+
+    loaded = load_model(str(built["sd"]))
+    adapter = get_registry().adapter("ldm")
+    latents, given = calibration_batch(loaded, adapter, str(built["images"]), 6, seed=0, prompt="a cat")
+    assert latents.shape == (6, 4, 8, 8)
+    states = given["encoder_hidden_states"]
+    assert states.shape == (6, TOKENS, CROSS_WIDTH) and not states.requires_grad
+    assert all(torch.equal(states[0], row) for row in states)
+    _, captioned = calibration_batch(loaded, adapter, str(built["images"]), 6, seed=0)
+    rows = captioned["encoder_hidden_states"]
+    assert not torch.equal(rows[0], rows[1])  # six images, six different captions
+    _, plain = calibration_batch(loaded, adapter, str(built["plain_images"]), 2, seed=0)
+    empty = adapter.sampling_conditioning(loaded, 1, prompt="")["encoder_hidden_states"][0]
+    assert torch.allclose(plain["encoder_hidden_states"][0], empty)
+
+
+def test_captions_come_from_sidecars_metadata_and_captions_txt(built):
+    from dpcli.conditioning import captions
+    from dpcli.data import image_files
+
+    files, root = image_files(str(built["images"]))
+    assert captions(files, root, len(files)) == [
+        "a red square", "a blue circle", "a green field", "picture 1", "picture 3", "picture 5",
+    ]  # fmt: skip
+    plain, plain_root = image_files(str(built["plain_images"]))
+    assert captions(plain, plain_root, len(plain)) == [""] * len(plain)
+    with pytest.raises(BadInput, match="no caption for .*img00[024].png"):
+        captions([*files[:1], plain[0]], plain_root.parent, 2)
+
+
+def test_prompt_is_refused_where_it_means_nothing(dp, built, tiny_unet_folder, tmp_path):
+    for model in (tiny_unet_folder, built["vq"]):
+        result = dp("score", model, "--data", built["images"], "--calib-size", "2", "--timesteps", "2",
+                    "--prompt", "a cat")  # fmt: skip
+        assert result.exit_code == 2 and "--prompt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_class_conditional_labels_from_sub_folders_prune_and_reload(dp, built, tmp_path):
+    from dpcli.scoring import calibration_batch
+
+    loaded = load_model(str(built["class"]))
+    assert loaded.extras["conditioning"] == "class" and loaded.extras["num_classes"] == 3
+    _, conditioning = calibration_batch(
+        loaded, get_registry().adapter("ldm"), str(built["images"]), 6, seed=0
+    )
+    chosen = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    # sorted files: class0/img000, img002, img004, then class1/img001, img003, img005
+    assert conditioning["class_labels"].tolist() == [0 if i < 3 else 1 for i in chosen.tolist()]
+    out = tmp_path / "pruned"
+    result = dp(
+        "prune", built["class"], "--criterion", "taylor", "--ratio", "0.5", "--data", built["images"],
+        "--calib-size", "4", "--timesteps", "3", "-o", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    reloaded = load_model(str(out))
+    embedding = reloaded.model.class_embedding
+    assert (
+        embedding.num_embeddings == 3
+        and embedding.embedding_dim == reloaded.model.time_embedding.linear_2.out_features
+    )
+    assert embedding.embedding_dim < 128
+    assert forward(reloaded).shape == (2, 4, 8, 8)
+    unlabeled = dp(
+        "score", built["class"], "--data", "builtin:digits", "--calib-size", "2", "--timesteps", "2"
+    )
+    assert unlabeled.exit_code == 2 and "sub-folder per class" in unlabeled.stderr
+
+
+def test_vq_ldm_prunes_reloads_identically_and_keeps_its_autoencoder(dp, built, tmp_path):
+    out = tmp_path / "pruned"
+    result = dp(
+        "prune", built["vq"], "--criterion", "diff-taylor", "--ratio", "0.4", "--data", built["plain_images"],
+        "--calib-size", "2", "--timesteps", "4", "-o", out, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    original, reloaded = load_model(str(built["vq"])), load_model(str(out))
+    assert result.json["params_after"] == sum(p.numel() for p in reloaded.model.parameters())
+    autoencoder = reloaded.components["vae"]
+    assert type(autoencoder).__name__ == "VQModel"
+    own = original.components["vae"].state_dict()
+    assert all(torch.equal(own[k], v) for k, v in autoencoder.state_dict().items())
+
+
+def test_scoring_encodes_with_the_scaling_factor_and_keeps_encoders_frozen(built):
+    from dpcli.data import image_files, load_images
+
+    loaded = load_model(str(built["class"]))
+    adapter = get_registry().adapter("ldm")
+    images = load_images(str(built["images"]), size=adapter.data_size(loaded), channels=3)
+    assert images.shape[-1] == 16  # 8x8 latents, autoencoder factor 2
+    files, root = image_files(str(built["images"]))
+    latents, _ = adapter.prepare_calibration(loaded, images, files=files, root=root)
+    vae = loaded.components["vae"]
+    with torch.no_grad():
+        expected = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+    assert torch.allclose(latents, expected)
+    assert not any(p.requires_grad for p in vae.parameters())
+
+
+# Sampling hooks --------------------------------------------------------------------------------------
+def ddim_loop(loaded, batch: int, guidance: float = 1.0, steps: int = 3, **options):
+    """What the sampler does with the hooks: noise -> DDIM steps through denoise -> decode."""
+    from diffusers import DDIMScheduler
+
+    adapter = get_registry().adapter("ldm")
+    scheduler = DDIMScheduler.from_config(loaded.scheduler.config)
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn((batch, *adapter.noise_shape(loaded)), generator=generator)
+    conditioning = adapter.sampling_conditioning(loaded, batch, generator=generator, **options)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            prediction = adapter.denoise(loaded, sample, t, conditioning, guidance_scale=guidance)
+            sample = scheduler.step(prediction, t, sample).prev_sample
+    return adapter.decode(loaded, sample)
+
+
+def test_sampling_hooks_give_images_of_the_pixel_size(built):
+    unconditional = load_model(str(built["vq"]))
+    images = ddim_loop(unconditional, 2)
+    assert images.shape == (2, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
+    labelled = load_model(str(built["class"]))
+    assert ddim_loop(labelled, 3, class_labels=[0, 1, 2]).shape == (3, 3, 16, 16)
+    with pytest.raises(BadInput, match="guidance"):
+        ddim_loop(labelled, 1, guidance=3.0)
+    with pytest.raises(BadInput, match="out of range"):
+        ddim_loop(labelled, 1, class_labels=5)
+
+
+@needs_transformers
+def test_text_sampling_with_classifier_free_guidance(built):
+    loaded = load_model(str(built["sd"]))
+    images = ddim_loop(loaded, 2, guidance=5.0, prompt="a red square")
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    adapter = get_registry().adapter("ldm")
+    conditioning = adapter.sampling_conditioning(loaded, 2, prompt=["a", "b"], negative_prompt="c")
+    sample, t = torch.randn(2, 4, 8, 8), torch.tensor(500)
+    with torch.no_grad():
+        guided = adapter.denoise(loaded, sample, t, conditioning, guidance_scale=4.0)
+        positive = adapter.predict(
+            loaded, sample, t, {"encoder_hidden_states": conditioning["encoder_hidden_states"]}
+        )
+        negative = adapter.predict(
+            loaded, sample, t, {"encoder_hidden_states": conditioning["negative_encoder_hidden_states"]}
+        )
+    assert torch.allclose(guided, negative + 4.0 * (positive - negative), atol=1e-5)
+
+
+# CompVis single files ---------------------------------------------------------------------------------
+def compvis_yaml(kind: str, unet_config: dict, vae_config: dict, vq: bool = False, **params) -> str:
+    """The training YAML of a CompVis LatentDiffusion model with the tiny models' architecture."""
+    import yaml
+
+    widths = list(unet_config["block_out_channels"])
+    attention = [2**i for i, name in enumerate(unet_config["down_block_types"]) if "CrossAttn" in name]
+    unet = {
+        "image_size": unet_config["sample_size"],
+        "in_channels": unet_config["in_channels"],
+        "out_channels": unet_config["out_channels"],
+        "model_channels": widths[0],
+        "attention_resolutions": attention,
+        "num_res_blocks": unet_config["layers_per_block"],
+        "channel_mult": [w // widths[0] for w in widths],
+        "num_heads": unet_config["attention_head_dim"],
+        "use_spatial_transformer": True,
+        "transformer_depth": 1,
+        "context_dim": unet_config["cross_attention_dim"],
+        "legacy": False,
+    }
+    vae_widths = list(vae_config["block_out_channels"])
+    ddconfig = {
+        "double_z": not vq,
+        "z_channels": vae_config["latent_channels"],
+        "resolution": 16,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": vae_widths[0],
+        "ch_mult": [w // vae_widths[0] for w in vae_widths],
+        "num_res_blocks": vae_config["layers_per_block"],
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
+    first_stage = {
+        "target": "ldm.models.autoencoder.AutoencoderKL",
+        "params": {"embed_dim": 4, "ddconfig": ddconfig},
+    }
+    if vq:
+        first_stage = {
+            "target": "ldm.models.autoencoder.VQModelInterface",
+            "params": {
+                "embed_dim": vae_config["vq_embed_dim"],
+                "n_embed": vae_config["num_vq_embeddings"],
+                "ddconfig": ddconfig,
+            },
+        }
+    targets = {
+        "clip": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
+        "open_clip": {
+            "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+            "params": {"freeze": True, "layer": "penultimate"},
+        },
+        "class": {
+            "target": "ldm.modules.encoders.modules.ClassEmbedder",
+            "params": {"n_classes": 5, "embed_dim": 64},
+        },
+    }
+    model = {
+        "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+        "params": {
+            "linear_start": 0.00085,
+            "linear_end": 0.012,
+            "timesteps": 1000,
+            "image_size": unet_config["sample_size"],
+            "channels": unet_config["in_channels"],
+            "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
+            "first_stage_config": first_stage,
+            "cond_stage_config": targets[kind],
+            **params,
+        },
+    }
+    return yaml.safe_dump({"model": model})
+
+
+def compvis_checkpoint(folder: Path, kind: str, suffix: str = ".ckpt", **params):
+    """A CompVis-layout checkpoint (+ config.yaml, + tokenizer/) made from tiny diffusers models."""
+    from dpcli.adapters import compvis
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vq = kind == "class"
+    channels = 3 if vq else 4
+    unet = cross_attention_unet(
+        groups=32, in_channels=channels, out_channels=channels
+    )  # CompVis: GroupNorm(32)
+    vae = vq_autoencoder(groups=32, widths=(32, 64)) if vq else kl_autoencoder(groups=32, widths=(32, 64))
+    state = {
+        **compvis.unet_to_compvis(unet.state_dict(), unet.config),
+        **compvis.vae_to_compvis(vae.state_dict(), vae.config),
+    }
+    parts = {"unet": unet, "vae": vae}
+    if kind in ("clip", "open_clip"):
+        tokenizer = byte_level_tokenizer(folder / "tokenizer-files")
+        tokenizer.save_pretrained(folder / "tokenizer")
+        layers = 2
+        text = text_encoder(len(tokenizer), act="quick_gelu" if kind == "clip" else "gelu", layers=layers)
+        parts["text_encoder"] = text
+        if kind == "clip":
+            state.update(compvis.clip_to_compvis(text.state_dict()))
+        else:
+            weights = compvis.open_clip_to_compvis(text.state_dict())
+            prefix = f"{compvis.OPEN_CLIP_PREFIX}transformer.resblocks."
+            # SD 2.x runs OpenCLIP up to its penultimate layer: the file holds one layer more.
+            weights.update({k.replace(f"{prefix}{layers - 1}.", f"{prefix}{layers}."): v.clone() + 1
+                            for k, v in weights.items() if k.startswith(f"{prefix}{layers - 1}.")})  # fmt: skip
+            state.update(weights)
+    if kind == "class":
+        torch.manual_seed(1)
+        table = torch.nn.Embedding(5, CROSS_WIDTH)
+        parts["class_embedder"] = table
+        state[f"{compvis.COND_PREFIX}embedding.weight"] = table.weight.detach().clone()
+    vae_config = dict(vae.config)
+    (folder / "config.yaml").write_text(
+        compvis_yaml(
+            kind, dict(unet.config), vae_config, vq=vq, scale_factor=0.18215 if not vq else 1.0, **params
+        )
+    )
+    path = folder / f"model{suffix}"
+    if suffix == ".ckpt":
+        torch.save({"state_dict": state, "global_step": 10}, path)  # the Lightning checkpoint layout
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path, parts
+
+
+def test_compvis_key_mapping_round_trips_both_ways():
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    from dpcli.adapters import compvis
+
+    unet = cross_attention_unet(groups=32, layers_per_block=2)
+    config = dict(unet.config)
+    original = unet.state_dict()
+    keys = compvis.unet_to_compvis(original, config)
+    prefix = compvis.UNET_PREFIX
+    for name in (
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",  # CrossAttnDownBlock2D
+        "input_blocks.3.0.op.weight",  # its downsampler
+        "input_blocks.4.0.skip_connection.weight",  # 32 -> 64 channels
+        "middle_block.1.proj_in.weight",
+        "output_blocks.2.1.conv.weight",  # UpBlock2D's upsampler (no attention)
+        "output_blocks.5.1.transformer_blocks.0.ff.net.0.proj.weight",
+        "time_embed.2.weight",
+        "out.2.weight",
+    ):
+        assert prefix + name in keys, name
+    back = convert_ldm_unet_checkpoint(keys, config)
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+
+    for vae in (kl_autoencoder(groups=32, widths=(32, 64)), vq_autoencoder(groups=32, widths=(32, 64))):
+        weights = vae.state_dict()
+        keys = compvis.vae_to_compvis(weights, vae.config)
+        assert keys["first_stage_model.encoder.mid.attn_1.q.weight"].dim() == 4
+        assert "first_stage_model.decoder.up.1.upsample.conv.weight" in keys
+        back = convert_ldm_vae_checkpoint(keys, dict(vae.config))
+        if "quantize.embedding.weight" in weights:
+            assert "first_stage_model.quantize.embedding.weight" in keys
+            back["quantize.embedding.weight"] = keys["first_stage_model.quantize.embedding.weight"]
+        assert back.keys() == weights.keys() and all(torch.equal(back[k], weights[k]) for k in weights)
+
+
+@needs_transformers
+@pytest.mark.parametrize("kind", ["clip", "open_clip"])
+def test_compvis_text_encoder_mapping_round_trips(kind):
+    from dpcli.adapters import compvis
+
+    text = text_encoder(300, act="quick_gelu" if kind == "clip" else "gelu")
+    to_compvis = compvis.clip_to_compvis if kind == "clip" else compvis.open_clip_to_compvis
+    keys = to_compvis(text.state_dict())
+    original = {"model": {"params": {"cond_stage_config": {"params": {"layer": "last"}}}}}
+    back = compvis.text_encoder_from_compvis(keys, kind, original, CROSS_WIDTH)
+    own = {k.removeprefix("text_model."): v for k, v in text.state_dict().items()}
+    back = {k.removeprefix("text_model."): v for k, v in back.items() if not k.endswith("position_ids")}
+    back.pop("text_projection.weight", None)
+    assert back.keys() == own.keys() and all(torch.equal(back[k], own[k]) for k in own)
+
+
+@needs_transformers
+def test_compvis_stable_diffusion_checkpoint_loads_identically_and_inspects(dp, tmp_path):
+    path, parts = compvis_checkpoint(tmp_path / "sd1", "clip")
+    result = dp("inspect", path, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = result.json
+    assert report["adapter"] == "ldm" and report["source_kind"] == "single file, CompVis layout"
+    assert report["input_shape"] == [1, 4, 8, 8] and report["macs"] > 0
+    sizes = {c["name"]: c["params"] for c in report["components"]}
+    assert sizes == {
+        name: sum(p.numel() for p in parts[name].parameters()) for name in ("vae", "text_encoder")
+    }
+    assert any(
+        row["name"] == "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+        for row in report["layers"]
+    )
+    assert get_registry().adapter("ddpm").detect(ModelSource(spec=str(path), kind="file", path=path)) == 0.0
+
+    loaded = load_model(str(path))
+    assert (
+        loaded.scheduler.config.prediction_type == "epsilon"
+        and loaded.scheduler.config.beta_schedule == "scaled_linear"
+    )
+    sample, context = torch.randn(2, 4, 8, 8), torch.randn(2, TOKENS, CROSS_WIDTH)
+    tokens = torch.tensor([[512, 70, 513, 513, 513, 513, 513, 513]])
+    latents = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(
+            loaded.model(sample, 10, context).sample, parts["unet"](sample, 10, context).sample
+        )
+        assert torch.equal(loaded.components["text_encoder"](tokens)[0], parts["text_encoder"](tokens)[0])
+        assert torch.equal(
+            loaded.components["vae"].decode(latents).sample, parts["vae"].decode(latents).sample
+        )
+
+
+@needs_transformers
+def test_compvis_sd2_layout_with_v_prediction_scores_with_a_prompt(dp, tmp_path, built):
+    path, parts = compvis_checkpoint(
+        tmp_path / "sd2", "open_clip", suffix=".safetensors", parameterization="v"
+    )
+    loaded = load_model(str(path))
+    assert loaded.scheduler.config.prediction_type == "v_prediction"
+    tokens = torch.tensor([[512, 70, 71, 513, 513, 513, 513, 513]])
+    with torch.no_grad():  # the penultimate OpenCLIP layer is the text encoder's last
+        assert torch.equal(loaded.components["text_encoder"](tokens)[0], parts["text_encoder"](tokens)[0])
+    result = dp("score", path, "--data", built["plain_images"], "--calib-size", "2", "--timesteps", "3",
+                "--prompt", "a cat", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert len(result.json["losses"]) == 3
+
+
+def test_compvis_class_conditional_ldm_with_vq_first_stage(tmp_path):
+    path, parts = compvis_checkpoint(tmp_path / "cin", "class", linear_start=0.0015, linear_end=0.0195)
+    loaded = load_model(str(path))
+    assert loaded.extras["conditioning"] == "class-context"
+    assert loaded.extras["num_classes"] == 4 and loaded.extras["null_class"] == 4
+    assert type(loaded.components["vae"]).__name__ == "VQModel" and loaded.extras["scaling_factor"] == 1.0
+    assert torch.equal(loaded.components["class_embedder"].weight, parts["class_embedder"].weight)
+    images = ddim_loop(loaded, 2, guidance=2.0, class_labels=[1, 3])
+    assert images.shape == (2, 3, 16, 16)
+
+
+def test_compvis_checkpoint_needs_its_yaml(dp, tmp_path):
+    path, _ = compvis_checkpoint(tmp_path / "noyaml", "class")
+    (path.parent / "config.yaml").rename(tmp_path / "elsewhere.yaml")
+    result = dp("inspect", path)
+    assert result.exit_code == 2 and "config.yaml" in result.stderr and "--config" in result.stderr
+    assert dp("inspect", path, "--config", tmp_path / "elsewhere.yaml").exit_code == 0
+
+
+# What is not supported says so ----------------------------------------------------------------------
+def test_unsupported_latent_models_are_clear_bad_input(dp, tmp_path):
+    unet = cross_attention_unet(in_channels=9)  # inpainting: latents + mask + masked-image latents
+    inpainting = write_pipeline(tmp_path / "inpaint", unet, kl_autoencoder())
+    result = dp("inspect", inpainting)
+    assert result.exit_code == 2 and "takes 9 channels" in result.stderr and "Traceback" not in result.stderr
+    index = json.loads((inpainting / "model_index.json").read_text())
+    (inpainting / "model_index.json").write_text(
+        json.dumps({**index, "text_encoder_2": ["transformers", "X"]})
+    )
+    result = dp("inspect", inpainting)
+    assert result.exit_code == 2 and "two text encoders" in result.stderr
