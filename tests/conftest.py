@@ -53,3 +53,23 @@ def tiny_pipeline_folder(tmp_path, tiny_unet) -> Path:
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "images")
+
+
+def tiny_loaded(seed: int = 0, config: dict | None = None):
+    """A tiny UNet2DModel wrapped as a LoadedModel with diffusers' default DDPMScheduler."""
+    from diffusers import DDPMScheduler
+
+    from dpcli.adapters.base import LoadedModel
+
+    model = make_unet(config, seed=seed)
+    config = dict(model.config)
+    return LoadedModel(
+        model=model,
+        adapter="ddpm",
+        source="tiny",
+        source_kind="test",
+        config=config,
+        sample_size=config["sample_size"],
+        in_channels=config["in_channels"],
+        scheduler=DDPMScheduler(),
+    )

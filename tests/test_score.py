@@ -2,29 +2,15 @@
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, make_unet
+from conftest import TINY_CONFIG, tiny_loaded
 
-from dpcli.adapters.base import LoadedModel
 from dpcli.errors import DpError
 from dpcli.plugins import get_registry
 from dpcli.scoring import accumulate_gradients
 
 
 def loaded_tiny(seed=0, config=None):
-    from diffusers import DDPMScheduler
-
-    model = make_unet(config, seed=seed)
-    config = dict(model.config)
-    return LoadedModel(
-        model=model,
-        adapter="ddpm",
-        source="tiny",
-        source_kind="test",
-        config=config,
-        sample_size=config["sample_size"],
-        in_channels=config["in_channels"],
-        scheduler=DDPMScheduler(),
-    )
+    return tiny_loaded(seed=seed, config=config)
 
 
 def reference_scan(model, scheduler, clean_images, noise, threshold, total):

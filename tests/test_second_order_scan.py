@@ -2,28 +2,14 @@
 
 import pytest
 import torch
-from conftest import make_unet
+from conftest import tiny_loaded
 
-from dpcli.adapters.base import LoadedModel
 from dpcli.plugins import get_registry
 from dpcli.scoring import accumulate_gradients
 
 
 def loaded_tiny():
-    from diffusers import DDPMScheduler
-
-    model = make_unet(seed=1)
-    config = dict(model.config)
-    return LoadedModel(
-        model=model,
-        adapter="ddpm",
-        source="tiny",
-        source_kind="test",
-        config=config,
-        sample_size=config["sample_size"],
-        in_channels=config["in_channels"],
-        scheduler=DDPMScheduler(),
-    )
+    return tiny_loaded(seed=1)
 
 
 def reference_squared_scan(model, scheduler, x0, noise, threshold, total):

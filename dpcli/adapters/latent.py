@@ -222,16 +222,9 @@ def instantiate(class_name: str, config: dict, state_dict: dict, origin: str, sh
 
 def assign_weights(model: torch.nn.Module, state_dict: dict, origin: str) -> None:
     """Strictly load ``state_dict`` into a model built on the meta device (tensors become float32)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
-        raise BadInput(f"weights in {origin} do not fit the model config: {', '.join(parts)}")
+    from dpcli.adapters.unet2d import check_weights_fit
+
+    check_weights_fit(model, state_dict, origin)
     tensors = {
         k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
         for k, v in state_dict.items()

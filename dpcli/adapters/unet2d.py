@@ -59,8 +59,8 @@ def read_config_file(path: Path) -> dict:
     raise BadInput(f"no config.json found at {path}")
 
 
-def load_weights_into(model: torch.nn.Module, state_dict: dict, origin: str) -> None:
-    """Strictly load ``state_dict``; any missing, unexpected or mis-shaped tensor is a clear BadInput."""
+def check_weights_fit(model: torch.nn.Module, state_dict: dict, origin: str) -> None:
+    """Any missing, unexpected or mis-shaped tensor in ``state_dict`` is a clear BadInput."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -71,6 +71,11 @@ def load_weights_into(model: torch.nn.Module, state_dict: dict, origin: str) -> 
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
         raise BadInput(f"weights in {origin} do not fit the model config: {', '.join(parts)}")
+
+
+def load_weights_into(model: torch.nn.Module, state_dict: dict, origin: str) -> None:
+    """Strictly load ``state_dict``; any missing, unexpected or mis-shaped tensor is a clear BadInput."""
+    check_weights_fit(model, state_dict, origin)
     model.load_state_dict(state_dict, strict=True)
 
 
