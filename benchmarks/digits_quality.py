@@ -8,7 +8,7 @@ Runs the dp commands of ``make demo``: ``dp score builtin:ddpm-digits --criterio
 ``dp prune --target-macs 0.56``, ``dp finetune`` for 300 steps (10 % of the model's training), then
 ``dp eval`` of each model with ``--data builtin:digits`` (FID with the shipped digits feature network)
 and ``--reference builtin:ddpm-digits`` (SSIM/PSNR from the same noise; DDIM, uniform spacing), and
-prints a Markdown table. benchmarks/digits_quality.md records a run.
+prints a Markdown table. Record a run in benchmarks/digits_quality.md (none recorded yet).
 """
 
 import argparse
