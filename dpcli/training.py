@@ -761,7 +761,7 @@ def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, pr
     """Write the fine-tuned model into OUT (EMA weights as the main weights, the raw ones as
     ``unet/raw.safetensors``), its loss curve and optional sample preview, and move the checkpoints in:
     the model files appear in OUT only now."""
-    from dpcli.plots import plot_training
+    from dpcli.plots import plot_training, save_image_grid
     from dpcli.saving import AtomicFolder
     from dpcli.workflow import adapter_of
 
@@ -774,7 +774,10 @@ def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, pr
         plot_training(result.losses, result.lrs, folder / "loss.png", title=f"dp finetune {loaded.source}")
         if preview:
             samples = preview_samples(ema_view, preview, seed=result.report["seed"])
-            save_image_grid(samples, folder / "samples.png")
+            pixels = ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            columns = math.ceil(math.sqrt(len(pixels)))
+            rows = [pixels[start : start + columns] for start in range(0, len(pixels), columns)]
+            save_image_grid(rows, folder / "samples.png")
         checkpoints = checkpoint_root(output)
         if checkpoints.is_dir():
             os.replace(checkpoints, folder / CHECKPOINT_DIR)
@@ -804,24 +807,3 @@ def preview_samples(loaded: LoadedModel, count: int = 16, seed: int = 0, steps: 
         prediction = adapter.denoise(loaded, sample, t.expand(count).to(device), conditioning)
         sample = sampler.step(prediction, t, sample, eta=0.0).prev_sample
     return adapter.decode(loaded, sample).clamp(-1, 1).float().cpu()
-
-
-def save_image_grid(images: torch.Tensor, path: Path, columns: int | None = None, cell: int = 64) -> Path:
-    """Images in [-1, 1] as one PNG grid, each scaled (nearest) to about ``cell`` pixels."""
-    import numpy as np
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    count, _, height, _ = images.shape
-    columns = columns or math.ceil(math.sqrt(count))
-    scale = max(1, cell // height)
-    grid = make_grid((images + 1) / 2, nrow=columns, padding=1, pad_value=1.0)
-    array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    picture = Image.fromarray(np.ascontiguousarray(array[..., 0] if images.shape[1] == 1 else array))
-    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    picture.save(temporary)
-    temporary.replace(path)
-    return path
