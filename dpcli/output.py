@@ -370,6 +370,8 @@ def render_finetune(report: dict) -> None:
         rows.append(("samples", report["samples"]))
     rows.append(("checkpoints", report["checkpoints"]))
     stdout.print(key_value_table("Fine-tuned", rows))
+
+
 @contextmanager
 def progress_tasks(enabled: bool = True):
     """One progress display for a command with several stages. Yields ``task(description, total)``,

@@ -75,6 +75,8 @@ def plot_training(losses: list[float], lrs: list[float], path: Path, title: str 
     plt.close(figure)
     temporary.replace(path)
     return path
+
+
 def save_image_grid(rows, path: Path, pad: int = 2, min_cell: int = 64) -> dict:
     """A PNG grid: one row per entry of ``rows`` (uint8 tensors [n, C, H, W]), image j of every row in
     column j. Small images are enlarged (nearest neighbour) to at least ``min_cell`` pixels; rows with
