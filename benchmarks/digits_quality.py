@@ -8,7 +8,7 @@ Runs the dp commands of ``make demo``: ``dp score builtin:ddpm-digits --criterio
 ``dp prune --target-macs 0.56``, ``dp finetune`` for 300 steps (10 % of the model's training), then
 ``dp eval`` of each model with ``--data builtin:digits`` (FID with the shipped digits feature network)
 and ``--reference builtin:ddpm-digits`` (SSIM/PSNR from the same noise; DDIM, uniform spacing), and
-prints a Markdown table. Record a run in benchmarks/digits_quality.md (none recorded yet).
+prints a Markdown table (latency: see benchmarks/sampling.py). benchmarks/digits_quality.md records a run.
 """
 
 import argparse
@@ -39,7 +39,16 @@ def main() -> None:
     dp("finetune", str(out / "pruned"), "--data", "builtin:digits", "--steps", args.finetune_steps,
        "--batch-size", "64", "--lr", "2e-4", "--warmup", "30", "--ema-decay", "0.99", "--seed", args.seed,
        "--force", "-o", str(out / "finetuned"))  # fmt: skip
-    common = ["--data", "builtin:digits", "--num-samples", args.num_samples, "--steps", args.steps, "--force"]
+    common = [
+        "--data",
+        "builtin:digits",
+        "--num-samples",
+        args.num_samples,
+        "--steps",
+        args.steps,
+        "--no-latency",
+    ]
+    common += ["--seed", args.seed, "--force"]
     models = {
         "original": "builtin:ddpm-digits",
         "pruned": str(out / "pruned"),
@@ -52,20 +61,17 @@ def main() -> None:
         reports[name] = json.loads((out / f"eval-{name}" / "report.json").read_text())
     first = reports["original"]
     print(
-        f"DDIM {args.steps} steps, {args.num_samples} samples, seed 0; FID: digits features vs builtin:digits"
+        f"DDIM {args.steps} steps, {args.num_samples} samples, seed {args.seed}; "
+        "FID: digits features vs builtin:digits"
     )
-    print(
-        "| model | params | MACs | FID | SSIM to original | PSNR to original | ms/step batch 1 | ms/step batch 64 |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | params | MACs | FID | SSIM to original | PSNR to original |")
+    print("|---|---|---|---|---|---|")
     for name, report in reports.items():
-        latency = report["latency"]
         ssim = "1 (itself)" if report["ssim"] is None else f"{report['ssim']:.3f}"
         psnr = "∞" if report["psnr"] is None else f"{report['psnr']:.2f} dB"
         print(
             f"| {name} | {report['params'] / 1e6:.3f} M | {report['macs'] / 1e6:.1f} M "
-            f"({report['macs'] / first['macs']:.1%}) | {report['fid']:.2f} | {ssim} | {psnr} "
-            f"| {latency['batch_1_ms']:.1f} | {latency['batch_ms']:.0f} |"
+            f"({report['macs'] / first['macs']:.1%}) | {report['fid']:.2f} | {ssim} | {psnr} |"
         )
 
 

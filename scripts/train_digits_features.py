@@ -13,7 +13,6 @@ Deterministic (seed 0); about half a minute on two CPU cores.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
