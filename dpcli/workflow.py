@@ -62,9 +62,14 @@ def model_signature(model: torch.nn.Module) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# Packing timesteps stops paying at about this many samples per forward on a CPU: on 2 idle cores the
+# digits scan was fastest at 64 and slower at 128 and 256 (benchmarks/pruning.md, "default --chunk").
+SAMPLES_PER_PASS = 64
+
+
 def default_chunk(calib_size: int, batch_size: int) -> int:
-    """Timesteps per forward: as many as fit in ``batch_size`` samples (see benchmarks/scoring.py)."""
-    return max(1, batch_size // max(1, calib_size))
+    """Timesteps per forward: about ``SAMPLES_PER_PASS`` samples, never more than ``batch_size``."""
+    return max(1, min(batch_size, SAMPLES_PER_PASS) // max(1, calib_size))
 
 
 def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=None) -> Scores:

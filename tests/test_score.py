@@ -102,6 +102,7 @@ def test_score_cli_writes_scores_plot_and_json(dp, tmp_path, tiny_unet_folder, i
     report = result.json
     assert report["cutoff"] == len(report["losses"]) - 1
     assert report["criterion"] == "diff-taylor" and report["seconds"] > 0
+    assert report["chunk"] == 16, "by default 64 samples per forward: 16 timesteps of 4 images"
     assert report["groups"] > 5 and all(layer["channels"] > 0 for layer in report["layers"])
     assert scores.stat().st_size > 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = dp("score", tiny_unet_folder, "--criterion", "magnitude")
