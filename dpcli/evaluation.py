@@ -19,6 +19,7 @@ import torch
 from dpcli import __version__
 from dpcli.adapters.base import LoadedModel
 from dpcli.errors import BadInput
+from dpcli.io.files import read_json
 from dpcli.metrics import (
     DIGITS,
     INCEPTION,
@@ -32,7 +33,8 @@ from dpcli.metrics import (
     save_stats,
     ssim_psnr,
 )
-from dpcli.sampling import Sampler, SamplerSettings, Samples, generate, is_main_process, steps_for_rank
+from dpcli.runtime import is_main_process
+from dpcli.sampling import Sampler, SamplerSettings, Samples, generate, steps_for_rank
 
 REPORT_FILE = "report.json"
 GRID_FILE = "grid.png"
@@ -386,18 +388,10 @@ def evaluate(settings: EvalSettings, progress: Progress = _no_progress, status=N
         "grid": None,
     }
     report["samples"] = samples
+    from dpcli.plots import grid_rows
+
     report["grid_rows"] = grid_rows(samples.images[:GRID_SAMPLES])
     return report
-
-
-def grid_rows(images: torch.Tensor, columns: int | None = None) -> list[torch.Tensor]:
-    """Split images into rows of ``columns`` (default: a square-ish grid)."""
-    import math
-
-    if len(images) == 0:
-        return []
-    columns = columns or math.ceil(math.sqrt(len(images)))
-    return [images[start : start + columns] for start in range(0, len(images), columns)]
 
 
 def write_eval_output(report: dict, folder: Path, final: Path | None = None) -> dict:
@@ -439,16 +433,13 @@ def read_eval_report(path: Path) -> tuple[dict, torch.Tensor | None, Path]:
     file = path / REPORT_FILE if path.is_dir() else path
     if not file.is_file():
         raise BadInput(f"--report {path}: no dp eval report there (expected {REPORT_FILE})")
-    try:
-        report = json.loads(file.read_text())
-    except ValueError as exc:
-        raise BadInput(f"{file} is not valid JSON: {exc}") from None
+    report = read_json(file)
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
         raise BadInput(f"{file} is not a dp eval report")
     images = None
     samples_file = file.parent / ((report.get("files") or {}).get("samples") or SAMPLES_FILE)
     if samples_file.is_file():
-        from dpcli.loading import load_tensor_file
+        from dpcli.io.weights import load_tensor_file
 
         images = load_tensor_file(samples_file).get("images")
     return report, images, file

@@ -8,28 +8,7 @@ import torch
 
 from dpcli.adapters.base import LoadedModel
 from dpcli.flops import count_macs, count_params
-
-
-def layer_channels(module: torch.nn.Module) -> dict:
-    """Channel widths of a layer as users think of them (conv/linear in/out, norm width, attention heads)."""
-    if isinstance(module, torch.nn.modules.conv._ConvNd):
-        return {"in_channels": module.in_channels, "out_channels": module.out_channels}
-    if isinstance(module, torch.nn.Linear):
-        return {"in_channels": module.in_features, "out_channels": module.out_features}
-    if isinstance(module, torch.nn.GroupNorm):
-        return {
-            "in_channels": module.num_channels,
-            "out_channels": module.num_channels,
-            "groups": module.num_groups,
-        }
-    if isinstance(module, torch.nn.LayerNorm):
-        width = module.normalized_shape[-1]
-        return {"in_channels": width, "out_channels": width}
-    if isinstance(module, torch.nn.Embedding):
-        return {"in_channels": module.num_embeddings, "out_channels": module.embedding_dim}
-    if hasattr(module, "heads") and hasattr(module, "to_q"):
-        return {"heads": int(module.heads)}
-    return {}
+from dpcli.io.model_format import layer_widths
 
 
 def macs_of(loaded: LoadedModel):
@@ -41,19 +20,30 @@ def macs_of(loaded: LoadedModel):
     return count_macs(loaded.model, inputs, call=lambda model, *args: adapter.predict(loaded, *args))
 
 
+def layer_rows(loaded: LoadedModel, macs=None) -> list[dict]:
+    """One row per layer that has parameters or MACs: name, type, own params and MACs, widths."""
+    self_macs = (macs or macs_of(loaded)).self_by_module
+    rows = []
+    for name, module in loaded.model.named_modules():
+        own_params = sum(p.numel() for p in module.parameters(recurse=False))
+        own_macs = self_macs.get(name, 0)
+        if not name or (own_params == 0 and own_macs == 0):
+            continue
+        rows.append(
+            {"name": name, "type": type(module).__name__, "params": own_params, "macs": own_macs}
+            | layer_widths(module)
+        )
+    return rows
+
+
 def inspect_model(loaded: LoadedModel, depth: int | None = None) -> dict:
     """A JSON-ready report: summary, totals and one row per layer (or per block at ``depth``)."""
     model = loaded.model
     macs = macs_of(loaded)
     original = (loaded.pruning or {}).get("original_modules", {})
-    layers = []
-    for name, module in model.named_modules():
-        own_params = sum(p.numel() for p in module.parameters(recurse=False))
-        own_macs = macs.self_by_module.get(name, 0)
-        if not name or (own_params == 0 and own_macs == 0):
-            continue
-        row = {"name": name, "type": type(module).__name__, "params": own_params, "macs": own_macs}
-        row.update(layer_channels(module))
+    layers = layer_rows(loaded, macs)
+    for row in layers:
+        name = row["name"]
         if name in original:
             before = original[name]
             row["original_in_channels"] = before.get("in_channels")
@@ -62,7 +52,6 @@ def inspect_model(loaded: LoadedModel, depth: int | None = None) -> dict:
                 row["original_heads"] = before["heads"]
             if before.get("out_channels") and row.get("out_channels") is not None:
                 row["sparsity"] = 1 - row["out_channels"] / before["out_channels"]
-        layers.append(row)
     attention_macs = sum(r["macs"] for r in layers if "heads" in r)
     params = count_params(model)
     report = {

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from dpcli.errors import BadInput
+from dpcli.io.files import atomic_write
 
 INCEPTION = "inception-v3"
 DIGITS = "dpcli-digits"
@@ -109,7 +110,7 @@ def _inception_metric(weights: Path):
     """torchmetrics' FID on torch-fidelity's Inception-v3, loaded from ``weights`` without unpickling it."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from dpcli.loading import load_tensor_file
+    from dpcli.io.weights import load_tensor_file
 
     state_dict = load_tensor_file(weights)
     with tempfile.TemporaryDirectory(prefix="dpcli-inception-") as folder:
@@ -231,8 +232,6 @@ def save_stats(stats: FidStats, path: Path, data: str = "") -> None:
     """FID statistics as safetensors: ``mu``, ``sigma``; metadata: extractor, feature size, count."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": STATS_FORMAT,
         "extractor": stats.extractor,
@@ -240,11 +239,12 @@ def save_stats(stats: FidStats, path: Path, data: str = "") -> None:
         "count": str(stats.count),
         "data": data,
     }
-    temporary = path.with_name(f".{path.name}.tmp")
-    save_file(
-        {"mu": stats.mu.contiguous(), "sigma": stats.sigma.contiguous()}, str(temporary), metadata=metadata
-    )
-    temporary.replace(path)
+    with atomic_write(path) as temporary:
+        save_file(
+            {"mu": stats.mu.contiguous(), "sigma": stats.sigma.contiguous()},
+            str(temporary),
+            metadata=metadata,
+        )
 
 
 def load_stats(path: Path) -> FidStats:

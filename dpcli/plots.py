@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dpcli.io.files import atomic_write
+
+if TYPE_CHECKING:
+    import torch
 
 
 def plot_losses(scan, path: Path, title: str = "") -> Path:
@@ -33,10 +40,9 @@ def plot_losses(scan, path: Path, title: str = "") -> Path:
     axis.set_title(title or "Diff-Pruning timestep scan")
     axis.legend()
     figure.tight_layout()
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary)
+    with atomic_write(path, suffix=".png") as temporary:
+        figure.savefig(temporary)
     plt.close(figure)
-    temporary.replace(path)
     return path
 
 
@@ -70,11 +76,18 @@ def plot_training(losses: list[float], lrs: list[float], path: Path, title: str 
     axis.legend(handles[0] + lr_handles[0], handles[1] + lr_handles[1], loc="upper right")
     axis.set_title(title or "dp finetune")
     figure.tight_layout()
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary)
+    with atomic_write(path, suffix=".png") as temporary:
+        figure.savefig(temporary)
     plt.close(figure)
-    temporary.replace(path)
     return path
+
+
+def grid_rows(images: torch.Tensor, columns: int | None = None) -> list[torch.Tensor]:
+    """Split images into rows of ``columns`` (default: a square-ish grid)."""
+    if len(images) == 0:
+        return []
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    return [images[start : start + columns] for start in range(0, len(images), columns)]
 
 
 def save_image_grid(rows, path: Path, pad: int = 2, min_cell: int = 64) -> dict:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,8 +31,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dpcli import runtime
 from dpcli.adapters.base import LoadedModel
 from dpcli.errors import BadInput
+from dpcli.runtime import resolve_device, resolve_precision, synchronize
 
 SAMPLERS = ("ddim", "ddpm")
 SPACINGS = ("uniform", "quad")
@@ -136,39 +137,6 @@ def initial_noise(shape: Sequence[int], seed: int, indices: Sequence[int]) -> to
     return torch.stack(
         [torch.randn(tuple(shape), generator=sample_generator(seed, i, _NOISE)) for i in indices]
     )
-
-
-def resolve_device(device: str | None = None) -> torch.device:
-    """``device`` as given; else this rank's GPU under torchrun, any GPU, or the CPU."""
-    if device:
-        try:
-            resolved = torch.device(device)
-        except RuntimeError as exc:
-            raise BadInput(f"--device: {exc}") from None
-        if resolved.type == "cuda" and not torch.cuda.is_available():
-            raise BadInput(f"--device {device}: CUDA is not available on this machine")
-        return resolved
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain float32. ``auto``: bf16 (else fp16) on GPU, fp32 on CPU."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Sampler:
@@ -301,10 +269,10 @@ class Sampler:
             if self.settings.sampler == "ddpm":
                 generators = [sample_generator(self.settings.seed, i, _STEPS) for i in indices]
             for run in range(warmup + repeats):
-                _synchronize(self.device)
+                synchronize(self.device)
                 started = time.perf_counter()
                 self.step(sample, position, conditioning, generators)
-                _synchronize(self.device)
+                synchronize(self.device)
                 if run >= warmup:
                     times.append(time.perf_counter() - started)
                 if on_run is not None:
@@ -315,45 +283,6 @@ class Sampler:
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] as a PNG would store them (rounded to 8 bits)."""
     return (images * 255).round().clamp(0, 255).to(torch.uint8)
-
-
-# Distributed ---------------------------------------------------------------------------------------
-
-
-def init_distributed() -> tuple[int, int]:
-    """``(rank, world_size)``; joins the torchrun process group (nccl on GPU, gloo on CPU) when launched
-    by torchrun with more than one process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def finish_distributed() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_main_process() -> bool:
-    return _world()[0] == 0
 
 
 @dataclass
@@ -396,7 +325,7 @@ def generate(sampler: Sampler, num_samples: int, on_step: Callable[[], None] | N
     """Images 0..num_samples-1. Under torchrun, rank r samples batches r, r + world, ... and rank 0
     gathers; rank 0 gets the Samples, the other ranks None. ``on_step`` is called after every denoising
     step of this rank's batches (``steps_for_rank`` of them)."""
-    rank, world = _world()
+    rank, world = runtime.world()
     size = sampler.settings.batch_size
     batches = [list(range(s, min(s + size, num_samples))) for s in range(0, num_samples, size)]
     started = time.perf_counter()
@@ -425,6 +354,6 @@ def generate(sampler: Sampler, num_samples: int, on_step: Callable[[], None] | N
 
 def steps_for_rank(sampler: Sampler, num_samples: int) -> int:
     """How many denoising steps this rank runs in :func:`generate` (for progress bars)."""
-    rank, world = _world()
+    rank, world = runtime.world()
     batches = math.ceil(num_samples / sampler.settings.batch_size)
     return len(range(rank, batches, world)) * len(sampler.timesteps)

@@ -42,6 +42,8 @@ import torch
 from dpcli import __version__
 from dpcli.adapters.base import LoadedModel
 from dpcli.errors import BadInput, DpError
+from dpcli.io.files import AtomicFolder
+from dpcli.runtime import Distributed
 
 CHECKPOINT_FORMAT = "dpcli-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -115,57 +117,6 @@ class FinetuneSettings:
                 raise BadInput(message)
         if self.distill_weight > 0 and not self.teacher:
             raise BadInput("--distill-weight needs --teacher MODEL")
-
-
-# Distributed ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Distributed:
-    """Where this process stands in a torchrun job (a single process is rank 0 of 1)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-    initialised_here: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.initialised_here and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def start_distributed(device: str = "auto") -> Distributed:
-    """Join the torchrun job described by the environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
-    ``MASTER_ADDR``/``MASTER_PORT``), or run as a single process. NCCL on GPU, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device not in ("auto", "cpu", "cuda"):
-        raise BadInput(f"--device must be auto, cpu or cuda, got {device!r}")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise BadInput("--device cuda: no CUDA GPU is available")
-    chosen = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(chosen)
-    state = Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)
-    if world_size > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
-        state.initialised_here = True
-    return state
 
 
 # Data order and noise ---------------------------------------------------------------------------
@@ -351,39 +302,34 @@ def save_checkpoint(
     root = checkpoint_root(output)
     root.mkdir(parents=True, exist_ok=True)
     final = root / _CHECKPOINT_NAME.format(train.step)
-    temporary = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
 
     def tensors_of(module: torch.nn.Module) -> dict:
         return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
-    save_file(tensors_of(model), str(temporary / "model.safetensors"))
-    save_file(tensors_of(ema.module), str(temporary / "ema.safetensors"))
-    tensors, param_groups = _optimizer_tensors(optimizer)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    tensors["history.loss"] = torch.tensor(train.losses, dtype=torch.float64)
-    tensors["history.lr"] = torch.tensor(train.lrs, dtype=torch.float64)
-    save_file(tensors, str(temporary / "state.safetensors"))
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "dpcli_version": __version__,
-        "step": train.step,
-        "samples_seen": train.step * record["settings"]["global_batch"],
-        "seconds": train.seconds,
-        "optimizer_param_groups": param_groups,
-        "lr_schedule": _jsonable(lr_schedule.state_dict()),
-        "grad_scaler": _jsonable(scaler.state_dict()),
-        **record,
-    }
-    (temporary / "state.json").write_text(json.dumps(state, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(temporary, final)
+    with AtomicFolder(final, force=True) as temporary:
+        save_file(tensors_of(model), str(temporary / "model.safetensors"))
+        save_file(tensors_of(ema.module), str(temporary / "ema.safetensors"))
+        tensors, param_groups = _optimizer_tensors(optimizer)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        tensors["history.loss"] = torch.tensor(train.losses, dtype=torch.float64)
+        tensors["history.lr"] = torch.tensor(train.lrs, dtype=torch.float64)
+        save_file(tensors, str(temporary / "state.safetensors"))
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "dpcli_version": __version__,
+            "step": train.step,
+            "samples_seen": train.step * record["settings"]["global_batch"],
+            "seconds": train.seconds,
+            "optimizer_param_groups": param_groups,
+            "lr_schedule": _jsonable(lr_schedule.state_dict()),
+            "grad_scaler": _jsonable(scaler.state_dict()),
+            **record,
+        }
+        (temporary / "state.json").write_text(json.dumps(state, indent=2))
     complete = sorted(
         (p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()),
         key=lambda p: int(p.name[5:]),
@@ -661,8 +607,8 @@ def finetune(
 
 
 def _load_checkpoint(folder, state, model, ema, optimizer, lr_schedule, scaler, train, settings) -> None:
-    from dpcli.adapters.unet2d import load_weights_into
-    from dpcli.loading import load_tensor_file
+    from dpcli.io.diffusers_files import load_weights_into
+    from dpcli.io.weights import load_tensor_file
 
     load_weights_into(model, load_tensor_file(folder / "model.safetensors"), str(folder))
     load_weights_into(ema.module, load_tensor_file(folder / "ema.safetensors"), str(folder))
@@ -761,8 +707,7 @@ def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, pr
     """Write the fine-tuned model into OUT (EMA weights as the main weights, the raw ones as
     ``unet/raw.safetensors``), its loss curve and optional sample preview, and move the checkpoints in:
     the model files appear in OUT only now."""
-    from dpcli.plots import plot_training, save_image_grid
-    from dpcli.saving import AtomicFolder
+    from dpcli.plots import grid_rows, plot_training, save_image_grid
     from dpcli.workflow import adapter_of
 
     output = Path(output)
@@ -773,11 +718,8 @@ def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, pr
         adapter_of(loaded).save(ema_view, folder, metadata)
         plot_training(result.losses, result.lrs, folder / "loss.png", title=f"dp finetune {loaded.source}")
         if preview:
-            samples = preview_samples(ema_view, preview, seed=result.report["seed"])
-            pixels = ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            columns = math.ceil(math.sqrt(len(pixels)))
-            rows = [pixels[start : start + columns] for start in range(0, len(pixels), columns)]
-            save_image_grid(rows, folder / "samples.png")
+            pixels = preview_samples(ema_view, preview, seed=result.report["seed"])
+            save_image_grid(grid_rows(pixels), folder / "samples.png")
         checkpoints = checkpoint_root(output)
         if checkpoints.is_dir():
             os.replace(checkpoints, folder / CHECKPOINT_DIR)
@@ -787,23 +729,11 @@ def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, pr
 # Previews ---------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
 def preview_samples(loaded: LoadedModel, count: int = 16, seed: int = 0, steps: int = 50) -> torch.Tensor:
-    """A quick look at what the model generates: deterministic DDIM (eta 0, ``steps`` uniform steps).
+    """A quick look at what the model generates: ``dp eval``'s sampler, deterministic DDIM (eta 0,
+    ``steps`` uniform steps) in fp32 on the model's device. uint8 images, [count, C, H, W], on the CPU."""
+    from dpcli.sampling import Sampler, SamplerSettings, to_uint8
 
-    Images in [-1, 1], [count, C, H, W], on the CPU. ``dp eval`` is the real sampler."""
-    from diffusers import DDIMScheduler
-
-    from dpcli.workflow import adapter_of
-
-    adapter = adapter_of(loaded)
-    sampler = DDIMScheduler.from_config(loaded.scheduler.config)
-    sampler.set_timesteps(steps)
+    settings = SamplerSettings(steps=steps, seed=seed, batch_size=count, precision="fp32")
     device = next(loaded.model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    sample = torch.randn((count, *adapter.noise_shape(loaded)), generator=generator).to(device)
-    conditioning = adapter.sampling_conditioning(loaded, count, generator=generator)
-    for t in sampler.timesteps:
-        prediction = adapter.denoise(loaded, sample, t.expand(count).to(device), conditioning)
-        sample = sampler.step(prediction, t, sample, eta=0.0).prev_sample
-    return adapter.decode(loaded, sample).clamp(-1, 1).float().cpu()
+    return to_uint8(Sampler(loaded, settings, device=device).sample(range(count)))

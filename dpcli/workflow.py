@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -14,6 +13,9 @@ from dpcli import __version__
 from dpcli.adapters.base import LoadedModel
 from dpcli.errors import BadInput
 from dpcli.flops import count_params
+from dpcli.io.files import atomic_write
+from dpcli.io.model_format import model_signature, module_shapes
+from dpcli.io.weights import load_tensor_file
 from dpcli.pruning import PruneOptions, collect_scores, output_shape, prune_to_target
 from dpcli.scoring import ScanResult, accumulate_gradients, calibration_batch, calibration_noise
 
@@ -52,14 +54,6 @@ def adapter_of(loaded: LoadedModel):
     from dpcli.plugins import get_registry
 
     return get_registry().adapter(loaded.adapter)
-
-
-def model_signature(model: torch.nn.Module) -> str:
-    """A short hash of the model's module widths: scores only apply to a model of the same shape."""
-    from dpcli.saving import module_shapes
-
-    text = json.dumps(module_shapes(model), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # Packing timesteps stops paying at about this many samples per forward on a CPU: on 2 idle cores the
@@ -140,18 +134,13 @@ def save_scores(scores: Scores, path: Path, model_source: str) -> None:
         "cutoff": json.dumps(scan.cutoff if scan else None),
         "losses": json.dumps(scan.losses if scan else []),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in scores.tensors.items()}, str(temporary), metadata=metadata)
-    temporary.replace(path)
+    with atomic_write(path) as temporary:
+        save_file({k: v.contiguous() for k, v in scores.tensors.items()}, str(temporary), metadata=metadata)
 
 
 def load_scores(path: Path, loaded: LoadedModel) -> Scores:
     """Scores written by ``dp score``, checked against the model they are applied to."""
     from safetensors import safe_open
-
-    from dpcli.loading import load_tensor_file
 
     path = Path(path)
     if not path.is_file():
@@ -187,23 +176,11 @@ def measure(loaded: LoadedModel) -> tuple[int, int]:
     return count_params(loaded.model), macs_of(loaded).total
 
 
-def layer_rows(model: torch.nn.Module, loaded: LoadedModel) -> dict[str, dict]:
-    """Per-layer widths, params and MACs, for before/after tables."""
-    from dpcli.inspection import layer_channels, macs_of
+def layer_rows(loaded: LoadedModel) -> dict[str, dict]:
+    """Per-layer widths, params and MACs by layer name, for before/after tables."""
+    from dpcli.inspection import layer_rows as rows_of
 
-    macs = macs_of(loaded).self_by_module
-    rows = {}
-    for name, module in model.named_modules():
-        own = sum(p.numel() for p in module.parameters(recurse=False))
-        if not name or (own == 0 and macs.get(name, 0) == 0):
-            continue
-        rows[name] = {
-            "type": type(module).__name__,
-            "params": own,
-            "macs": macs.get(name, 0),
-            **layer_channels(module),
-        }
-    return rows
+    return {row.pop("name"): row for row in rows_of(loaded)}
 
 
 @dataclass
@@ -235,13 +212,12 @@ def prune_model(
 ) -> dict:
     """Prune ``loaded`` in place with ``scores``; return the report (sizes, ratio, per-layer rows)."""
     from dpcli.plugins import get_registry
-    from dpcli.saving import module_shapes
 
     validate_prune_settings(settings)
     criterion = get_registry().criterion(scores.criterion)
     adapter = adapter_of(loaded)
     shape_before = output_shape(loaded, adapter)
-    before_rows = layer_rows(loaded.model, loaded)
+    before_rows = layer_rows(loaded)
     original_modules = module_shapes(loaded.model)
     params_before, macs_before = measure(loaded)
     started = time.perf_counter()
@@ -263,7 +239,7 @@ def prune_model(
     if shape_after != shape_before:
         raise BadInput(f"pruning changed the output shape {shape_before} -> {shape_after}; use --ignore")
     params_after, macs_after = measure(loaded)
-    after_rows = layer_rows(loaded.model, loaded)
+    after_rows = layer_rows(loaded)
     layers = []
     for name, before in before_rows.items():
         after = after_rows.get(name, {})

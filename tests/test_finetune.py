@@ -307,7 +307,7 @@ def test_bad_input_exits_2(dp, tmp_path, tiny_unet_folder, image_folder, other_m
 
 def test_builtin_digits_model_is_trained_and_config_stays_random(dp):
     from dpcli.data import load_images
-    from dpcli.saving import module_shapes
+    from dpcli.io.model_format import module_shapes
 
     trained = load_model("builtin:ddpm-digits")
     untrained = load_model("config:ddpm-digits")

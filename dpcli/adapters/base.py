@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpcli.errors import BadInput
+from dpcli.io.files import read_json
 
 if TYPE_CHECKING:
     import torch
@@ -30,17 +29,12 @@ class ModelSource:
         if self.path is None or not self.path.is_dir():
             return None
         file = self.path / relative
-        if not file.is_file():
-            return None
-        try:
-            return json.loads(file.read_text())
-        except (OSError, ValueError) as exc:
-            raise BadInput(f"{file} is not valid JSON: {exc}") from None
+        return read_json(file) if file.is_file() else None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors of a single-file source, loaded safely once (see dpcli.loading.load_tensor_file)."""
+        """The tensors of a single-file source, loaded safely once (see dpcli.io.weights.load_tensor_file)."""
         if self._state_dict is None:
-            from dpcli.loading import load_tensor_file
+            from dpcli.io.weights import load_tensor_file
 
             self._state_dict = load_tensor_file(self.path)
         return self._state_dict

@@ -50,9 +50,9 @@ class DDPMAdapter(ModelAdapter):
         fix_attributes(loaded.model, heads_after_pruning(loaded.model, pruner))
 
     def save(self, loaded: LoadedModel, folder: Path, metadata: dict) -> dict:
-        from dpcli.adapters.unet2d import save_unet2d
+        from dpcli.io.model_format import save_model
 
-        return save_unet2d(loaded, folder, metadata)
+        return save_model(loaded, folder, metadata)
 
 
 @hookimpl

@@ -11,7 +11,7 @@ embedding, or on class labels embedded as cross-attention context (the CompVis I
 ``num_classes`` / ``null_class`` (the class used as unconditional input for guidance, if any) and
 ``context_length`` (tokens of the cross-attention context).
 
-Weights are read only through ``dpcli.loading.load_tensor_file``; no pickle is ever run.
+Weights are read only through ``dpcli.io.weights.load_tensor_file``; no pickle is ever run.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 
 from dpcli.adapters.base import LoadedModel, ModelSource
 from dpcli.errors import BadInput
+from dpcli.io.files import read_json
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 AUTOENCODER_CLASSES = ("AutoencoderKL", "VQModel")
@@ -40,7 +41,7 @@ def detect_latent(source: ModelSource) -> float:
     if source.kind == "builtin" or source.path is None:
         return 0.0
     if source.kind in ("folder", "hub"):
-        from dpcli.saving import read_metadata
+        from dpcli.io.model_format import read_metadata
 
         saved = read_metadata(source.path)
         if saved is not None:
@@ -74,7 +75,7 @@ def detect_latent(source: ModelSource) -> float:
 # Loading ----------------------------------------------------------------------------------------------
 def load_latent(source: ModelSource, adapter_name: str, config_path: Path | None = None) -> LoadedModel:
     """Load a latent diffusion model (its UNet, autoencoder, text encoder / class embedder, scheduler)."""
-    from dpcli.adapters.unet2d import read_config_file
+    from dpcli.io.diffusers_files import read_config_file
 
     notes: list[str] = []
     components: dict = {}
@@ -89,7 +90,7 @@ def load_latent(source: ModelSource, adapter_name: str, config_path: Path | None
         unet, components, scheduler, scheduler_origin = _load_pipeline(source.path, config_path, notes)
         source_kind = f"diffusers pipeline{hub}"
     elif source.kind in ("folder", "hub"):
-        from dpcli.adapters.unet2d import folder_weights
+        from dpcli.io.diffusers_files import folder_weights
 
         config = read_config_file(config_path or source.path)
         unet = instantiate(
@@ -106,7 +107,7 @@ def load_latent(source: ModelSource, adapter_name: str, config_path: Path | None
         scheduler_origin = f"{type(scheduler).__name__} from the checkpoint's YAML"
         source_kind = "single file, CompVis layout"
     if scheduler is None:
-        from dpcli.adapters.unet2d import DEFAULT_SCHEDULER_NOTE, default_scheduler
+        from dpcli.io.diffusers_files import DEFAULT_SCHEDULER_NOTE, default_scheduler
 
         scheduler, scheduler_origin = default_scheduler(), DEFAULT_SCHEDULER_NOTE
     return finish_loading(
@@ -209,7 +210,7 @@ def instantiate(class_name: str, config: dict, state_dict: dict, origin: str, sh
     except (TypeError, ValueError, KeyError, AssertionError) as exc:
         raise BadInput(f"invalid {class_name} config in {origin}: {exc}") from None
     if shapes:
-        from dpcli.saving import apply_shapes
+        from dpcli.io.model_format import apply_shapes
 
         apply_shapes(model, shapes)
         fix_attributes(model, {name: spec["heads"] for name, spec in shapes.items() if "heads" in spec})
@@ -222,7 +223,7 @@ def instantiate(class_name: str, config: dict, state_dict: dict, origin: str, sh
 
 def assign_weights(model: torch.nn.Module, state_dict: dict, origin: str) -> None:
     """Strictly load ``state_dict`` into a model built on the meta device (tensors become float32)."""
-    from dpcli.adapters.unet2d import check_weights_fit
+    from dpcli.io.diffusers_files import check_weights_fit
 
     check_weights_fit(model, state_dict, origin)
     tensors = {
@@ -236,7 +237,7 @@ def assign_weights(model: torch.nn.Module, state_dict: dict, origin: str) -> Non
 
 
 def _load_pipeline(folder: Path, config_path: Path | None, notes: list[str]):
-    from dpcli.adapters.unet2d import folder_weights, load_scheduler, read_config_file
+    from dpcli.io.diffusers_files import folder_weights, load_scheduler, read_config_file
 
     index = json.loads((folder / "model_index.json").read_text())
     unet_folder = folder / "unet"
@@ -290,7 +291,7 @@ def load_components(folder: Path, entries: dict[str, tuple[str, str]]) -> dict:
 
 
 def load_autoencoder(path: Path, class_name: str | None = None):
-    from dpcli.adapters.unet2d import folder_weights, read_config_file
+    from dpcli.io.diffusers_files import folder_weights, read_config_file
 
     config = read_config_file(path)
     class_name = config.get("_class_name") or class_name
@@ -342,7 +343,7 @@ def build_text_encoder(config, state_dict: dict, origin: str):
         if key not in own and key == "text_projection.weight":
             continue  # OpenCLIP's projection; Stable Diffusion uses the hidden states before it
         cleaned[key] = tensor
-    from dpcli.adapters.unet2d import load_weights_into
+    from dpcli.io.diffusers_files import load_weights_into
 
     load_weights_into(model, {**_missing_buffers(model, cleaned), **cleaned}, origin)
     return model.eval()
@@ -358,11 +359,11 @@ def _missing_buffers(model: torch.nn.Module, state_dict: dict) -> dict:
 
 
 def _transformers_weights(path: Path) -> dict:
-    from dpcli.loading import load_tensor_file
+    from dpcli.io.weights import load_tensor_file
 
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index_name).is_file():
-            shards = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
+            shards = sorted(set(read_json(path / index_name)["weight_map"].values()))
             merged = {}
             for shard in shards:
                 merged.update(load_tensor_file(path / shard))
@@ -383,7 +384,7 @@ def load_tokenizer(path: Path, class_name: str | None = None):
 
 
 def load_class_embedder(path: Path) -> torch.nn.Embedding:
-    from dpcli.loading import load_tensor_file
+    from dpcli.io.weights import load_tensor_file
 
     weight = load_tensor_file(path / CLASS_EMBEDDER_FILE).get("weight")
     if weight is None or weight.dim() != 2:
@@ -456,8 +457,7 @@ def _find_tokenizer(checkpoint: Path, candidates: list[tuple[str, str | None]]):
 
 def load_saved_latent(source: ModelSource, adapter_name: str) -> LoadedModel:
     """A model folder written by dpcli for a latent model: pruned UNet rebuilt exactly, components as saved."""
-    from dpcli.adapters.unet2d import DEFAULT_SCHEDULER_NOTE, default_scheduler, load_scheduler
-    from dpcli.saving import load_weights, read_metadata
+    from dpcli.io.model_format import load_weights, read_metadata, saved_scheduler
 
     info = read_metadata(source.path)
     if info is None:
@@ -474,12 +474,7 @@ def load_saved_latent(source: ModelSource, adapter_name: str) -> LoadedModel:
     )
     entries = {name: (spec["path"], spec["class"]) for name, spec in info.get("components", {}).items()}
     components = load_components(source.path, entries)
-    scheduler_dir = source.path / "scheduler"
-    if (scheduler_dir / "scheduler_config.json").is_file():
-        scheduler = load_scheduler(scheduler_dir)
-        origin = f"{type(scheduler).__name__} saved with the model"
-    else:
-        scheduler, origin = default_scheduler(), DEFAULT_SCHEDULER_NOTE
+    scheduler, origin = saved_scheduler(source.path)
     pruned = info.get("pruning") is not None
     return finish_loading(
         unet,
@@ -840,7 +835,7 @@ def save_latent(loaded: LoadedModel, folder: Path, metadata: dict) -> dict:
     its own sub-folder in its library's own format (safetensors)."""
     from safetensors.torch import save_file
 
-    from dpcli.adapters.unet2d import save_unet2d
+    from dpcli.io.model_format import save_model
 
     folder = Path(folder)
     described = {}
@@ -860,4 +855,4 @@ def save_latent(loaded: LoadedModel, folder: Path, metadata: dict) -> dict:
             library = type(component).__module__.split(".")[0]
         described[name] = {"class": type(component).__name__, "library": library, "path": name}
     latent = {k: v for k, v in loaded.extras.items() if isinstance(v, (int, float, str, type(None)))}
-    return save_unet2d(loaded, folder, {**metadata, "components": described, "latent": latent})
+    return save_model(loaded, folder, {**metadata, "components": described, "latent": latent})

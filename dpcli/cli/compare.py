@@ -59,8 +59,9 @@ def compare(
     from dpcli import output as out
     from dpcli.evaluation import CompareSettings, LatencySettings, json_report, write_compare_output
     from dpcli.evaluation import compare as run_compare
-    from dpcli.sampling import SamplerSettings, finish_distributed, init_distributed
-    from dpcli.saving import AtomicFolder, prepare_output
+    from dpcli.io.files import AtomicFolder, prepare_output
+    from dpcli.runtime import start_distributed
+    from dpcli.sampling import SamplerSettings
 
     if output is not None:
         prepare_output(output, force)
@@ -81,7 +82,8 @@ def compare(
         device=device,
         scheduler=scheduler,
     )
-    rank, _ = init_distributed()
+    dist = start_distributed()
+    rank = dist.rank
     try:
         with out.progress_tasks(enabled=rank == 0) as progress:
             result = run_compare(
@@ -97,4 +99,4 @@ def compare(
         else:
             out.render_compare(json_report(result))
     finally:
-        finish_distributed()
+        dist.close()

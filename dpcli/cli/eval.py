@@ -79,8 +79,9 @@ def evaluate(
     from dpcli.errors import BadInput
     from dpcli.evaluation import EvalSettings, LatencySettings, json_report, write_eval_output
     from dpcli.evaluation import evaluate as run_eval
-    from dpcli.sampling import SamplerSettings, finish_distributed, init_distributed
-    from dpcli.saving import AtomicFolder, prepare_output
+    from dpcli.io.files import AtomicFolder, prepare_output
+    from dpcli.runtime import start_distributed
+    from dpcli.sampling import SamplerSettings
 
     if output is not None:
         prepare_output(output, force)
@@ -108,7 +109,8 @@ def evaluate(
         config=config,
         scheduler=scheduler,
     )
-    rank, _ = init_distributed()
+    dist = start_distributed()
+    rank = dist.rank
     try:
         with out.progress_tasks(enabled=rank == 0) as progress:
             report = run_eval(settings, progress, status=out.info if rank == 0 else None)
@@ -122,4 +124,4 @@ def evaluate(
         else:
             out.render_eval(json_report(report))
     finally:
-        finish_distributed()
+        dist.close()

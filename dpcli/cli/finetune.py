@@ -97,15 +97,15 @@ def finetune(
     """
     from dpcli import output as out
     from dpcli.errors import BadInput
+    from dpcli.io.files import prepare_output
     from dpcli.loading import load_model
-    from dpcli.saving import prepare_output
+    from dpcli.runtime import start_distributed
     from dpcli.training import (
         FinetuneSettings,
         checkpoint_root,
         latest_checkpoint,
         load_training_images,
         save_finetuned,
-        start_distributed,
     )
     from dpcli.training import finetune as train
 

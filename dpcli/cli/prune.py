@@ -71,10 +71,10 @@ def prune(
     from dpcli import output as out
     from dpcli.cli.common import ask_criterion, ask_data, ask_target, confirm_plan, interactive, scan_progress
     from dpcli.errors import BadInput
+    from dpcli.io.files import AtomicFolder, prepare_output
     from dpcli.loading import load_model
     from dpcli.plugins import get_registry
     from dpcli.pruning import PruneOptions
-    from dpcli.saving import AtomicFolder, prepare_output
     from dpcli.workflow import (
         PruneSettings,
         ScoreSettings,

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from dpcli.adapters.base import LoadedModel, ModelSource
-from dpcli.adapters.unet2d import default_scheduler, folder_weights, load_scheduler, load_weights_into
 from dpcli.errors import BadInput
-from dpcli.saving import apply_shapes, load_weights, read_metadata, save_model
+from dpcli.io.diffusers_files import default_scheduler, folder_weights, load_scheduler, load_weights_into
+from dpcli.io.files import read_json
+from dpcli.io.model_format import load_saved_model, read_metadata, save_model
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DIT_CLASS = "DiTTransformer2DModel"
@@ -86,10 +87,7 @@ def read_config(path: Path) -> dict:
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise BadInput(f"no config.json at {path}")
-    try:
-        config = json.loads(file.read_text())
-    except ValueError as exc:
-        raise BadInput(f"{file} is not valid JSON: {exc}") from None
+    config = read_json(file)
     if not is_dit_config(config):
         raise BadInput(f"{file} does not describe a {DIT_CLASS} (class {config.get('_class_name')!r})")
     return config
@@ -180,11 +178,7 @@ def load_saved(source: ModelSource, adapter_name: str) -> LoadedModel:
     """A DiT written by dp (pruned and/or fine-tuned): rebuilt from base config + saved shapes, no pickle."""
     from dpcli.adapters.diffusers_fixes import fix_attributes
 
-    info = read_metadata(source.path)
-    model = build_dit(info["base"]["config"])
-    apply_shapes(model, info["modules"])
-    fix_attributes(model, {name: spec["heads"] for name, spec in info["modules"].items() if "heads" in spec})
-    load_weights_into(model, load_weights(source.path, info), str(source.path))
+    model, info = load_saved_model(source.path, build_dit, fix_attributes)
     scheduler, origin = default_scheduler(), DEFAULT_SCHEDULER_NOTE
     if (source.path / "scheduler" / "scheduler_config.json").is_file():
         scheduler = load_scheduler(source.path / "scheduler")
@@ -372,7 +366,7 @@ def ignored_layers(loaded: LoadedModel) -> list[torch.nn.Module]:
 
 
 def save(loaded: LoadedModel, folder: Path, metadata: dict) -> dict:
-    """The dpcli format (safetensors + dpcli.json, see dpcli.saving), plus ``vae/`` for latent models."""
+    """The dpcli format (safetensors + dpcli.json, see dpcli.io.model_format), plus ``vae/`` for latent models."""
     vae = loaded.components.get("vae")
     if vae is not None:
         metadata = {**metadata, "components": {"vae": type(vae).__name__}}

@@ -1,0 +1,106 @@
+"""Where the process runs: torchrun membership (one layer for training, sampling and evaluation),
+the device and the autocast precision. Depends only on ``dpcli.errors``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dpcli.errors import BadInput
+
+
+@dataclass
+class Distributed:
+    """Where this process stands in a torchrun job (a single process is rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    initialised_here: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.initialised_here and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def start_distributed(device: str = "auto") -> Distributed:
+    """Join the torchrun job described by the environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
+    ``MASTER_ADDR``/``MASTER_PORT``), or run as a single process. NCCL on GPU, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device not in ("auto", "cpu", "cuda"):
+        raise BadInput(f"--device must be auto, cpu or cuda, got {device!r}")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise BadInput("--device cuda: no CUDA GPU is available")
+    chosen = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(chosen)
+    state = Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)
+    if world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+        state.initialised_here = True
+    return state
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the joined process group, ``(0, 1)`` outside one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """Rank 0, or a single process: the one that writes and prints."""
+    return world()[0] == 0
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """``device`` as given; else this rank's GPU under torchrun, any GPU, or the CPU."""
+    if device:
+        try:
+            resolved = torch.device(device)
+        except RuntimeError as exc:
+            raise BadInput(f"--device: {exc}") from None
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise BadInput(f"--device {device}: CUDA is not available on this machine")
+        return resolved
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain float32. ``auto``: bf16 (else fp16) on GPU, fp32 on CPU."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work (timing needs it); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
