@@ -14,11 +14,11 @@ import torch
 
 from dpcli.loading import load_model
 from dpcli.pruning import PruneOptions
-from dpcli.workflow import PruneSettings, ScoreSettings, adapter_of, compute_scores, measure, prune_model
+from dpcli.workflow import PruneSettings, ScoreSettings, compute_scores, measure, prune_model
 
 
 def latency_ms(loaded, batch, repeats):
-    adapter = adapter_of(loaded)
+    adapter = loaded.adapter_object
     sample, timesteps = adapter.example_inputs(loaded, batch_size=batch)
     times = []
     with torch.inference_mode():

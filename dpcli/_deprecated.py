@@ -22,3 +22,16 @@ def moved_names(old_module: str, new_homes: dict[str, str]) -> Callable[[str], A
         return getattr(importlib.import_module(new_homes[name]), name)
 
     return __getattr__
+
+
+def renamed_methods(cls: type, base: type, renames: dict[str, str]) -> None:
+    """For a plugin class ``cls`` (a subclass of ``base``) that defines a method under its old name and not
+    under the new one (``renames`` maps old to new): warn, and let the new name call it."""
+    for old, new in renames.items():
+        if old in vars(cls) and new not in vars(cls):
+            warnings.warn(
+                f"{cls.__qualname__}.{old} is deprecated; rename it to {new} ({base.__name__}.{new})",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            setattr(cls, new, vars(cls)[old])

@@ -231,14 +231,13 @@ def compute_fid(
     """FID of ``samples`` against the plan's data or statistics (features computed on ``device``);
     also writes --save-stats."""
     from dpcli.data import load_images
-    from dpcli.plugins import get_registry
 
     fid = FidComputer(plan.extractor, plan.inception_weights, device=device)
     if plan.stats is not None:
         fid.set_real_stats(plan.stats)
         reference_count = plan.stats.count
     else:
-        adapter = get_registry().adapter(loaded.adapter)
+        adapter = loaded.adapter_object
         data = data_as_uint8(
             load_images(plan.data, size=adapter.data_size(loaded), channels=adapter.data_channels(loaded))
         )
@@ -296,11 +295,8 @@ class EvalSettings:
 
 def check_same_noise(model: LoadedModel, reference: LoadedModel, what: str = "reference") -> None:
     """Two models compared from the same noise must sample the same shape."""
-    from dpcli.plugins import get_registry
-
-    registry = get_registry()
-    mine = tuple(registry.adapter(model.adapter).noise_shape(model))
-    theirs = tuple(registry.adapter(reference.adapter).noise_shape(reference))
+    mine = tuple(model.adapter_object.noise_shape(model))
+    theirs = tuple(reference.adapter_object.noise_shape(reference))
     if mine != theirs:
         raise BadInput(
             f"{what} {reference.source} samples {_shape_text(theirs)} but {model.source} samples "

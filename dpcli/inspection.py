@@ -13,9 +13,7 @@ from dpcli.io.model_format import layer_widths
 
 def macs_of(loaded: LoadedModel):
     """The MacsReport of one batch-1 forward at the native sample size, through the model's adapter."""
-    from dpcli.plugins import get_registry
-
-    adapter = get_registry().adapter(loaded.adapter)
+    adapter = loaded.adapter_object
     inputs = adapter.example_inputs(loaded, batch_size=1)
     return count_macs(loaded.model, inputs, call=lambda model, *args: adapter.predict(loaded, *args))
 

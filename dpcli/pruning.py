@@ -138,7 +138,7 @@ def prune_in_place(
     pruner = build_pruner(loaded, adapter, SavedImportance(scores, names), ratio, options)
     for group in pruner.step(interactive=True):
         group.prune()
-    adapter.after_pruning(loaded, pruner)
+    adapter.fix_pruned_modules(loaded, pruner)
     loaded.model.zero_grad(set_to_none=True)
 
 

@@ -150,14 +150,12 @@ class Sampler:
     def __init__(
         self, loaded: LoadedModel, settings: SamplerSettings, device: str | torch.device | None = None
     ):
-        from dpcli.plugins import get_registry
-
         settings.validate()
         if loaded.scheduler is None:
             raise BadInput(f"{loaded.source} has no noise scheduler to sample with")
         self.loaded = loaded
         self.settings = settings
-        self.adapter = get_registry().adapter(loaded.adapter)
+        self.adapter = loaded.adapter_object
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.autocast_dtype = resolve_precision(settings.precision, self.device)
         self.channels_last = self.device.type == "cuda"

@@ -12,7 +12,6 @@ and the accumulated gradient are the same; the work wasted past the cutoff is at
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dpcli.adapters.base import LoadedModel
+from dpcli.adapters.base import BatchContext, LoadedModel
 from dpcli.errors import BadInput, DpError
 
 
@@ -46,7 +45,7 @@ def calibration_batch(
     """``calib_size`` images drawn from ``data`` with ``seed``, prepared by the adapter (e.g. encoded to latents).
 
     Returns ``(x0, conditioning)``; conditioning is None or a dict of batch-first tensors. The adapter also
-    gets the chosen images' ``files``, the data ``root`` and ``prompt`` if its prepare_calibration takes them.
+    gets the chosen images' ``files``, the data ``root`` and ``prompt`` (a ``BatchContext``).
     """
     from dpcli.data import image_files, load_images
 
@@ -56,16 +55,12 @@ def calibration_batch(
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(images), generator=generator)[:calib_size]
     listing = image_files(data)
-    context = {
-        "files": [listing[0][i] for i in chosen.tolist()] if listing else None,
-        "root": listing[1] if listing else None,
-        "prompt": prompt,
-    }
-    accepted = inspect.signature(adapter.prepare_calibration).parameters
-    if prompt is not None and "prompt" not in accepted:
-        raise BadInput(f"--prompt is not supported by the {loaded.adapter} adapter (its models take no text)")
-    extra = {name: value for name, value in context.items() if name in accepted and value is not None}
-    return adapter.prepare_calibration(loaded, images[chosen], **extra)
+    context = BatchContext(
+        files=[listing[0][i] for i in chosen.tolist()] if listing else None,
+        root=listing[1] if listing else None,
+        prompt=prompt,
+    )
+    return adapter.prepare_batch(loaded, images[chosen], context)
 
 
 def calibration_noise(x0: torch.Tensor, seed: int) -> torch.Tensor:

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from dpcli import __version__
-from dpcli.adapters.base import LoadedModel
+from dpcli.adapters.base import BatchContext, LoadedModel
 from dpcli.errors import BadInput, DpError
 from dpcli.io.files import AtomicFolder
 from dpcli.runtime import Distributed
@@ -170,28 +170,25 @@ def reinitialise(model: torch.nn.Module, seed: int) -> None:
     """Fresh random weights of the same shapes (the ``reinit`` criterion's re-initialisation)."""
     from dpcli.criteria.builtin import Reinit
 
-    Reinit().after_pruning(model, seed)
+    Reinit().finalize(model, seed)
 
 
 def load_training_images(loaded: LoadedModel, data: str) -> torch.Tensor:
     from dpcli.data import load_images
-    from dpcli.workflow import adapter_of
 
-    adapter = adapter_of(loaded)
+    adapter = loaded.adapter_object
     return load_images(data, size=adapter.data_size(loaded), channels=adapter.data_channels(loaded))
 
 
 def check_teacher(student: LoadedModel, teacher: LoadedModel) -> None:
     """The teacher must take the student's noisy input and predict a tensor of the student's shape."""
-    from dpcli.workflow import adapter_of
-
-    inputs = adapter_of(student).example_inputs(student, 1)
+    inputs = student.adapter_object.example_inputs(student, 1)
     teacher_device = next(teacher.model.parameters()).device
     with torch.no_grad():
-        expected = adapter_of(student).predict(student, *inputs)
+        expected = student.adapter_object.predict(student, *inputs)
         try:
             moved = [x.to(teacher_device) if isinstance(x, torch.Tensor) else x for x in inputs]
-            got = adapter_of(teacher).predict(teacher, *moved)
+            got = teacher.adapter_object.predict(teacher, *moved)
         except (RuntimeError, ValueError, AssertionError) as exc:
             raise BadInput(
                 f"the teacher {teacher.source} does not take the student's input of shape "
@@ -443,7 +440,7 @@ def finetune(
     from timm.utils import ModelEmaV3
 
     from dpcli.scoring import loss_target
-    from dpcli.workflow import adapter_of, model_signature
+    from dpcli.workflow import model_signature
 
     settings.validate()
     dist = dist or Distributed()
@@ -457,7 +454,7 @@ def finetune(
             f"{settings.grad_accum} accumulation step(s) = {global_batch}) is larger than the data "
             f"({len(images)} images in {settings.data})"
         )
-    adapter = adapter_of(loaded)
+    adapter = loaded.adapter_object
     model = loaded.model
     if settings.reinit:
         reinitialise(model, settings.seed)
@@ -499,7 +496,7 @@ def finetune(
 
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     training_view = dataclasses.replace(loaded, model=trained)
-    teacher_adapter = adapter_of(teacher) if teacher is not None else None
+    teacher_adapter = teacher.adapter_object if teacher is not None else None
     order = DataOrder(len(images), settings.seed)
     noise_shape = tuple(adapter.noise_shape(loaded))
     num_timesteps = int(loaded.scheduler.config.num_train_timesteps)
@@ -523,7 +520,7 @@ def finetune(
             for micro in range(settings.grad_accum):
                 first = (micro * dist.world_size + dist.rank) * batch
                 rows = slice(first, first + batch)
-                x0, conditioning = adapter.prepare_calibration(loaded, images[indices[rows]])
+                x0, conditioning = adapter.prepare_batch(loaded, images[indices[rows]], BatchContext())
                 if tuple(x0.shape[1:]) != noise_shape:
                     raise DpError(
                         f"the adapter prepared samples of shape {tuple(x0.shape[1:])}, expected {noise_shape}"
@@ -708,14 +705,13 @@ def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, pr
     ``unet/raw.safetensors``), its loss curve and optional sample preview, and move the checkpoints in:
     the model files appear in OUT only now."""
     from dpcli.plots import grid_rows, plot_training, save_image_grid
-    from dpcli.workflow import adapter_of
 
     output = Path(output)
     raw = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
     ema_view = dataclasses.replace(loaded, model=result.ema_model.eval())
     metadata = {"history": [history_entry(result.report)], "extra_weights": {"raw.safetensors": raw}}
     with AtomicFolder(output, force=True) as folder:
-        adapter_of(loaded).save(ema_view, folder, metadata)
+        loaded.adapter_object.save(ema_view, folder, metadata)
         plot_training(result.losses, result.lrs, folder / "loss.png", title=f"dp finetune {loaded.source}")
         if preview:
             pixels = preview_samples(ema_view, preview, seed=result.report["seed"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,9 +52,11 @@ class Scores:
 
 
 def adapter_of(loaded: LoadedModel):
-    from dpcli.plugins import get_registry
-
-    return get_registry().adapter(loaded.adapter)
+    """Deprecated: use ``loaded.adapter_object``."""
+    warnings.warn(
+        "dpcli.workflow.adapter_of is deprecated; use loaded.adapter_object", DeprecationWarning, stacklevel=2
+    )
+    return loaded.adapter_object
 
 
 # Packing timesteps stops paying at about this many samples per forward on a CPU: on 2 idle cores the
@@ -71,7 +74,7 @@ def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=Non
     from dpcli.plugins import get_registry
 
     criterion = get_registry().criterion(settings.criterion)
-    adapter = adapter_of(loaded)
+    adapter = loaded.adapter_object
     threshold = criterion.scan_threshold(settings.threshold)
     if not 0.0 <= threshold <= 1.0:
         raise BadInput(f"--threshold must be in [0, 1], got {threshold}")
@@ -215,7 +218,7 @@ def prune_model(
 
     validate_prune_settings(settings)
     criterion = get_registry().criterion(scores.criterion)
-    adapter = adapter_of(loaded)
+    adapter = loaded.adapter_object
     shape_before = output_shape(loaded, adapter)
     before_rows = layer_rows(loaded)
     original_modules = module_shapes(loaded.model)
@@ -234,7 +237,7 @@ def prune_model(
         tolerance=settings.tolerance,
         on_trial=on_trial,
     )
-    criterion.after_pruning(loaded.model, seed)
+    criterion.finalize(loaded.model, seed)
     shape_after = output_shape(loaded, adapter)
     if shape_after != shape_before:
         raise BadInput(f"pruning changed the output shape {shape_before} -> {shape_after}; use --ignore")

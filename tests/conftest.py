@@ -60,6 +60,7 @@ def tiny_loaded(seed: int = 0, config: dict | None = None):
     from diffusers import DDPMScheduler
 
     from dpcli.adapters.base import LoadedModel
+    from dpcli.plugins import get_registry
 
     model = make_unet(config, seed=seed)
     config = dict(model.config)
@@ -72,4 +73,5 @@ def tiny_loaded(seed: int = 0, config: dict | None = None):
         sample_size=config["sample_size"],
         in_channels=config["in_channels"],
         scheduler=DDPMScheduler(),
+        adapter_object=get_registry().adapter("ddpm"),
     )

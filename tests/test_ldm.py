@@ -306,7 +306,6 @@ def test_pruned_text_model_reloads_with_identical_outputs(built, tmp_path):
     from dpcli.workflow import (
         PruneSettings,
         ScoreSettings,
-        adapter_of,
         compute_scores,
         prune_model,
         pruned_metadata,
@@ -320,12 +319,12 @@ def test_pruned_text_model_reloads_with_identical_outputs(built, tmp_path):
     scores = compute_scores(loaded, settings)
     prune_settings = PruneSettings(ratio=0.4)
     report = prune_model(loaded, scores, prune_settings, options)
-    adapter_of(loaded).save(
+    loaded.adapter_object.save(
         loaded, tmp_path / "out", pruned_metadata(report, scores, prune_settings, options)
     )
     reloaded = load_model(str(tmp_path / "out"))
     assert torch.equal(forward(loaded), forward(reloaded))
-    adapter = adapter_of(loaded)
+    adapter = loaded.adapter_object
     prompts = {"prompt": ["a cat", "a dog"]}
     first = adapter.sampling_conditioning(loaded, 2, **prompts)
     second = adapter.sampling_conditioning(reloaded, 2, **prompts)
@@ -421,6 +420,7 @@ def test_vq_ldm_prunes_reloads_identically_and_keeps_its_autoencoder(dp, built, 
 
 
 def test_scoring_encodes_with_the_scaling_factor_and_keeps_encoders_frozen(built):
+    from dpcli.adapters.base import BatchContext
     from dpcli.data import image_files, load_images
 
     loaded = load_model(str(built["class"]))
@@ -428,7 +428,7 @@ def test_scoring_encodes_with_the_scaling_factor_and_keeps_encoders_frozen(built
     images = load_images(str(built["images"]), size=adapter.data_size(loaded), channels=3)
     assert images.shape[-1] == 16  # 8x8 latents, autoencoder factor 2
     files, root = image_files(str(built["images"]))
-    latents, _ = adapter.prepare_calibration(loaded, images, files=files, root=root)
+    latents, _ = adapter.prepare_batch(loaded, images, BatchContext(files=files, root=root))
     vae = loaded.components["vae"]
     with torch.no_grad():
         expected = vae.encode(images).latent_dist.mean * vae.config.scaling_factor

@@ -171,3 +171,57 @@ class RaisingSharedPlugin:
     def dpcli_register_adapters(register):
         register(ToyAdapter("shared"))
         raise RuntimeError("boom after claiming 'shared'")
+
+
+def test_plugin_with_the_old_method_names_still_works_and_warns(tmp_path):
+    from dpcli.adapters.base import BatchContext
+    from dpcli.adapters.ddpm import DDPMAdapter
+    from dpcli.criteria.builtin import DiffTaylor
+    from dpcli.testing import make_image_folder, run_dp, save_tiny_unet
+
+    calls = []
+    with pytest.warns(DeprecationWarning) as caught:
+
+        class OldCriterion(DiffTaylor):
+            name = "old-taylor"
+
+            def after_pruning(self, model, seed):
+                calls.append(("criterion.after_pruning", seed))
+
+        class OldAdapter(DDPMAdapter):
+            name = "old-ddpm"
+
+            def prepare_calibration(self, loaded, images, files=None):
+                calls.append(("prepare_calibration", len(files)))
+                return super().prepare_batch(loaded, images, BatchContext())
+
+            def after_pruning(self, loaded, pruner):
+                calls.append(("adapter.after_pruning",))
+                super().fix_pruned_modules(loaded, pruner)
+
+    warned = " ".join(str(warning.message) for warning in caught)
+    for old in ("after_pruning", "prepare_calibration"):
+        assert f"{old} is deprecated" in warned
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def dpcli_register_criteria(register):
+            register(OldCriterion())
+
+        @staticmethod
+        @hookimpl
+        def dpcli_register_adapters(register):
+            register(OldAdapter())
+
+    model = save_tiny_unet(tmp_path / "unet")
+    images = make_image_folder(tmp_path / "images")
+    args = ["--adapter", "old-ddpm", "--criterion", "old-taylor", "--data", images]
+    args += ["--calib-size", "4", "--timesteps", "10"]
+    pruning = ["--ratio", "0.3", "--seed", "7", "-o", tmp_path / "out", "--json"]
+    result = run_dp("prune", model, *args, *pruning, plugins=[Plugin()])
+    assert result.exit_code == 0, result.stderr
+    assert ("prepare_calibration", 4) in calls and ("criterion.after_pruning", 7) in calls
+    assert ("adapter.after_pruning",) in calls
+    refused = run_dp("score", model, *args, "--prompt", "a cat", plugins=[Plugin()])
+    assert refused.exit_code == 2 and "--prompt is not supported by the old-ddpm adapter" in refused.stderr

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpcli._deprecated import renamed_methods
+from dpcli.errors import BadInput
 from dpcli.io.files import read_json
 
 if TYPE_CHECKING:
@@ -62,6 +64,18 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     # Adapter-specific facts the hooks need (the ldm adapter: latent scaling factor, conditioning kind).
     extras: dict[str, Any] = field(default_factory=dict)
+    # The adapter object named by ``adapter``; dpcli.loading.load_model sets it.
+    adapter_object: ModelAdapter | None = field(default=None, repr=False)
+
+
+@dataclass
+class BatchContext:
+    """What ``ModelAdapter.prepare_batch`` may use besides the images: the chosen images' ``files`` (None for
+    built-in data), the data folder ``root`` and a text ``prompt`` (``--prompt``); all None when unknown."""
+
+    files: list[Path] | None = None
+    root: Path | None = None
+    prompt: str | None = None
 
 
 class ModelAdapter:
@@ -69,6 +83,13 @@ class ModelAdapter:
 
     name: str = ""
     description: str = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        renamed_methods(cls, ModelAdapter, {"after_pruning": "fix_pruned_modules"})
+        if "prepare_calibration" in vars(cls) and "prepare_batch" not in vars(cls):
+            renamed_methods(cls, ModelAdapter, {"prepare_calibration": "prepare_batch"})  # warns
+            cls.prepare_batch = _prepare_batch_with_old_signature
 
     def detect(self, source: ModelSource) -> float:
         """How sure this adapter is that it can load ``source``: 0 (not mine) to 1 (certainly mine)."""
@@ -106,17 +127,18 @@ class ModelAdapter:
 
     # Calibration data -------------------------------------------------------------------------
     def data_size(self, loaded: LoadedModel) -> int:
-        """Side length images are resized to before ``prepare_calibration``."""
+        """Side length images are resized to before ``prepare_batch``."""
         return loaded.sample_size
 
     def data_channels(self, loaded: LoadedModel) -> int:
         return loaded.in_channels
 
-    def prepare_calibration(self, loaded: LoadedModel, images):
+    def prepare_batch(self, loaded: LoadedModel, images, context: BatchContext):
         """Turn images in [-1, 1] into ``(x0, conditioning)`` for the denoiser (latent models encode here).
 
-        Adapters may accept more keyword arguments, passed only when they do: ``files`` (the image paths,
-        None for built-in data), ``root`` (the data folder) and ``prompt`` (``--prompt``)."""
+        Formerly ``prepare_calibration``. Raise BadInput for a ``context.prompt`` the model cannot take."""
+        if context.prompt is not None:
+            raise no_prompt(self.name)
         parameter = next(loaded.model.parameters())
         return images.to(parameter.device, parameter.dtype), None
 
@@ -129,9 +151,25 @@ class ModelAdapter:
         """Extra torch-pruning arguments: ``num_heads`` and ``out_channel_groups`` dicts."""
         return {}
 
-    def after_pruning(self, loaded: LoadedModel, pruner) -> None:
-        """Fix attributes the pruned modules left stale."""
+    def fix_pruned_modules(self, loaded: LoadedModel, pruner) -> None:
+        """Fix attributes the pruned modules left stale. Formerly ``after_pruning``."""
 
     def save(self, loaded: LoadedModel, folder: Path, metadata: dict) -> dict:
         """Write ``loaded`` into ``folder`` in the dpcli format; return the metadata written."""
         raise NotImplementedError
+
+
+def no_prompt(adapter: str) -> BadInput:
+    return BadInput(f"--prompt is not supported by the {adapter} adapter (its models take no text)")
+
+
+def _prepare_batch_with_old_signature(self, loaded: LoadedModel, images, context: BatchContext):
+    """``prepare_batch`` of a plugin that defines only the deprecated ``prepare_calibration(loaded, images,
+    [files, root, prompt])``: passes the context's fields that method accepts."""
+    import inspect
+
+    accepted = inspect.signature(self.prepare_calibration).parameters
+    if context.prompt is not None and "prompt" not in accepted:
+        raise no_prompt(self.name)
+    extra = {name: value for name, value in vars(context).items() if name in accepted and value is not None}
+    return self.prepare_calibration(loaded, images, **extra)

@@ -44,7 +44,7 @@ class DDPMAdapter(ModelAdapter):
 
         return pruning_options(loaded.model)
 
-    def after_pruning(self, loaded: LoadedModel, pruner) -> None:
+    def fix_pruned_modules(self, loaded: LoadedModel, pruner) -> None:
         from dpcli.adapters.diffusers_fixes import fix_attributes, heads_after_pruning
 
         fix_attributes(loaded.model, heads_after_pruning(loaded.model, pruner))

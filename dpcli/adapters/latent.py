@@ -709,7 +709,7 @@ def _refuse_missing(loaded: LoadedModel) -> None:
         )
 
 
-def prepare_calibration(loaded: LoadedModel, images, files=None, root=None, prompt=None):
+def prepare_batch(loaded: LoadedModel, images, files=None, root=None, prompt=None):
     """Encode calibration images once; conditioning from --prompt, captions or class sub-folders."""
     from dpcli import conditioning
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpcli.adapters.base import LoadedModel, ModelAdapter, ModelSource
+from dpcli.adapters.base import BatchContext, LoadedModel, ModelAdapter, ModelSource
 from dpcli.hookspecs import hookimpl
 
 
@@ -69,10 +69,10 @@ class LatentDiffusionAdapter(ModelAdapter):
 
         return data_channels(loaded)
 
-    def prepare_calibration(self, loaded: LoadedModel, images, files=None, root=None, prompt=None):
-        from dpcli.adapters.latent import prepare_calibration
+    def prepare_batch(self, loaded: LoadedModel, images, context: BatchContext):
+        from dpcli.adapters.latent import prepare_batch
 
-        return prepare_calibration(loaded, images, files=files, root=root, prompt=prompt)
+        return prepare_batch(loaded, images, files=context.files, root=context.root, prompt=context.prompt)
 
     def ignored_layers(self, loaded: LoadedModel) -> list:
         return [loaded.model.conv_out]
@@ -82,7 +82,7 @@ class LatentDiffusionAdapter(ModelAdapter):
 
         return pruner_options(loaded)
 
-    def after_pruning(self, loaded: LoadedModel, pruner) -> None:
+    def fix_pruned_modules(self, loaded: LoadedModel, pruner) -> None:
         from dpcli.adapters.diffusers_fixes import fix_attributes, heads_after_pruning
 
         fix_attributes(loaded.model, heads_after_pruning(loaded.model, pruner))

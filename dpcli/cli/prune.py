@@ -78,7 +78,6 @@ def prune(
     from dpcli.workflow import (
         PruneSettings,
         ScoreSettings,
-        adapter_of,
         compute_scores,
         load_scores,
         measure,
@@ -150,7 +149,7 @@ def prune(
 
         report = prune_model(loaded, computed, settings, options, seed=seed, on_trial=on_trial)
     with AtomicFolder(target, force=force) as folder:
-        adapter_of(loaded).save(loaded, folder, pruned_metadata(report, computed, settings, options))
+        loaded.adapter_object.save(loaded, folder, pruned_metadata(report, computed, settings, options))
     report["output"] = str(target)
     report.pop("original_modules")
     if json_output:

@@ -60,7 +60,7 @@ class Reinit(Random):
     name = "reinit"
     description = "random pruning, then all weights re-initialised (train the small shape from scratch)"
 
-    def after_pruning(self, model, seed):
+    def finalize(self, model, seed):
         import torch
 
         with torch.random.fork_rng(devices=[]):

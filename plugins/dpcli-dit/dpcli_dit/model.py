@@ -325,7 +325,7 @@ def data_channels(loaded: LoadedModel) -> int:
     return loaded.in_channels if vae is None else int(vae.config.in_channels)
 
 
-def prepare_calibration(loaded: LoadedModel, images):
+def prepare_batch(loaded: LoadedModel, images):
     """``(x0, {"class_labels": null class})``: pixels as they are, or the VAE's posterior mean × scale."""
     parameter = next(loaded.model.parameters())
     vae = _vae(loaded, "calibration data")

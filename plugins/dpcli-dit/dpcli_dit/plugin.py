@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpcli.adapters.base import LoadedModel, ModelAdapter, ModelSource
+from dpcli.adapters.base import BatchContext, LoadedModel, ModelAdapter, ModelSource, no_prompt
 from dpcli.hookspecs import hookimpl
 
 
@@ -60,10 +60,12 @@ class DiTAdapter(ModelAdapter):
 
         return model.data_channels(loaded)
 
-    def prepare_calibration(self, loaded: LoadedModel, images):
+    def prepare_batch(self, loaded: LoadedModel, images, context: BatchContext):
         from dpcli_dit import model
 
-        return model.prepare_calibration(loaded, images)
+        if context.prompt is not None:
+            raise no_prompt(self.name)
+        return model.prepare_batch(loaded, images)
 
     def ignored_layers(self, loaded: LoadedModel) -> list:
         from dpcli_dit import model
@@ -75,7 +77,7 @@ class DiTAdapter(ModelAdapter):
 
         return pruning_options(loaded.model)
 
-    def after_pruning(self, loaded: LoadedModel, pruner) -> None:
+    def fix_pruned_modules(self, loaded: LoadedModel, pruner) -> None:
         from dpcli.adapters.diffusers_fixes import fix_attributes, heads_after_pruning
 
         fix_attributes(loaded.model, heads_after_pruning(loaded.model, pruner))
