@@ -12,9 +12,10 @@ import time
 
 import torch
 
+from dpcli.jobs.prune import PruneSettings, measure, prune_model
+from dpcli.jobs.score import ScoreSettings, compute_scores
 from dpcli.loading import load_model
 from dpcli.pruning import PruneOptions
-from dpcli.workflow import PruneSettings, ScoreSettings, compute_scores, measure, prune_model
 
 
 def latency_ms(loaded, batch, repeats):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from dpcli.jobs.finetune.loop import FinetuneSettings, finetune, load_training_images
 from dpcli.loading import load_model
-from dpcli.training import FinetuneSettings, finetune, load_training_images
 
 
 def steps_per_second(model: str, batch: int, steps: int) -> float:

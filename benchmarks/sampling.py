@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from dpcli.evaluation import model_summary
+from dpcli.jobs.evaluate import model_summary
 from dpcli.loading import load_model
 from dpcli.sampling import Sampler, SamplerSettings, generate, sample_generator
 

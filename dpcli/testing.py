@@ -129,7 +129,7 @@ def plugins_loaded(plugins: Iterable[Any] = (), third_party: bool = False) -> It
     implementations, or ``(name, plugin)`` pairs); installed third-party plugins too if ``third_party``.
 
     Yields the ``dpcli.plugins.Registry``; the previous registry is restored afterwards. Use it to test a
-    plugin through the Python API (``dpcli.loading.load_model``, ``dpcli.workflow``) without installing it.
+    plugin through the Python API (``dpcli.loading.load_model``, ``dpcli.jobs``) without installing it.
     """
     from dpcli import plugins as plugin_registry
 

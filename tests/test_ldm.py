@@ -302,14 +302,9 @@ def test_text_pipeline_prunes_through_the_cli_into_a_loadable_pipeline_folder(dp
 
 @needs_transformers
 def test_pruned_text_model_reloads_with_identical_outputs(built, tmp_path):
+    from dpcli.jobs.prune import PruneSettings, prune_model, pruned_metadata
+    from dpcli.jobs.score import ScoreSettings, compute_scores
     from dpcli.pruning import PruneOptions
-    from dpcli.workflow import (
-        PruneSettings,
-        ScoreSettings,
-        compute_scores,
-        prune_model,
-        pruned_metadata,
-    )
 
     loaded = load_model(str(built["sd"]))
     options = PruneOptions(head_ratio=0.25)

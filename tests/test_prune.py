@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import TINY_CONFIG, make_unet
 
+from dpcli.jobs.prune import PruneSettings, prune_model, pruned_metadata
+from dpcli.jobs.score import ScoreSettings, compute_scores
 from dpcli.loading import load_model
-from dpcli.workflow import PruneSettings, ScoreSettings, compute_scores, prune_model, pruned_metadata
 
 
 def prune_args(model, data, out, *extra):

@@ -5,8 +5,9 @@ Unconditional ``UNet2DModel`` over a ``VQModel``/``AutoencoderKL`` (LDMPipeline)
 pipeline folders, Hub ids, dpcli folders and single-file CompVis / Stable Diffusion checkpoints. Only the
 UNet is pruned; the other components are kept as they are.
 
-This module is the plugin entry point, so it stays cheap to import; the machinery is in
-``dpcli.adapters.latent`` (and ``compvis`` for single files), imported when a model is actually loaded.
+This module is the plugin entry point, so it stays cheap to import; the machinery is in the package
+``dpcli.adapters.latent`` (``detect``, ``load``, ``facts``, ``hooks``, ``save``; ``compvis`` for single
+files), imported when a model is actually loaded.
 """
 
 from __future__ import annotations
@@ -25,52 +26,52 @@ class LatentDiffusionAdapter(ModelAdapter):
     )
 
     def detect(self, source: ModelSource) -> float:
-        from dpcli.adapters.latent import detect_latent
+        from dpcli.adapters.latent.detect import detect_latent
 
         return detect_latent(source)
 
     def load(self, source: ModelSource, config: Path | None = None) -> LoadedModel:
-        from dpcli.adapters.latent import load_latent
+        from dpcli.adapters.latent.load import load_latent
 
         return load_latent(source, self.name, config)
 
     def example_inputs(self, loaded: LoadedModel, batch_size: int = 1) -> tuple:
-        from dpcli.adapters.latent import example_inputs
+        from dpcli.adapters.latent.hooks import example_inputs
 
         return example_inputs(loaded, batch_size)
 
     def predict(self, loaded: LoadedModel, sample, timesteps, conditioning=None):
-        from dpcli.adapters.latent import predict
+        from dpcli.adapters.latent.hooks import predict
 
         return predict(loaded, sample, timesteps, conditioning)
 
     def sampling_conditioning(self, loaded: LoadedModel, batch_size: int, generator=None, **options):
-        from dpcli.adapters.latent import sampling_conditioning
+        from dpcli.adapters.latent.hooks import sampling_conditioning
 
         return sampling_conditioning(loaded, batch_size, generator, **options)
 
     def denoise(self, loaded: LoadedModel, sample, timesteps, conditioning=None, guidance_scale: float = 1.0):
-        from dpcli.adapters.latent import denoise
+        from dpcli.adapters.latent.hooks import denoise
 
         return denoise(loaded, sample, timesteps, conditioning, guidance_scale)
 
     def decode(self, loaded: LoadedModel, sample):
-        from dpcli.adapters.latent import decode
+        from dpcli.adapters.latent.hooks import decode
 
         return decode(loaded, sample)
 
     def data_size(self, loaded: LoadedModel) -> int:
-        from dpcli.adapters.latent import data_size
+        from dpcli.adapters.latent.hooks import data_size
 
         return data_size(loaded)
 
     def data_channels(self, loaded: LoadedModel) -> int:
-        from dpcli.adapters.latent import data_channels
+        from dpcli.adapters.latent.hooks import data_channels
 
         return data_channels(loaded)
 
     def prepare_batch(self, loaded: LoadedModel, images, context: BatchContext):
-        from dpcli.adapters.latent import prepare_batch
+        from dpcli.adapters.latent.hooks import prepare_batch
 
         return prepare_batch(loaded, images, files=context.files, root=context.root, prompt=context.prompt)
 
@@ -78,7 +79,7 @@ class LatentDiffusionAdapter(ModelAdapter):
         return [loaded.model.conv_out]
 
     def pruner_options(self, loaded: LoadedModel) -> dict:
-        from dpcli.adapters.latent import pruner_options
+        from dpcli.adapters.latent.hooks import pruner_options
 
         return pruner_options(loaded)
 
@@ -88,7 +89,7 @@ class LatentDiffusionAdapter(ModelAdapter):
         fix_attributes(loaded.model, heads_after_pruning(loaded.model, pruner))
 
     def save(self, loaded: LoadedModel, folder: Path, metadata: dict) -> dict:
-        from dpcli.adapters.latent import save_latent
+        from dpcli.adapters.latent.save import save_latent
 
         return save_latent(loaded, folder, metadata)
 

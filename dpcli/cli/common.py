@@ -61,7 +61,7 @@ def ask_target(tolerance: float):
     """Ask for a MACs target (fraction kept)."""
     import typer
 
-    from dpcli.workflow import PruneSettings
+    from dpcli.jobs.prune import PruneSettings
 
     value = typer.prompt("Keep what fraction of the MACs? (e.g. 0.5)", type=float, default=0.5, err=True)
     return PruneSettings(target_macs=value, tolerance=tolerance)

@@ -57,9 +57,10 @@ def compare(
 ) -> None:
     """Models side by side: size, MACs, latency, speedup, per-block widths, SSIM/PSNR to the first, a grid."""
     from dpcli import output as out
-    from dpcli.evaluation import CompareSettings, LatencySettings, json_report, write_compare_output
-    from dpcli.evaluation import compare as run_compare
     from dpcli.io.files import AtomicFolder, prepare_output
+    from dpcli.jobs.compare import CompareSettings, write_compare_output
+    from dpcli.jobs.compare import compare as run_compare
+    from dpcli.jobs.evaluate import LatencySettings, json_report
     from dpcli.runtime import start_distributed
     from dpcli.sampling import SamplerSettings
 

@@ -77,9 +77,9 @@ def evaluate(
     """Sample a model: latency, FID against --data, SSIM/PSNR to --reference from the same noise, a grid."""
     from dpcli import output as out
     from dpcli.errors import BadInput
-    from dpcli.evaluation import EvalSettings, LatencySettings, json_report, write_eval_output
-    from dpcli.evaluation import evaluate as run_eval
     from dpcli.io.files import AtomicFolder, prepare_output
+    from dpcli.jobs.evaluate import EvalSettings, LatencySettings, json_report, write_eval_output
+    from dpcli.jobs.evaluate import evaluate as run_eval
     from dpcli.runtime import start_distributed
     from dpcli.sampling import SamplerSettings
 

@@ -98,16 +98,12 @@ def finetune(
     from dpcli import output as out
     from dpcli.errors import BadInput
     from dpcli.io.files import prepare_output
+    from dpcli.jobs.finetune.checkpoints import checkpoint_root, latest_checkpoint
+    from dpcli.jobs.finetune.loop import finetune as train
+    from dpcli.jobs.finetune.loop import load_training_images, save_finetuned
+    from dpcli.jobs.finetune.settings import FinetuneSettings
     from dpcli.loading import load_model
     from dpcli.runtime import start_distributed
-    from dpcli.training import (
-        FinetuneSettings,
-        checkpoint_root,
-        latest_checkpoint,
-        load_training_images,
-        save_finetuned,
-    )
-    from dpcli.training import finetune as train
 
     if not data:
         raise BadInput("--data is required: an image folder or builtin:digits")

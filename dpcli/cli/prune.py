@@ -72,19 +72,11 @@ def prune(
     from dpcli.cli.common import ask_criterion, ask_data, ask_target, confirm_plan, interactive, scan_progress
     from dpcli.errors import BadInput
     from dpcli.io.files import AtomicFolder, prepare_output
+    from dpcli.jobs.prune import PruneSettings, measure, prune_model, pruned_metadata, validate_prune_settings
+    from dpcli.jobs.score import ScoreSettings, compute_scores, load_scores
     from dpcli.loading import load_model
     from dpcli.plugins import get_registry
     from dpcli.pruning import PruneOptions
-    from dpcli.workflow import (
-        PruneSettings,
-        ScoreSettings,
-        compute_scores,
-        load_scores,
-        measure,
-        prune_model,
-        pruned_metadata,
-        validate_prune_settings,
-    )
 
     can_ask = interactive() and not yes and not json_output
     if threshold is not None and not 0.0 <= threshold <= 1.0:

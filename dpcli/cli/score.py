@@ -49,11 +49,11 @@ def score(
     """Compute channel importance (and the per-timestep loss curve with its cutoff); save it for dp prune."""
     from dpcli import output as out
     from dpcli.cli.common import scan_progress
+    from dpcli.jobs.score import ScoreSettings, compute_scores, save_scores
     from dpcli.loading import load_model
     from dpcli.plots import plot_losses
     from dpcli.plugins import get_registry
     from dpcli.pruning import PruneOptions
-    from dpcli.workflow import ScoreSettings, compute_scores, save_scores
 
     target = Path(output) if output else None
     if target is not None and target.is_dir():

@@ -127,9 +127,10 @@ def test_prune_shrinks_heads_and_mlp_but_not_the_residual_width(files):
 
 
 def test_reloaded_pruned_dit_gives_identical_outputs(files, tmp_path):
+    from dpcli.jobs.prune import PruneSettings, prune_model, pruned_metadata
+    from dpcli.jobs.score import ScoreSettings, compute_scores
     from dpcli.loading import load_model
     from dpcli.pruning import PruneOptions
-    from dpcli.workflow import PruneSettings, ScoreSettings, compute_scores, prune_model, pruned_metadata
 
     with plugins_loaded([plugin]) as registry:
         loaded = load_model(str(files["dit"]))

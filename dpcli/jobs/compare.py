@@ -1,0 +1,211 @@
+"""The compare job (``dp compare`` is a thin shell over it): ``compare`` puts several models (sampled here,
+or read from earlier ``dp eval`` reports) side by side."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dpcli import __version__
+from dpcli.errors import BadInput
+from dpcli.jobs.evaluate import (
+    GRID_FILE,
+    LatencySettings,
+    Progress,
+    _no_progress,
+    check_same_noise,
+    json_report,
+    measure_latency,
+    model_summary,
+    read_eval_report,
+    sample_model,
+)
+from dpcli.metrics import (
+    ssim_psnr,
+)
+from dpcli.runtime import is_main_process
+from dpcli.sampling import SamplerSettings
+
+
+@dataclass
+class CompareSettings:
+    models: list[str] = field(default_factory=list)
+    reports: list[Path] = field(default_factory=list)
+    num_samples: int = 8
+    sampling: SamplerSettings = field(default_factory=SamplerSettings)
+    latency: LatencySettings | None = field(default_factory=LatencySettings)
+    device: str | None = None
+    scheduler: Path | None = None  # replaces the scheduler of every model sampled here
+
+
+@dataclass
+class Entry:
+    """One model in a comparison: measured here, or read from a dp eval report."""
+
+    summary: dict
+    sampling: dict
+    latency: dict | None
+    images: torch.Tensor | None
+    report_path: str | None = None
+    fid: float | None = None
+
+
+def sampling_from_report(report: dict, base: SamplerSettings) -> SamplerSettings:
+    """The sampler settings a report was made with (so live models sample from the same noise)."""
+    recorded = report.get("sampling") or {}
+    return SamplerSettings(
+        sampler=recorded.get("sampler", base.sampler),
+        steps=int(recorded.get("steps", base.steps)),
+        spacing=recorded.get("spacing", base.spacing),
+        seed=int(recorded.get("seed", base.seed)),
+        batch_size=base.batch_size,
+        precision=base.precision,
+        guidance_scale=base.guidance_scale,
+        options=dict(base.options),
+    )
+
+
+def compare(
+    settings: CompareSettings,
+    progress: Progress = _no_progress,
+    status=None,
+    explicit_sampling: bool = False,
+) -> dict | None:
+    """Run ``dp compare``: live models first (in order), then reports. Returns the comparison on rank 0.
+
+    With reports and no explicit sampling options, live models sample with the first report's settings.
+    """
+    from dpcli.loading import load_model
+
+    status = status or (lambda text: None)
+    if len(settings.models) + len(settings.reports) < 2:
+        raise BadInput("dp compare needs at least two models (MODEL arguments and/or --report files)")
+    if settings.num_samples < 1:
+        raise BadInput(f"--num-samples must be at least 1, got {settings.num_samples}")
+    if settings.latency is not None:
+        settings.latency.validate()
+    read = [read_eval_report(path) for path in settings.reports]
+    sampling = settings.sampling
+    if read and not explicit_sampling:
+        sampling = sampling_from_report(read[0][0], sampling)
+    sampling.validate()
+
+    entries: list[Entry] = []
+    first_loaded = None
+    for spec in settings.models:
+        status(f"Loading {spec}")
+        loaded = load_model(spec, scheduler=settings.scheduler)
+        if first_loaded is None:
+            first_loaded = loaded
+        else:
+            check_same_noise(first_loaded, loaded, what="model")
+        summary = model_summary(loaded)
+        sampler, samples = sample_model(loaded, sampling, settings.num_samples, settings.device, progress)
+        if not is_main_process():
+            continue
+        latency = measure_latency(sampler, settings.latency, progress) if settings.latency else None
+        summary["image_shape"] = list(samples.images.shape[1:])
+        entries.append(Entry(summary, samples.describe(), latency, samples.images))
+        loaded.model.to("cpu")
+    if not is_main_process():
+        return None
+    for report, images, file in read:
+        summary = {k: report.get(k) for k in ("model", "adapter", "params", "macs", "blocks", "image_shape")}
+        entries.append(
+            Entry(
+                summary,
+                report.get("sampling") or {},
+                report.get("latency"),
+                images,
+                str(file),
+                report.get("fid"),
+            )
+        )
+    return compare_entries(entries, settings.num_samples)
+
+
+def _same_noise(a: Entry, b: Entry) -> bool:
+    keys = ("sampler", "seed", "timesteps")
+    return all(a.sampling.get(k) == b.sampling.get(k) for k in keys) and a.summary.get(
+        "image_shape"
+    ) == b.summary.get("image_shape")
+
+
+def _ratio(numerator, denominator) -> float | None:
+    if numerator is None or denominator in (None, 0):
+        return None
+    return numerator / denominator
+
+
+def compare_entries(entries: list[Entry], num_samples: int) -> dict:
+    """Side-by-side numbers relative to the first entry, and the grid rows (same indices per column)."""
+    first = entries[0]
+    rows = []
+    models = []
+    for position, entry in enumerate(entries):
+        latency = entry.latency or {}
+        base = first.latency or {}
+        speedup_1 = _ratio(base.get("batch_1_ms"), latency.get("batch_1_ms"))
+        same_batch = base.get("batch") == latency.get("batch")
+        speedup_batch = _ratio(base.get("batch_ms"), latency.get("batch_ms")) if same_batch else None
+        macs_ratio = _ratio(first.summary.get("macs"), entry.summary.get("macs"))
+        row = {
+            **entry.summary,
+            "from_report": entry.report_path,
+            "baseline": position == 0,
+            "latency": entry.latency,
+            "images_per_second": entry.sampling.get("images_per_second"),
+            "macs_fraction": _ratio(entry.summary.get("macs"), first.summary.get("macs")),
+            "macs_ratio": macs_ratio,
+            "speedup_batch_1": speedup_1,
+            "speedup_batch": speedup_batch,
+            "speedup_per_macs_ratio_batch_1": _ratio(speedup_1, macs_ratio),
+            "speedup_per_macs_ratio_batch": _ratio(speedup_batch, macs_ratio),
+            "ssim": None,
+            "psnr": None,
+            "consistency_note": None,
+            "fid": entry.fid,
+        }
+        if position > 0:
+            if first.images is None or entry.images is None:
+                row["consistency_note"] = "no samples to pair (report without samples.safetensors)"
+            elif not _same_noise(first, entry):
+                row["consistency_note"] = (
+                    "sampled with other settings (seed, sampler or timesteps) than the first"
+                )
+            else:
+                count = min(len(first.images), len(entry.images), num_samples)
+                metrics = ssim_psnr(entry.images[:count], first.images[:count])
+                row["ssim"], row["psnr"] = metrics["ssim"], metrics["psnr"]
+        models.append(row)
+        if entry.images is not None:
+            rows.append(entry.images[:num_samples])
+        else:
+            rows.append(torch.zeros((0, 1, 1, 1), dtype=torch.uint8))
+    return {
+        "format": "dpcli-compare",
+        "dpcli_version": __version__,
+        "baseline": first.summary.get("model"),
+        "num_samples": num_samples,
+        "sampling": first.sampling,
+        "models": models,
+        "output": None,
+        "grid": None,
+        "grid_rows": rows,
+    }
+
+
+def write_compare_output(result: dict, folder: Path, final: Path | None = None) -> dict:
+    """Write compare.json and grid.png (one row per model) into ``folder`` (an AtomicFolder path)."""
+    from dpcli.plots import save_image_grid
+
+    folder = Path(folder)
+    final = Path(final) if final is not None else folder
+    grid = save_image_grid(result["grid_rows"], folder / GRID_FILE)
+    result["grid"] = {**grid, "path": str(final / GRID_FILE)}
+    result["output"] = str(final)
+    (folder / "compare.json").write_text(json.dumps(json_report(result), indent=2, allow_nan=False))
+    return result

@@ -1,0 +1,440 @@
+"""The eval job (``dp eval`` is a thin shell over it).
+
+``evaluate`` samples a model (and a reference from the same noise), measures latency, FID, SSIM and PSNR
+and returns a JSON-ready report. Progress goes through a ``progress(description, total)`` callback that
+returns a context manager yielding ``advance(n=1)``; the default shows nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dpcli import __version__
+from dpcli.adapters.base import LoadedModel
+from dpcli.errors import BadInput
+from dpcli.io.files import read_json
+from dpcli.metrics import (
+    DIGITS,
+    INCEPTION,
+    FidComputer,
+    FidStats,
+    data_as_uint8,
+    extractor_features,
+    find_inception_weights,
+    load_stats,
+    missing_inception_message,
+    save_stats,
+    ssim_psnr,
+)
+from dpcli.runtime import is_main_process
+from dpcli.sampling import Sampler, SamplerSettings, Samples, generate, steps_for_rank
+
+REPORT_FILE = "report.json"
+GRID_FILE = "grid.png"
+SAMPLES_FILE = "samples.safetensors"
+REPORT_FORMAT = "dpcli-eval"
+GRID_SAMPLES = 64  # at most this many images in dp eval's grid
+
+
+def _no_progress(description: str, total: int):
+    return contextlib.nullcontext(lambda n=1: None)
+
+
+Progress = Callable[[str, int], contextlib.AbstractContextManager]
+
+
+# What a model is -------------------------------------------------------------------------------
+
+
+def block_widths(loaded: LoadedModel) -> list[dict]:
+    """Output width of every top-level block (``conv_in``, ``down_blocks.0``, ..., ``mid_block``, ...,
+    ``conv_out``): out channels of its last convolution or linear layer, with the width before pruning."""
+    original = (loaded.pruning or {}).get("original_modules", {})
+    blocks: dict[str, dict] = {}
+    for name, module in loaded.model.named_modules():
+        if not isinstance(module, (torch.nn.modules.conv._ConvNd, torch.nn.Linear)):
+            continue
+        parts = name.split(".")
+        block = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+        if block.startswith(("time_", "class_")):  # embeddings: not a feature-map width
+            continue
+        width = module.out_channels if hasattr(module, "out_channels") else module.out_features
+        before = original.get(name, {}).get("out_channels")
+        blocks[block] = {"name": block, "width": int(width), "original": before}
+    return sorted(blocks.values(), key=lambda block: _flow_position(block["name"]))
+
+
+def _flow_position(name: str) -> int:
+    """Blocks in the order data flows through a UNet (the stable sort keeps module order within a stage)."""
+    for position, prefix in enumerate(("conv_in", "down_blocks", "mid_block", "up_blocks")):
+        if name.startswith(prefix):
+            return position
+    return 4
+
+
+def model_summary(loaded: LoadedModel) -> dict:
+    """Params, MACs (one batch-1 forward, see dpcli.flops) and block widths of ``loaded``."""
+    from dpcli.flops import count_params
+    from dpcli.inspection import macs_of
+
+    return {
+        "model": loaded.source,
+        "adapter": loaded.adapter,
+        "params": count_params(loaded.model),
+        "macs": macs_of(loaded).total,
+        "blocks": block_widths(loaded),
+    }
+
+
+# Latency --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LatencySettings:
+    batch: int = 64  # the throughput batch; batch 1 is always measured
+    warmup: int = 2
+    repeats: int = 5
+
+    def validate(self) -> None:
+        if self.batch < 1 or self.warmup < 0 or self.repeats < 1:
+            raise BadInput("--latency-batch and --repeats must be at least 1")
+
+
+def measure_latency(sampler: Sampler, settings: LatencySettings, progress: Progress = _no_progress) -> dict:
+    """Median ms per denoising step at batch 1 and at the throughput batch (warm-up excluded)."""
+    sizes = [1] + ([settings.batch] if settings.batch > 1 else [])
+    runs = settings.warmup + settings.repeats
+    results = {}
+    with progress("Latency", runs * len(sizes)) as advance:
+        for size in sizes:
+            results[size] = sampler.step_latency(size, settings.warmup, settings.repeats, on_run=advance)
+    return {
+        "batch_1_ms": results[1],
+        "batch": settings.batch,
+        "batch_ms": results.get(settings.batch, results[1]),
+        "warmup": settings.warmup,
+        "repeats": settings.repeats,
+        "device": str(sampler.device),
+        "precision": sampler.precision_name,
+    }
+
+
+# Sampling with a progress bar -------------------------------------------------------------------
+
+
+def sample_model(
+    loaded: LoadedModel,
+    settings: SamplerSettings,
+    num_samples: int,
+    device=None,
+    progress: Progress = _no_progress,
+    label: str = "",
+) -> tuple[Sampler, Samples | None]:
+    """Sample ``num_samples`` images of ``loaded`` (split over torchrun ranks; None on ranks > 0)."""
+    sampler = Sampler(loaded, settings, device)
+    with progress(f"Sampling {label or loaded.source}", steps_for_rank(sampler, num_samples)) as advance:
+        samples = generate(sampler, num_samples, on_step=advance)
+    return sampler, samples
+
+
+# FID ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FidPlan:
+    """What FID compares against, decided (and validated) before any sampling."""
+
+    extractor: str
+    data: str | None = None
+    stats: FidStats | None = None
+    inception_weights: Path | None = None
+    save_stats: Path | None = None
+
+    @property
+    def reference(self) -> str:
+        return self.data if self.data is not None else f"statistics {self.stats.source}"
+
+
+def plan_fid(
+    data: str | None,
+    fid_stats: Path | None,
+    inception_weights: Path | None,
+    save_stats_to: Path | None,
+    num_samples: int,
+) -> FidPlan | None:
+    """Validate the FID options; None when FID is not requested (no --data and no --fid-stats).
+
+    ``builtin:digits`` uses the shipped digits feature network, anything else Inception-v3, whose
+    weights must be available locally (they are never downloaded): a clear BadInput otherwise.
+    """
+    if data is not None and fid_stats is not None:
+        raise BadInput("give --data or --fid-stats for FID, not both")
+    if save_stats_to is not None and data is None:
+        raise BadInput("--save-stats writes the FID statistics of --data: pass --data too")
+    if data is None and fid_stats is None:
+        if inception_weights is not None:
+            raise BadInput("--inception-weights is for FID: pass --data or --fid-stats too")
+        return None
+    if num_samples < 2:
+        raise BadInput(f"FID needs at least 2 samples (--num-samples >= 2), got {num_samples}")
+    stats = None
+    if fid_stats is not None:
+        stats = load_stats(fid_stats)
+        if stats.extractor not in (INCEPTION, DIGITS):
+            raise BadInput(f"{fid_stats}: unknown feature extractor {stats.extractor!r}")
+        expected = extractor_features(stats.extractor)
+        if stats.features != expected:
+            raise BadInput(
+                f"{fid_stats} holds statistics of {stats.features} features; {stats.extractor} gives {expected}"
+            )
+        extractor = stats.extractor
+    else:
+        check_data(data)
+        extractor = DIGITS if data == "builtin:digits" else INCEPTION
+    weights = find_inception_weights(inception_weights)
+    if extractor == INCEPTION and weights is None:
+        raise BadInput(missing_inception_message())
+    return FidPlan(extractor, data, stats, weights if extractor == INCEPTION else None, save_stats_to)
+
+
+def check_data(data: str) -> None:
+    """Fail before sampling, not after, when --data cannot serve images."""
+    from dpcli.data import BUILTIN_DATASETS, IMAGE_SUFFIXES, list_images
+
+    if data.startswith("builtin:"):
+        if data.split(":", 1)[1] not in BUILTIN_DATASETS:
+            raise BadInput(
+                f"unknown built-in dataset {data!r} (available: builtin:{', builtin:'.join(BUILTIN_DATASETS)})"
+            )
+        return
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise BadInput(f"data not found: {data}")
+    if path.is_dir() and not list_images(path):
+        raise BadInput(f"no images in {data} (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
+
+
+def compute_fid(
+    plan: FidPlan,
+    loaded: LoadedModel,
+    samples: Samples,
+    progress: Progress = _no_progress,
+    device: str | torch.device = "cpu",
+) -> tuple[float, dict]:
+    """FID of ``samples`` against the plan's data or statistics (features computed on ``device``);
+    also writes --save-stats."""
+    from dpcli.data import load_images
+
+    fid = FidComputer(plan.extractor, plan.inception_weights, device=device)
+    if plan.stats is not None:
+        fid.set_real_stats(plan.stats)
+        reference_count = plan.stats.count
+    else:
+        adapter = loaded.adapter_object
+        data = data_as_uint8(
+            load_images(plan.data, size=adapter.data_size(loaded), channels=adapter.data_channels(loaded))
+        )
+        if len(data) < 2:
+            raise BadInput(f"FID needs at least 2 reference images; {plan.data} has {len(data)}")
+        with progress("FID features (data)", len(data)) as advance:
+            fid.update(data, real=True, on_batch=advance)
+        reference_count = len(data)
+        if plan.save_stats is not None:
+            save_stats(fid.real_stats(plan.data), plan.save_stats, data=plan.data)
+    with progress("FID features (samples)", len(samples.images)) as advance:
+        fid.update(samples.images, real=False, on_batch=advance)
+    value = fid.compute()
+    info = {
+        "extractor": plan.extractor,
+        "features": fid.features,
+        "reference": plan.reference,
+        "reference_count": reference_count,
+        "samples": len(samples.images),
+        "unavailable": None,
+    }
+    return value, info
+
+
+def fid_unavailable(reason: str) -> dict:
+    return {
+        "extractor": None,
+        "features": None,
+        "reference": None,
+        "reference_count": None,
+        "samples": None,
+        "unavailable": reason,
+    }
+
+
+# dp eval --------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalSettings:
+    model: str
+    reference: str | None = None
+    num_samples: int = 256
+    sampling: SamplerSettings = field(default_factory=SamplerSettings)
+    latency: LatencySettings | None = field(default_factory=LatencySettings)
+    data: str | None = None
+    fid_stats: Path | None = None
+    inception_weights: Path | None = None
+    save_stats: Path | None = None
+    device: str | None = None
+    adapter: str | None = None
+    config: Path | None = None
+    scheduler: Path | None = None  # replaces the scheduler of the model and of the reference
+
+
+def check_same_noise(model: LoadedModel, reference: LoadedModel, what: str = "reference") -> None:
+    """Two models compared from the same noise must sample the same shape."""
+    mine = tuple(model.adapter_object.noise_shape(model))
+    theirs = tuple(reference.adapter_object.noise_shape(reference))
+    if mine != theirs:
+        raise BadInput(
+            f"{what} {reference.source} samples {_shape_text(theirs)} but {model.source} samples "
+            f"{_shape_text(mine)}: different sample size or channel count, no common noise to compare from"
+        )
+
+
+def _shape_text(shape) -> str:
+    channels, *size = shape
+    return f"{channels} channel(s) at {'x'.join(map(str, size))}"
+
+
+def evaluate(settings: EvalSettings, progress: Progress = _no_progress, status=None) -> dict | None:
+    """Run ``dp eval``; returns the report on rank 0 (None on other torchrun ranks).
+
+    The report's ``samples`` entry is the :class:`Samples` (removed before JSON output); ``grid_rows``
+    likewise holds the images for the PNG grid.
+    """
+    from dpcli.loading import load_model
+
+    status = status or (lambda text: None)
+    settings.sampling.validate()
+    if settings.num_samples < 1:
+        raise BadInput(f"--num-samples must be at least 1, got {settings.num_samples}")
+    if settings.latency is not None:
+        settings.latency.validate()
+    plan = plan_fid(
+        settings.data,
+        settings.fid_stats,
+        settings.inception_weights,
+        settings.save_stats,
+        settings.num_samples,
+    )
+    status(f"Loading {settings.model}")
+    loaded = load_model(
+        settings.model, adapter=settings.adapter, config=settings.config, scheduler=settings.scheduler
+    )
+    reference = None
+    if settings.reference is not None:
+        status(f"Loading {settings.reference}")
+        reference = load_model(settings.reference, scheduler=settings.scheduler)
+        check_same_noise(loaded, reference)
+    summary = model_summary(loaded)
+    reference_summary = model_summary(reference) if reference is not None else None
+
+    sampler, samples = sample_model(
+        loaded, settings.sampling, settings.num_samples, settings.device, progress
+    )
+    reference_samples = None
+    if reference is not None:
+        _, reference_samples = sample_model(
+            reference, settings.sampling, settings.num_samples, settings.device, progress, "reference"
+        )
+    if not is_main_process():
+        return None
+
+    latency = measure_latency(sampler, settings.latency, progress) if settings.latency else None
+    consistency = {"ssim": None, "psnr": None}
+    if reference_samples is not None:
+        if reference_samples.images.shape != samples.images.shape:
+            raise BadInput(
+                f"reference {settings.reference} makes images of shape {tuple(reference_samples.images.shape[1:])},"
+                f" {settings.model} {tuple(samples.images.shape[1:])}: they cannot be paired"
+            )
+        consistency = ssim_psnr(samples.images, reference_samples.images)
+    if plan is not None:
+        fid, fid_info = compute_fid(plan, loaded, samples, progress, device=sampler.device)
+    else:
+        fid, fid_info = None, fid_unavailable("no reference images: pass --data D or --fid-stats FILE")
+    report = {
+        "format": REPORT_FORMAT,
+        "dpcli_version": __version__,
+        **summary,
+        "image_shape": list(samples.images.shape[1:]),
+        "sampling": samples.describe(),
+        "latency": latency,
+        "fid": fid,
+        "fid_info": fid_info,
+        "reference": reference_summary,
+        "ssim": consistency["ssim"],
+        "psnr": consistency["psnr"],
+        "stats_file": str(settings.save_stats) if settings.save_stats else None,
+        "output": None,
+        "files": None,
+        "grid": None,
+    }
+    report["samples"] = samples
+    from dpcli.plots import grid_rows
+
+    report["grid_rows"] = grid_rows(samples.images[:GRID_SAMPLES])
+    return report
+
+
+def write_eval_output(report: dict, folder: Path, final: Path | None = None) -> dict:
+    """Write report.json, grid.png and samples.safetensors into ``folder`` (an AtomicFolder path that
+    becomes ``final``; paths in the report name ``final``)."""
+    from dpcli.plots import save_image_grid
+
+    folder = Path(folder)
+    final = Path(final) if final is not None else folder
+    samples: Samples = report["samples"]
+    write_samples(samples, folder / SAMPLES_FILE, report["model"])
+    grid = save_image_grid(report["grid_rows"], folder / GRID_FILE)
+    report["files"] = {"report": REPORT_FILE, "grid": GRID_FILE, "samples": SAMPLES_FILE}
+    report["grid"] = {**grid, "path": str(final / GRID_FILE)}
+    report["output"] = str(final)
+    (folder / REPORT_FILE).write_text(json.dumps(json_report(report), indent=2, allow_nan=False))
+    return report
+
+
+def json_report(report: dict) -> dict:
+    """The report without the in-memory images."""
+    return {k: v for k, v in report.items() if k not in ("samples", "grid_rows")}
+
+
+def write_samples(samples: Samples, path: Path, model: str) -> None:
+    from safetensors.torch import save_file
+
+    metadata = {"format": "dpcli-samples", "model": model, "sampling": json.dumps(samples.describe())}
+    tensors = {
+        "images": samples.images.contiguous(),
+        "indices": torch.tensor(samples.indices, dtype=torch.long),
+    }
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def read_eval_report(path: Path) -> tuple[dict, torch.Tensor | None, Path]:
+    """A dp eval report (report.json, or the folder holding it) and its samples when present."""
+    path = Path(path).expanduser()
+    file = path / REPORT_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise BadInput(f"--report {path}: no dp eval report there (expected {REPORT_FILE})")
+    report = read_json(file)
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        raise BadInput(f"{file} is not a dp eval report")
+    images = None
+    samples_file = file.parent / ((report.get("files") or {}).get("samples") or SAMPLES_FILE)
+    if samples_file.is_file():
+        from dpcli.io.weights import load_tensor_file
+
+        images = load_tensor_file(samples_file).get("images")
+    return report, images, file

@@ -1,0 +1,2 @@
+"""The finetune job: ``settings`` (``FinetuneSettings``), ``loop`` (``finetune``, ``save_finetuned``) and
+``checkpoints`` (exact resume)."""

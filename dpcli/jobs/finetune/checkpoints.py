@@ -1,0 +1,226 @@
+"""Checkpoints of a fine-tuning run, and what a resumed run must share with them.
+
+Checkpoints are folders ``OUT/checkpoints/step-NNNNNNNN/`` written under a temporary name and renamed:
+``model.safetensors`` (raw weights), ``ema.safetensors``, ``state.safetensors`` (optimizer tensors, RNG
+states, loss and lr history) and ``state.json`` (step, data position, settings, optimizer hyper-parameters,
+LR schedule and grad-scaler state). Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpcli import __version__
+from dpcli.errors import BadInput
+from dpcli.io.files import AtomicFolder
+
+CHECKPOINT_FORMAT = "dpcli-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+
+
+# Settings a resumed run must share with the checkpoint for the result to be the run it continues.
+_RESUME_KEYS = (
+    "data",
+    "global_batch",
+    "lr",
+    "warmup",
+    "schedule",
+    "weight_decay",
+    "ema_decay",
+    "grad_clip",
+    "seed",
+    "precision",
+    "teacher",
+    "distill_weight",
+    "reinit",
+)
+_CHECKPOINT_NAME = "step-{:08d}"
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every tensor of the model: a checkpoint applies only to the model it started from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def checkpoint_root(output: Path) -> Path:
+    return Path(output) / CHECKPOINT_DIR
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The complete checkpoint with the highest step under OUT/checkpoints (temp folders are ignored)."""
+    root = checkpoint_root(output)
+    if not root.is_dir():
+        return None
+    found = []
+    for folder in root.iterdir():
+        name = folder.name
+        if folder.is_dir() and name.startswith("step-") and name[5:].isdigit():
+            if (folder / "state.json").is_file():
+                found.append((int(name[5:]), folder))
+    return max(found)[1] if found else None
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value)
+            tensors[f"optimizer.{index}.{key}"] = value
+    return tensors, _jsonable(state["param_groups"])
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, param_groups: list) -> None:
+    state: dict[int, dict] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = tensor
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+@dataclass
+class TrainState:
+    """Progress that checkpoints carry besides tensors of the model."""
+
+    step: int = 0
+    losses: list[float] = dataclasses.field(default_factory=list)
+    lrs: list[float] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+
+def save_checkpoint(
+    output: Path,
+    train: TrainState,
+    model: torch.nn.Module,
+    ema,
+    optimizer: torch.optim.Optimizer,
+    lr_schedule,
+    scaler,
+    record: dict,
+    keep: int,
+) -> Path:
+    """Write ``OUT/checkpoints/step-N`` atomically (temp folder + rename); keep the newest ``keep``."""
+    from safetensors.torch import save_file
+
+    root = checkpoint_root(output)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / _CHECKPOINT_NAME.format(train.step)
+
+    def tensors_of(module: torch.nn.Module) -> dict:
+        return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+    with AtomicFolder(final, force=True) as temporary:
+        save_file(tensors_of(model), str(temporary / "model.safetensors"))
+        save_file(tensors_of(ema.module), str(temporary / "ema.safetensors"))
+        tensors, param_groups = _optimizer_tensors(optimizer)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        tensors["history.loss"] = torch.tensor(train.losses, dtype=torch.float64)
+        tensors["history.lr"] = torch.tensor(train.lrs, dtype=torch.float64)
+        save_file(tensors, str(temporary / "state.safetensors"))
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "dpcli_version": __version__,
+            "step": train.step,
+            "samples_seen": train.step * record["settings"]["global_batch"],
+            "seconds": train.seconds,
+            "optimizer_param_groups": param_groups,
+            "lr_schedule": _jsonable(lr_schedule.state_dict()),
+            "grad_scaler": _jsonable(scaler.state_dict()),
+            **record,
+        }
+        (temporary / "state.json").write_text(json.dumps(state, indent=2))
+    complete = sorted(
+        (p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()),
+        key=lambda p: int(p.name[5:]),
+    )
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint_state(folder: Path) -> dict:
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"checkpoint {folder} is unreadable: {exc}") from None
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise BadInput(f"{folder} is not a dp finetune checkpoint")
+    if int(state.get("format_version", 0)) > CHECKPOINT_VERSION:
+        raise BadInput(f"checkpoint {folder} was written by a newer dpcli; upgrade dpcli")
+    return state
+
+
+def check_resumable(state: dict, folder: Path, record: dict) -> None:
+    """Refuse a checkpoint of another model or of a run with other settings (exit 2)."""
+    if state.get("model_signature") != record["model_signature"]:
+        raise BadInput(
+            f"checkpoint {folder} is of another model (other layer widths); fine-tune {state.get('model')} "
+            "or start over with --force"
+        )
+    if state.get("model_fingerprint") != record["model_fingerprint"]:
+        raise BadInput(
+            f"checkpoint {folder} started from other weights ({state.get('model')}); resume with the "
+            "same MODEL (and --reinit/--seed) or start over with --force"
+        )
+    saved, current = state.get("settings", {}), record["settings"]
+    different = [key for key in _RESUME_KEYS if saved.get(key) != current.get(key)]
+    if different:
+        key = different[0]
+        raise BadInput(
+            f"--resume: the checkpoint was written with {key}={saved.get(key)!r}, this run has "
+            f"{key}={current.get(key)!r} (use the same settings, or start over with --force)"
+        )
+
+
+def load_checkpoint(folder, state, model, ema, optimizer, lr_schedule, scaler, train, settings) -> None:
+    from dpcli.io.diffusers_files import load_weights_into
+    from dpcli.io.weights import load_tensor_file
+
+    load_weights_into(model, load_tensor_file(folder / "model.safetensors"), str(folder))
+    load_weights_into(ema.module, load_tensor_file(folder / "ema.safetensors"), str(folder))
+    tensors = load_tensor_file(folder / "state.safetensors")
+    _restore_optimizer(optimizer, tensors, state["optimizer_param_groups"])
+    if state["settings"].get("steps") == settings.steps:
+        lr_schedule.load_state_dict(state["lr_schedule"])
+    lr_schedule.step_update(int(state["step"]))
+    if state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    train.step = int(state["step"])
+    train.losses = tensors["history.loss"].tolist()
+    train.lrs = tensors["history.lr"].tolist()
+    train.seconds = float(state.get("seconds", 0.0))

@@ -1,0 +1,486 @@
+"""The fine-tuning loop: the Python API behind ``dp finetune``.
+
+The DDPM loss on the adapter's denoiser (pruned or not), AdamW, timm's warmup + decay LR schedule and its
+EMA (``timm.utils.ModelEmaV3``), gradient clipping and accumulation, autocast on GPU, optional distillation
+from a teacher, checkpoints with exact resume (``checkpoints``), and data parallelism with torch.distributed.
+
+Determinism, and why a resumed or multi-process run equals a plain one:
+
+- The global batch of optimizer step ``s`` is the ``global_batch`` samples at positions
+  ``s * global_batch ...`` of an endless stream of epochs, epoch ``e`` being a permutation of the data
+  seeded by (seed, e). Its noise and timesteps come from a generator seeded by (seed, s). Nothing depends
+  on what ran before step ``s`` except the weights and optimizer state, which checkpoints hold exactly.
+- Every rank draws the noise and timesteps of the whole global batch and computes on its own slice:
+  micro-step ``k`` of rank ``r`` takes rows ``(k * world_size + r) * batch_size`` onwards. The same global
+  batch split over 1 or N processes (or over accumulation steps) is therefore the same computation, up to
+  the order of floating-point sums.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpcli.adapters.base import BatchContext, LoadedModel
+from dpcli.errors import BadInput, DpError
+from dpcli.io.files import AtomicFolder
+from dpcli.jobs.finetune.checkpoints import (
+    CHECKPOINT_DIR,
+    TrainState,
+    check_resumable,
+    checkpoint_root,
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint_state,
+    save_checkpoint,
+    weights_fingerprint,
+)
+from dpcli.jobs.finetune.settings import FinetuneSettings
+from dpcli.runtime import Distributed
+
+_SUMMARY_WINDOW = 100
+
+
+# Data order and noise ---------------------------------------------------------------------------
+
+
+def _mixed_seed(seed: int, stream: str, index: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{stream}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class DataOrder:
+    """Sample positions 0, 1, 2, ... mapped to image indices through one seeded permutation per epoch."""
+
+    def __init__(self, count: int, seed: int):
+        self.count = count
+        self.seed = seed
+        self._permutations: dict[int, torch.Tensor] = {}
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._permutations:
+            if len(self._permutations) > 2:
+                self._permutations.pop(min(self._permutations))
+            generator = torch.Generator().manual_seed(_mixed_seed(self.seed, "data", epoch))
+            self._permutations[epoch] = torch.randperm(self.count, generator=generator)
+        return self._permutations[epoch]
+
+    def indices(self, start: int, length: int) -> torch.Tensor:
+        positions = range(start, start + length)
+        return torch.stack([self.permutation(p // self.count)[p % self.count] for p in positions])
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator for the noise and timesteps of optimizer step ``step``."""
+    return torch.Generator(device=device).manual_seed(_mixed_seed(seed, "noise", step))
+
+
+# Model helpers ----------------------------------------------------------------------------------
+
+
+def reinitialise(model: torch.nn.Module, seed: int) -> None:
+    """Fresh random weights of the same shapes (the ``reinit`` criterion's re-initialisation)."""
+    from dpcli.criteria.builtin import Reinit
+
+    Reinit().finalize(model, seed)
+
+
+def load_training_images(loaded: LoadedModel, data: str) -> torch.Tensor:
+    from dpcli.data import load_images
+
+    adapter = loaded.adapter_object
+    return load_images(data, size=adapter.data_size(loaded), channels=adapter.data_channels(loaded))
+
+
+def check_teacher(student: LoadedModel, teacher: LoadedModel) -> None:
+    """The teacher must take the student's noisy input and predict a tensor of the student's shape."""
+    inputs = student.adapter_object.example_inputs(student, 1)
+    teacher_device = next(teacher.model.parameters()).device
+    with torch.no_grad():
+        expected = student.adapter_object.predict(student, *inputs)
+        try:
+            moved = [x.to(teacher_device) if isinstance(x, torch.Tensor) else x for x in inputs]
+            got = teacher.adapter_object.predict(teacher, *moved)
+        except (RuntimeError, ValueError, AssertionError) as exc:
+            raise BadInput(
+                f"the teacher {teacher.source} does not take the student's input of shape "
+                f"{tuple(inputs[0].shape)}: {str(exc).splitlines()[0]}"
+            ) from None
+    if tuple(got.shape) != tuple(expected.shape):
+        raise BadInput(
+            f"the teacher {teacher.source} predicts shape {tuple(got.shape)}, the student "
+            f"{tuple(expected.shape)}: distillation needs the same output shape"
+        )
+
+
+# Optimizer, schedule, EMA -----------------------------------------------------------------------
+
+
+def make_lr_schedule(optimizer: torch.optim.Optimizer, settings: FinetuneSettings):
+    """timm's per-update schedule: linear warmup from lr/(warmup+1), then cosine decay to 0 over all
+    steps, or constant."""
+    from timm.scheduler import CosineLRScheduler, StepLRScheduler
+
+    warmup = dict(warmup_t=settings.warmup, warmup_lr_init=settings.lr / (settings.warmup + 1))
+    if settings.schedule == "cosine":
+        return CosineLRScheduler(optimizer, t_initial=settings.steps, lr_min=0.0, t_in_epochs=False, **warmup)
+    return StepLRScheduler(optimizer, decay_t=settings.steps, decay_rate=1.0, t_in_epochs=False, **warmup)
+
+
+def _current_lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+# Training ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepInfo:
+    """What the progress display gets after every optimizer step."""
+
+    step: int
+    total: int
+    loss: float
+    smoothed_loss: float
+    lr: float
+    steps_per_second: float
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM during training: finish the step, write a checkpoint, stop.
+    A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number, frame):
+        if self.requested and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+class Interrupted(DpError):
+    """Training stopped on request after writing a checkpoint (exit code 130, as for Ctrl-C)."""
+
+    exit_code = 130
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def finetune(
+    loaded: LoadedModel,
+    images: torch.Tensor,
+    settings: FinetuneSettings,
+    output: Path,
+    teacher: LoadedModel | None = None,
+    resume: bool = False,
+    dist: Distributed | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> FinetuneResult:
+    """Train ``loaded.model`` in place on ``images`` (in [-1, 1]); checkpoints go to OUT/checkpoints.
+
+    Returns the report, the EMA model and the loss history; raises
+    :class:`Interrupted` after writing a checkpoint when stopped with Ctrl-C or SIGTERM.
+    """
+    from timm.utils import ModelEmaV3
+
+    from dpcli.io.model_format import model_signature
+    from dpcli.scoring import loss_target
+
+    settings.validate()
+    dist = dist or Distributed()
+    device = dist.device
+    if settings.precision == "fp16" and device.type != "cuda":
+        raise BadInput("--precision fp16 needs a CUDA GPU (use bf16 or fp32 on the CPU)")
+    global_batch = settings.batch_size * dist.world_size * settings.grad_accum
+    if global_batch > len(images):
+        raise BadInput(
+            f"the global batch ({settings.batch_size} × {dist.world_size} process(es) × "
+            f"{settings.grad_accum} accumulation step(s) = {global_batch}) is larger than the data "
+            f"({len(images)} images in {settings.data})"
+        )
+    adapter = loaded.adapter_object
+    model = loaded.model
+    if settings.reinit:
+        reinitialise(model, settings.seed)
+    record = {
+        "model": loaded.source,
+        "model_signature": model_signature(model),
+        "model_fingerprint": weights_fingerprint(model),
+        "settings": {**dataclasses.asdict(settings), "global_batch": global_batch},
+    }
+    output = Path(output)
+    checkpoint = None
+    if resume:
+        checkpoint = latest_checkpoint(output)
+        if checkpoint is None:
+            raise BadInput(f"--resume: no checkpoint in {checkpoint_root(output)}")
+        saved_state = read_checkpoint_state(checkpoint)
+        check_resumable(saved_state, checkpoint, record)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model.to(device).train()
+    if teacher is not None:
+        teacher.model.to(device).eval().requires_grad_(False)
+        check_teacher(loaded, teacher)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    lr_schedule = make_lr_schedule(optimizer, settings)
+    ema = ModelEmaV3(model, decay=settings.ema_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
+    train = TrainState()
+    if checkpoint is not None:
+        load_checkpoint(checkpoint, saved_state, model, ema, optimizer, lr_schedule, scaler, train, settings)
+    elif dist.is_main and checkpoint_root(output).exists():
+        shutil.rmtree(checkpoint_root(output))  # a fresh run (--force): stale checkpoints must not resume
+    dist.barrier()
+
+    trained = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    training_view = dataclasses.replace(loaded, model=trained)
+    teacher_adapter = teacher.adapter_object if teacher is not None else None
+    order = DataOrder(len(images), settings.seed)
+    noise_shape = tuple(adapter.noise_shape(loaded))
+    num_timesteps = int(loaded.scheduler.config.num_train_timesteps)
+    batch = settings.batch_size
+    start_step = train.step
+    average = 0.0
+    window: list[float] = []
+    run_started = time.perf_counter()
+    previous_seconds = train.seconds
+    interrupted = False
+
+    with _StopRequest() as stop:
+        for step in range(start_step, settings.steps):
+            step_started = time.perf_counter()
+            indices = order.indices(step * global_batch, global_batch)
+            generator = step_generator(settings.seed, step, device)
+            timesteps = torch.randint(0, num_timesteps, (global_batch,), generator=generator, device=device)
+            noise = torch.randn((global_batch, *noise_shape), generator=generator, device=device)
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            for micro in range(settings.grad_accum):
+                first = (micro * dist.world_size + dist.rank) * batch
+                rows = slice(first, first + batch)
+                x0, conditioning = adapter.prepare_batch(loaded, images[indices[rows]], BatchContext())
+                if tuple(x0.shape[1:]) != noise_shape:
+                    raise DpError(
+                        f"the adapter prepared samples of shape {tuple(x0.shape[1:])}, expected {noise_shape}"
+                    )
+                t, eps = timesteps[rows], noise[rows].to(x0.dtype)
+                last_micro = micro == settings.grad_accum - 1
+                sync = contextlib.nullcontext() if last_micro or not dist.enabled else trained.no_sync()
+                with sync:
+                    with _autocast(device, settings.precision):
+                        noisy = loaded.scheduler.add_noise(x0, eps, t)
+                        prediction = adapter.predict(training_view, noisy, t, conditioning).float()
+                    target = loss_target(loaded.scheduler, x0, eps, t).float()
+                    loss = torch.nn.functional.mse_loss(prediction, target)
+                    if teacher is not None and settings.distill_weight > 0:
+                        with torch.no_grad(), _autocast(device, settings.precision):
+                            guide = teacher_adapter.predict(teacher, noisy, t, conditioning).float()
+                        loss = loss + settings.distill_weight * torch.nn.functional.mse_loss(
+                            prediction, guide
+                        )
+                    scaler.scale(loss / settings.grad_accum).backward()
+                step_loss += loss.detach().double() / settings.grad_accum
+            if settings.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            lr = _current_lr(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+            lr_schedule.step_update(step + 1)
+            ema.update(model, step=step + 1)
+
+            shared = torch.stack([step_loss, torch.tensor(float(stop.requested), device=device).double()])
+            if dist.enabled:
+                torch.distributed.all_reduce(shared)
+            loss_value = float(shared[0]) / dist.world_size
+            if not math.isfinite(loss_value):
+                raise DpError(
+                    f"the loss is {loss_value} at step {step + 1}: lower --lr, use --grad-clip or fp32"
+                )
+            train.step = step + 1
+            train.losses.append(loss_value)
+            train.lrs.append(lr)
+            train.seconds = previous_seconds + time.perf_counter() - run_started
+            average = 0.98 * average + 0.02 * loss_value
+            smoothed = average / (1 - 0.98 ** (train.step - start_step))
+            window = [*window[-19:], time.perf_counter() - step_started]
+            if on_step is not None and dist.is_main:
+                on_step(
+                    StepInfo(train.step, settings.steps, loss_value, smoothed, lr, len(window) / sum(window))
+                )
+            stop_now = float(shared[1]) > 0
+            due = settings.checkpoint_every and train.step % settings.checkpoint_every == 0
+            if due or stop_now or train.step == settings.steps:
+                if dist.is_main:
+                    save_checkpoint(
+                        output,
+                        train,
+                        model,
+                        ema,
+                        optimizer,
+                        lr_schedule,
+                        scaler,
+                        record,
+                        settings.keep_checkpoints,
+                    )
+                dist.barrier()
+            if stop_now:
+                interrupted = True
+                break
+    if interrupted:
+        raise Interrupted(
+            f"interrupted at step {train.step} of {settings.steps}: checkpoint written to "
+            f"{checkpoint_root(output)}; continue with the same command and --resume"
+        )
+    model.eval()
+    return FinetuneResult(
+        report=_report(settings, train, start_step, time.perf_counter() - run_started, dist, teacher),
+        ema_model=ema.module,
+        losses=train.losses,
+        lrs=train.lrs,
+    )
+
+
+def summary_window(steps: int) -> int:
+    """Steps averaged for the reported initial and final loss: 10 % of the run, 1 to 100."""
+    return max(1, min(_SUMMARY_WINDOW, steps // 10))
+
+
+@dataclass
+class FinetuneResult:
+    """A finished run: the report (plain data, as ``--json`` prints it), the EMA model and the per-step
+    loss and learning-rate history."""
+
+    report: dict
+    ema_model: torch.nn.Module
+    losses: list[float]
+    lrs: list[float]
+
+
+def _report(settings, train: TrainState, start_step: int, run_seconds: float, dist, teacher) -> dict:
+    window = summary_window(len(train.losses))
+    ran = train.step - start_step
+    return {
+        "steps": train.step,
+        "resumed_from": start_step or None,
+        "batch_size": settings.batch_size,
+        "grad_accum": settings.grad_accum,
+        "world_size": dist.world_size,
+        "global_batch": settings.batch_size * dist.world_size * settings.grad_accum,
+        "lr": settings.lr,
+        "warmup": settings.warmup,
+        "schedule": settings.schedule,
+        "weight_decay": settings.weight_decay,
+        "ema_decay": settings.ema_decay,
+        "grad_clip": settings.grad_clip,
+        "precision": settings.precision,
+        "device": str(dist.device),
+        "seed": settings.seed,
+        "data": settings.data,
+        "teacher": teacher.source if teacher is not None else None,
+        "distill_weight": settings.distill_weight if teacher is not None else None,
+        "reinit": settings.reinit,
+        "initial_loss": sum(train.losses[:window]) / window if train.losses else None,
+        "final_loss": sum(train.losses[-window:]) / window if train.losses else None,
+        "loss_window": window,
+        "seconds": train.seconds,
+        "steps_per_second": ran / run_seconds if ran and run_seconds > 0 else None,
+    }
+
+
+def history_entry(report: dict) -> dict:
+    """The ``history`` record a fine-tuned model folder carries."""
+    keys = (
+        "steps",
+        "global_batch",
+        "batch_size",
+        "grad_accum",
+        "world_size",
+        "lr",
+        "warmup",
+        "schedule",
+        "weight_decay",
+        "ema_decay",
+        "grad_clip",
+        "precision",
+        "seed",
+        "data",
+        "teacher",
+        "distill_weight",
+        "reinit",
+        "initial_loss",
+        "final_loss",
+        "seconds",
+    )
+    entry = {"step": "finetune", **{key: report[key] for key in keys}}
+    return {**entry, "weights": "ema", "raw_weights": "unet/raw.safetensors"}
+
+
+def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, preview: int = 0) -> Path:
+    """Write the fine-tuned model into OUT (EMA weights as the main weights, the raw ones as
+    ``unet/raw.safetensors``), its loss curve and optional sample preview, and move the checkpoints in:
+    the model files appear in OUT only now."""
+    from dpcli.plots import grid_rows, plot_training, save_image_grid
+
+    output = Path(output)
+    raw = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
+    ema_view = dataclasses.replace(loaded, model=result.ema_model.eval())
+    metadata = {"history": [history_entry(result.report)], "extra_weights": {"raw.safetensors": raw}}
+    with AtomicFolder(output, force=True) as folder:
+        loaded.adapter_object.save(ema_view, folder, metadata)
+        plot_training(result.losses, result.lrs, folder / "loss.png", title=f"dp finetune {loaded.source}")
+        if preview:
+            pixels = preview_samples(ema_view, preview, seed=result.report["seed"])
+            save_image_grid(grid_rows(pixels), folder / "samples.png")
+        checkpoints = checkpoint_root(output)
+        if checkpoints.is_dir():
+            os.replace(checkpoints, folder / CHECKPOINT_DIR)
+    return output
+
+
+# Previews ---------------------------------------------------------------------------------------
+
+
+def preview_samples(loaded: LoadedModel, count: int = 16, seed: int = 0, steps: int = 50) -> torch.Tensor:
+    """A quick look at what the model generates: ``dp eval``'s sampler, deterministic DDIM (eta 0,
+    ``steps`` uniform steps) in fp32 on the model's device. uint8 images, [count, C, H, W], on the CPU."""
+    from dpcli.sampling import Sampler, SamplerSettings, to_uint8
+
+    settings = SamplerSettings(steps=steps, seed=seed, batch_size=count, precision="fp32")
+    device = next(loaded.model.parameters()).device
+    return to_uint8(Sampler(loaded, settings, device=device).sample(range(count)))

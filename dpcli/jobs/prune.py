@@ -1,0 +1,144 @@
+"""The prune job: prune a model with scores to a ratio or a MACs/params target; what the pruned folder records."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from dpcli.adapters.base import LoadedModel
+from dpcli.errors import BadInput
+from dpcli.flops import count_params
+from dpcli.io.model_format import module_shapes
+from dpcli.jobs.score import Scores
+from dpcli.pruning import PruneOptions, output_shape, prune_to_target
+
+
+def measure(loaded: LoadedModel) -> tuple[int, int]:
+    """(params, MACs) of ``loaded`` at batch 1, native size."""
+    from dpcli.inspection import macs_of
+
+    return count_params(loaded.model), macs_of(loaded).total
+
+
+def layer_rows(loaded: LoadedModel) -> dict[str, dict]:
+    """Per-layer widths, params and MACs by layer name, for before/after tables."""
+    from dpcli.inspection import layer_rows as rows_of
+
+    return {row.pop("name"): row for row in rows_of(loaded)}
+
+
+@dataclass
+class PruneSettings:
+    ratio: float | None = None
+    target_macs: float | None = None
+    target_params: float | None = None
+    tolerance: float = 0.05
+
+
+def validate_prune_settings(settings: PruneSettings) -> None:
+    given = [v for v in (settings.ratio, settings.target_macs, settings.target_params) if v is not None]
+    if len(given) != 1:
+        raise BadInput("give exactly one of --ratio, --target-macs, --target-params")
+    if settings.ratio is not None and not 0.0 <= settings.ratio < 1.0:
+        raise BadInput(f"--ratio must be in [0, 1), got {settings.ratio}")
+    for name, value in (("--target-macs", settings.target_macs), ("--target-params", settings.target_params)):
+        if value is not None and not 0.0 < value < 1.0:
+            raise BadInput(f"{name} is a fraction of the original and must be in (0, 1), got {value}")
+
+
+def prune_model(
+    loaded: LoadedModel,
+    scores: Scores,
+    settings: PruneSettings,
+    options: PruneOptions,
+    seed: int = 0,
+    on_trial=None,
+) -> dict:
+    """Prune ``loaded`` in place with ``scores``; return the report (sizes, ratio, per-layer rows)."""
+    from dpcli.plugins import get_registry
+
+    validate_prune_settings(settings)
+    criterion = get_registry().criterion(scores.criterion)
+    adapter = loaded.adapter_object
+    shape_before = output_shape(loaded, adapter)
+    before_rows = layer_rows(loaded)
+    original_modules = module_shapes(loaded.model)
+    params_before, macs_before = measure(loaded)
+    started = time.perf_counter()
+    ratio, trials = prune_to_target(
+        loaded,
+        adapter,
+        scores.tensors,
+        measure,
+        (params_before, macs_before),
+        options,
+        ratio=settings.ratio,
+        target_macs=settings.target_macs,
+        target_params=settings.target_params,
+        tolerance=settings.tolerance,
+        on_trial=on_trial,
+    )
+    criterion.finalize(loaded.model, seed)
+    shape_after = output_shape(loaded, adapter)
+    if shape_after != shape_before:
+        raise BadInput(f"pruning changed the output shape {shape_before} -> {shape_after}; use --ignore")
+    params_after, macs_after = measure(loaded)
+    after_rows = layer_rows(loaded)
+    layers = []
+    for name, before in before_rows.items():
+        after = after_rows.get(name, {})
+        row = {
+            "name": name,
+            "type": before["type"],
+            "params_before": before["params"],
+            "params_after": after.get("params", 0),
+            "macs_before": before["macs"],
+            "macs_after": after.get("macs", 0),
+        }
+        for side in ("in_channels", "out_channels", "heads"):
+            if side in before:
+                row[f"original_{side}"] = before[side]
+                row[side] = after.get(side)
+        if row.get("original_out_channels"):
+            row["sparsity"] = 1 - (row.get("out_channels") or 0) / row["original_out_channels"]
+        layers.append(row)
+    return {
+        "model": loaded.source,
+        "criterion": scores.criterion,
+        "ratio": ratio,
+        "target_macs": settings.target_macs,
+        "target_params": settings.target_params,
+        "trials": [vars(t) for t in trials],
+        "params_before": params_before,
+        "params_after": params_after,
+        "macs_before": macs_before,
+        "macs_after": macs_after,
+        "macs_fraction": macs_after / macs_before,
+        "params_fraction": params_after / params_before,
+        "cutoff": scores.scan.cutoff if scores.scan else None,
+        "prune_seconds": time.perf_counter() - started,
+        "layers": layers,
+        "original_modules": original_modules,
+    }
+
+
+def pruned_metadata(report: dict, scores: Scores, settings: PruneSettings, options: PruneOptions) -> dict:
+    """What the pruned-model folder records about how it was made."""
+    pruning = {
+        "criterion": scores.criterion,
+        "cutoff": report["cutoff"],
+        "ratio": report["ratio"],
+        "target_macs": settings.target_macs,
+        "target_params": settings.target_params,
+        "scores": scores.settings,
+        "ignore": options.ignore,
+        "round_to": options.round_to,
+        "head_ratio": options.head_ratio,
+    }
+    sizes = {k: report[k] for k in ("params_before", "params_after", "macs_before", "macs_after")}
+    return {
+        "pruning": pruning,
+        "sizes": sizes,
+        "original_modules": report["original_modules"],
+        "history": [{"step": "prune", "criterion": scores.criterion, "ratio": report["ratio"], **sizes}],
+    }
