@@ -45,12 +45,12 @@ def main():
     for ratio in map(float, args.ratios.split(",")):
         candidate = copy.copy(base)
         candidate.model = copy.deepcopy(base.model)
-        report = prune_model(candidate, scores, PruneSettings(ratio=ratio), PruneOptions())
+        report = prune_model(candidate, scores, PruneSettings(ratio=ratio), PruneOptions()).to_json()
         print(f"| {ratio} | {report['params_after'] / 1e6:.2f} M | {report['macs_after'] / 1e9:.3f} G "
               f"| {report['macs_fraction']:.1%} |")
     pruned = copy.copy(base)
     pruned.model = copy.deepcopy(base.model)
-    report = prune_model(pruned, scores, PruneSettings(target_macs=0.56), PruneOptions())
+    report = prune_model(pruned, scores, PruneSettings(target_macs=0.56), PruneOptions()).to_json()
     print(f"--target-macs 0.56: ratio {report['ratio']:.4f}, {report['params_after']:,} params "
           f"({report['params_fraction']:.1%}), {report['macs_after'] / 1e9:.3f} GMAC ({report['macs_fraction']:.1%})")
     for batch in (1, 16):

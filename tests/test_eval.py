@@ -103,7 +103,7 @@ def test_latency_is_reported_per_step_at_two_batch_sizes(dp, tiny_unet_folder, c
     assert latency["batch"] == 2 and latency["repeats"] == 1 and latency["warmup"] == 2
     assert latency["batch_1_ms"] > 0 and latency["batch_ms"] > 0
     assert result.json["sampling"]["images_per_second"] > 0
-    from dpcli.output import render_eval
+    from dpcli.cli.render.eval import render_eval
 
     render_eval(result.json)
     table = capsys.readouterr().out

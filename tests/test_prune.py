@@ -69,7 +69,7 @@ def test_reload_gives_identical_outputs(tmp_path, tiny_unet_folder, image_folder
     metadata = json.loads((tmp_path / "out" / "dpcli.json").read_text())
     assert (
         metadata["pruning"]["criterion"] == "diff-taylor"
-        and metadata["pruning"]["cutoff"] == report["cutoff"]
+        and metadata["pruning"]["cutoff"] == report.cutoff
     )
     assert not list((tmp_path / "out").rglob("*.bin")) and not list((tmp_path / "out").rglob("*.pt*"))
 

@@ -45,7 +45,7 @@ def version(json_output: Json = False) -> None:
     """Show the versions of dp and the libraries it relies on."""
     from importlib import metadata
 
-    from dpcli import output
+    from dpcli.cli import render as output
 
     versions = {"dpcli": __version__}
     for package in ("torch", "diffusers", "torch-pruning", "timm", "fvcore", "typer"):
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _fail(message: str, code: int, exc: BaseException | None) -> None:
-    from dpcli import output
+    from dpcli.cli import render as output
 
     if state["debug"] and exc is not None:
         traceback.print_exception(exc)

@@ -1,9 +1,15 @@
-"""Pieces several commands share: the scoring progress bar and interactive prompts."""
+"""Pieces several commands share: the scoring progress bar, interactive prompts, default output names."""
 
 from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from pathlib import Path
+
+
+def default_output(model: str, suffix: str) -> Path:
+    """``NAME-SUFFIX`` in the current folder for MODEL (a path, a Hub id or ``builtin:NAME``)."""
+    return Path(f"{Path(model.rstrip('/')).name.replace(':', '-')}-{suffix}")
 
 
 @contextmanager
@@ -11,7 +17,7 @@ def scan_progress(loaded, settings):
     """A progress bar over timesteps with the current loss; yields the callback the scan calls.
 
     Criteria that need no gradients get no bar (and a None callback)."""
-    from dpcli import output
+    from dpcli.cli import render as output
     from dpcli.plugins import get_registry
 
     if not get_registry().criterion(settings.criterion).needs_gradients:
@@ -37,7 +43,7 @@ def ask_criterion() -> str:
     """Pick a criterion from the registry, with one-line descriptions."""
     import typer
 
-    from dpcli import output
+    from dpcli.cli import render as output
     from dpcli.plugins import get_registry
 
     criteria = get_registry().usable("criterion")
@@ -71,7 +77,7 @@ def confirm_plan(loaded, criterion: str, settings, params: int, macs: int, outpu
     """Show what will happen and ask to go on."""
     import typer
 
-    from dpcli import output
+    from dpcli.cli import render as output
 
     if settings.ratio is not None:
         goal = f"remove {settings.ratio:.0%} of the channels in every prunable layer"

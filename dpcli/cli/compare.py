@@ -56,11 +56,12 @@ def compare(
     json_output: Json = False,
 ) -> None:
     """Models side by side: size, MACs, latency, speedup, per-block widths, SSIM/PSNR to the first, a grid."""
-    from dpcli import output as out
+    from dpcli.cli import render as out
+    from dpcli.cli.render.compare import render_compare
     from dpcli.io.files import AtomicFolder, prepare_output
     from dpcli.jobs.compare import CompareSettings, write_compare_output
     from dpcli.jobs.compare import compare as run_compare
-    from dpcli.jobs.evaluate import LatencySettings, json_report
+    from dpcli.jobs.evaluate import LatencySettings
     from dpcli.runtime import start_distributed
     from dpcli.sampling import SamplerSettings
 
@@ -96,8 +97,8 @@ def compare(
             with AtomicFolder(output, force=force) as folder:
                 write_compare_output(result, folder, final=Path(output))
         if json_output:
-            out.print_json(json_report(result))
+            out.print_json(result.to_json())
         else:
-            out.render_compare(json_report(result))
+            render_compare(result.to_json())
     finally:
         dist.close()

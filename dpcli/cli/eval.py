@@ -75,10 +75,11 @@ def evaluate(
     json_output: Json = False,
 ) -> None:
     """Sample a model: latency, FID against --data, SSIM/PSNR to --reference from the same noise, a grid."""
-    from dpcli import output as out
+    from dpcli.cli import render as out
+    from dpcli.cli.render.eval import render_eval
     from dpcli.errors import BadInput
     from dpcli.io.files import AtomicFolder, prepare_output
-    from dpcli.jobs.evaluate import EvalSettings, LatencySettings, json_report, write_eval_output
+    from dpcli.jobs.evaluate import EvalSettings, LatencySettings, write_eval_output
     from dpcli.jobs.evaluate import evaluate as run_eval
     from dpcli.runtime import start_distributed
     from dpcli.sampling import SamplerSettings
@@ -120,8 +121,8 @@ def evaluate(
             with AtomicFolder(output, force=force) as folder:
                 write_eval_output(report, folder, final=Path(output))
         if json_output:
-            out.print_json(json_report(report))
+            out.print_json(report.to_json())
         else:
-            out.render_eval(json_report(report))
+            render_eval(report.to_json())
     finally:
         dist.close()

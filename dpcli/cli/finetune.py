@@ -95,7 +95,9 @@ def finetune(
     Global batch per optimizer step = --batch-size × processes × --grad-accum. Run data-parallel with
     `torchrun --nproc-per-node N -m dpcli finetune ...`. Ctrl-C writes a checkpoint, then stops.
     """
-    from dpcli import output as out
+    from dpcli.cli import render as out
+    from dpcli.cli.common import default_output
+    from dpcli.cli.render.finetune import render_finetune
     from dpcli.errors import BadInput
     from dpcli.io.files import prepare_output
     from dpcli.jobs.finetune.checkpoints import checkpoint_root, latest_checkpoint
@@ -129,7 +131,7 @@ def finetune(
         keep_checkpoints=keep_checkpoints,
     )
     settings.validate()
-    target = Path(output) if output else Path(f"{Path(model.rstrip('/')).name.replace(':', '-')}-finetuned")
+    target = Path(output) if output else default_output(model, "finetuned")
     for name, spec in (("MODEL", model), ("--teacher", teacher)):
         if spec and Path(spec).exists() and Path(spec).resolve() == target.resolve():
             raise BadInput(
@@ -195,4 +197,4 @@ def finetune(
     if json_output:
         out.print_json(report)
     else:
-        out.render_finetune(report)
+        render_finetune(report)

@@ -19,7 +19,8 @@ def inspect(
     json_output: Json = False,
 ) -> None:
     """Show what is in a model: params, MACs, resolution, scheduler, and a per-layer table."""
-    from dpcli import output
+    from dpcli.cli import render as output
+    from dpcli.cli.render.inspect import render_inspect
     from dpcli.inspection import inspect_model
     from dpcli.loading import load_model
 
@@ -29,4 +30,4 @@ def inspect(
     if json_output:
         output.print_json(report)
     else:
-        output.render_inspect(report)
+        render_inspect(report)

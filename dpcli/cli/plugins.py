@@ -5,7 +5,8 @@ from dpcli.cli.options import Json
 
 def plugins(json_output: Json = False) -> None:
     """List installed importance criteria and model adapters, where each comes from, and its status."""
-    from dpcli import output
+    from dpcli.cli import render as output
+    from dpcli.cli.render.plugins import render_plugins
     from dpcli.plugins import get_registry
 
     registry = get_registry()
@@ -34,4 +35,4 @@ def plugins(json_output: Json = False) -> None:
     if json_output:
         output.print_json(data)
     else:
-        output.render_plugins(data)
+        render_plugins(data)

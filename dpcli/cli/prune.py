@@ -68,8 +68,17 @@ def prune(
     json_output: Json = False,
 ) -> None:
     """Prune a model to --ratio / --target-macs / --target-params with a criterion; save it safely."""
-    from dpcli import output as out
-    from dpcli.cli.common import ask_criterion, ask_data, ask_target, confirm_plan, interactive, scan_progress
+    from dpcli.cli import render as out
+    from dpcli.cli.common import (
+        ask_criterion,
+        ask_data,
+        ask_target,
+        confirm_plan,
+        default_output,
+        interactive,
+        scan_progress,
+    )
+    from dpcli.cli.render.prune import render_prune
     from dpcli.errors import BadInput
     from dpcli.io.files import AtomicFolder, prepare_output
     from dpcli.jobs.prune import PruneSettings, measure, prune_model, pruned_metadata, validate_prune_settings
@@ -93,7 +102,7 @@ def prune(
     validate_prune_settings(settings)
     if scores is None and data is None and can_ask and get_registry().criterion(criterion).needs_data:
         data = ask_data(criterion)
-    target = Path(output) if output else Path(f"{Path(model.rstrip('/')).name.replace(':', '-')}-pruned")
+    target = Path(output) if output else default_output(model, "pruned")
     prepare_output(target, force)
 
     with out.stderr.status("Loading model"):
@@ -106,12 +115,7 @@ def prune(
                 f"--criterion {criterion} differs from the scores file's criterion {computed.criterion}"
             )
         if ignore is None and round_to is None and not head_ratio:
-            recorded = computed.settings
-            options = PruneOptions(
-                ignore=recorded.get("ignore") or [],
-                round_to=recorded.get("round_to"),
-                head_ratio=recorded.get("head_ratio") or 0.0,
-            )
+            options = computed.recorded_options()
     else:
         computed = None
     if can_ask:
@@ -142,9 +146,8 @@ def prune(
         report = prune_model(loaded, computed, settings, options, seed=seed, on_trial=on_trial)
     with AtomicFolder(target, force=force) as folder:
         loaded.adapter_object.save(loaded, folder, pruned_metadata(report, computed, settings, options))
-    report["output"] = str(target)
-    report.pop("original_modules")
+    report = report.to_json(output=target)
     if json_output:
         out.print_json(report)
     else:
-        out.render_prune(report)
+        render_prune(report)

@@ -17,7 +17,6 @@ from dpcli.jobs.evaluate import (
     Progress,
     _no_progress,
     check_same_noise,
-    json_report,
     measure_latency,
     model_summary,
     read_eval_report,
@@ -68,12 +67,24 @@ def sampling_from_report(report: dict, base: SamplerSettings) -> SamplerSettings
     )
 
 
+@dataclass
+class CompareReport:
+    """What ``compare`` returns: ``fields``, the JSON-ready comparison (compare.json, ``dp compare --json``,
+    through ``to_json()``), with the grid rows (one per model, same sample indices) beside it."""
+
+    fields: dict
+    grid_rows: list
+
+    def to_json(self) -> dict:
+        return self.fields
+
+
 def compare(
     settings: CompareSettings,
     progress: Progress = _no_progress,
     status=None,
     explicit_sampling: bool = False,
-) -> dict | None:
+) -> CompareReport | None:
     """Run ``dp compare``: live models first (in order), then reports. Returns the comparison on rank 0.
 
     With reports and no explicit sampling options, live models sample with the first report's settings.
@@ -140,7 +151,7 @@ def _ratio(numerator, denominator) -> float | None:
     return numerator / denominator
 
 
-def compare_entries(entries: list[Entry], num_samples: int) -> dict:
+def compare_entries(entries: list[Entry], num_samples: int) -> CompareReport:
     """Side-by-side numbers relative to the first entry, and the grid rows (same indices per column)."""
     first = entries[0]
     rows = []
@@ -185,7 +196,7 @@ def compare_entries(entries: list[Entry], num_samples: int) -> dict:
             rows.append(entry.images[:num_samples])
         else:
             rows.append(torch.zeros((0, 1, 1, 1), dtype=torch.uint8))
-    return {
+    fields = {
         "format": "dpcli-compare",
         "dpcli_version": __version__,
         "baseline": first.summary.get("model"),
@@ -194,18 +205,18 @@ def compare_entries(entries: list[Entry], num_samples: int) -> dict:
         "models": models,
         "output": None,
         "grid": None,
-        "grid_rows": rows,
     }
+    return CompareReport(fields, rows)
 
 
-def write_compare_output(result: dict, folder: Path, final: Path | None = None) -> dict:
+def write_compare_output(result: CompareReport, folder: Path, final: Path | None = None) -> CompareReport:
     """Write compare.json and grid.png (one row per model) into ``folder`` (an AtomicFolder path)."""
     from dpcli.plots import save_image_grid
 
     folder = Path(folder)
     final = Path(final) if final is not None else folder
-    grid = save_image_grid(result["grid_rows"], folder / GRID_FILE)
-    result["grid"] = {**grid, "path": str(final / GRID_FILE)}
-    result["output"] = str(final)
-    (folder / "compare.json").write_text(json.dumps(json_report(result), indent=2, allow_nan=False))
+    grid = save_image_grid(result.grid_rows, folder / GRID_FILE)
+    result.fields["grid"] = {**grid, "path": str(final / GRID_FILE)}
+    result.fields["output"] = str(final)
+    (folder / "compare.json").write_text(json.dumps(result.to_json(), indent=2, allow_nan=False))
     return result

@@ -308,12 +308,22 @@ def _shape_text(shape) -> str:
     return f"{channels} channel(s) at {'x'.join(map(str, size))}"
 
 
-def evaluate(settings: EvalSettings, progress: Progress = _no_progress, status=None) -> dict | None:
-    """Run ``dp eval``; returns the report on rank 0 (None on other torchrun ranks).
+@dataclass
+class EvalReport:
+    """What ``evaluate`` returns: ``fields``, the JSON-ready report (what report.json holds and
+    ``dp eval --json`` prints, through ``to_json()``), with the samples and grid rows beside it for the files
+    ``write_eval_output`` writes."""
 
-    The report's ``samples`` entry is the :class:`Samples` (removed before JSON output); ``grid_rows``
-    likewise holds the images for the PNG grid.
-    """
+    fields: dict
+    samples: Samples
+    grid_rows: list
+
+    def to_json(self) -> dict:
+        return self.fields
+
+
+def evaluate(settings: EvalSettings, progress: Progress = _no_progress, status=None) -> EvalReport | None:
+    """Run ``dp eval``; returns the report on rank 0 (None on other torchrun ranks)."""
     from dpcli.loading import load_model
 
     status = status or (lambda text: None)
@@ -365,7 +375,7 @@ def evaluate(settings: EvalSettings, progress: Progress = _no_progress, status=N
         fid, fid_info = compute_fid(plan, loaded, samples, progress, device=sampler.device)
     else:
         fid, fid_info = None, fid_unavailable("no reference images: pass --data D or --fid-stats FILE")
-    report = {
+    fields = {
         "format": REPORT_FORMAT,
         "dpcli_version": __version__,
         **summary,
@@ -382,33 +392,26 @@ def evaluate(settings: EvalSettings, progress: Progress = _no_progress, status=N
         "files": None,
         "grid": None,
     }
-    report["samples"] = samples
     from dpcli.plots import grid_rows
 
-    report["grid_rows"] = grid_rows(samples.images[:GRID_SAMPLES])
-    return report
+    return EvalReport(fields, samples, grid_rows(samples.images[:GRID_SAMPLES]))
 
 
-def write_eval_output(report: dict, folder: Path, final: Path | None = None) -> dict:
+def write_eval_output(report: EvalReport, folder: Path, final: Path | None = None) -> EvalReport:
     """Write report.json, grid.png and samples.safetensors into ``folder`` (an AtomicFolder path that
     becomes ``final``; paths in the report name ``final``)."""
     from dpcli.plots import save_image_grid
 
     folder = Path(folder)
     final = Path(final) if final is not None else folder
-    samples: Samples = report["samples"]
-    write_samples(samples, folder / SAMPLES_FILE, report["model"])
-    grid = save_image_grid(report["grid_rows"], folder / GRID_FILE)
-    report["files"] = {"report": REPORT_FILE, "grid": GRID_FILE, "samples": SAMPLES_FILE}
-    report["grid"] = {**grid, "path": str(final / GRID_FILE)}
-    report["output"] = str(final)
-    (folder / REPORT_FILE).write_text(json.dumps(json_report(report), indent=2, allow_nan=False))
+    fields = report.fields
+    write_samples(report.samples, folder / SAMPLES_FILE, fields["model"])
+    grid = save_image_grid(report.grid_rows, folder / GRID_FILE)
+    fields["files"] = {"report": REPORT_FILE, "grid": GRID_FILE, "samples": SAMPLES_FILE}
+    fields["grid"] = {**grid, "path": str(final / GRID_FILE)}
+    fields["output"] = str(final)
+    (folder / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2, allow_nan=False))
     return report
-
-
-def json_report(report: dict) -> dict:
-    """The report without the in-memory images."""
-    return {k: v for k, v in report.items() if k not in ("samples", "grid_rows")}
 
 
 def write_samples(samples: Samples, path: Path, model: str) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from dpcli.adapters.base import LoadedModel
 from dpcli.errors import BadInput
@@ -46,6 +47,56 @@ def validate_prune_settings(settings: PruneSettings) -> None:
             raise BadInput(f"{name} is a fraction of the original and must be in (0, 1), got {value}")
 
 
+@dataclass
+class PruneReport:
+    """What a pruning run did. ``to_json()`` is what ``dp prune --json`` prints (and its tables show);
+    ``original_modules`` (the widths before pruning) is recorded in the pruned folder, not printed."""
+
+    model: str
+    criterion: str
+    ratio: float
+    target_macs: float | None
+    target_params: float | None
+    trials: list[dict]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    cutoff: int | None
+    prune_seconds: float
+    layers: list[dict]
+    original_modules: dict = field(repr=False)
+
+    @property
+    def macs_fraction(self) -> float:
+        return self.macs_after / self.macs_before
+
+    @property
+    def params_fraction(self) -> float:
+        return self.params_after / self.params_before
+
+    def to_json(self, output: Path | None = None) -> dict:
+        """The report as printed, with the folder the pruned model was written to."""
+        return {
+            "model": self.model,
+            "criterion": self.criterion,
+            "ratio": self.ratio,
+            "target_macs": self.target_macs,
+            "target_params": self.target_params,
+            "trials": self.trials,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "macs_fraction": self.macs_fraction,
+            "params_fraction": self.params_fraction,
+            "cutoff": self.cutoff,
+            "prune_seconds": self.prune_seconds,
+            "layers": self.layers,
+            "output": str(output) if output is not None else None,
+        }
+
+
 def prune_model(
     loaded: LoadedModel,
     scores: Scores,
@@ -53,7 +104,7 @@ def prune_model(
     options: PruneOptions,
     seed: int = 0,
     on_trial=None,
-) -> dict:
+) -> PruneReport:
     """Prune ``loaded`` in place with ``scores``; return the report (sizes, ratio, per-layer rows)."""
     from dpcli.plugins import get_registry
 
@@ -102,32 +153,32 @@ def prune_model(
         if row.get("original_out_channels"):
             row["sparsity"] = 1 - (row.get("out_channels") or 0) / row["original_out_channels"]
         layers.append(row)
-    return {
-        "model": loaded.source,
-        "criterion": scores.criterion,
-        "ratio": ratio,
-        "target_macs": settings.target_macs,
-        "target_params": settings.target_params,
-        "trials": [vars(t) for t in trials],
-        "params_before": params_before,
-        "params_after": params_after,
-        "macs_before": macs_before,
-        "macs_after": macs_after,
-        "macs_fraction": macs_after / macs_before,
-        "params_fraction": params_after / params_before,
-        "cutoff": scores.scan.cutoff if scores.scan else None,
-        "prune_seconds": time.perf_counter() - started,
-        "layers": layers,
-        "original_modules": original_modules,
-    }
+    return PruneReport(
+        model=loaded.source,
+        criterion=scores.criterion,
+        ratio=ratio,
+        target_macs=settings.target_macs,
+        target_params=settings.target_params,
+        trials=[vars(t) for t in trials],
+        params_before=params_before,
+        params_after=params_after,
+        macs_before=macs_before,
+        macs_after=macs_after,
+        cutoff=scores.scan.cutoff if scores.scan else None,
+        prune_seconds=time.perf_counter() - started,
+        layers=layers,
+        original_modules=original_modules,
+    )
 
 
-def pruned_metadata(report: dict, scores: Scores, settings: PruneSettings, options: PruneOptions) -> dict:
+def pruned_metadata(
+    report: PruneReport, scores: Scores, settings: PruneSettings, options: PruneOptions
+) -> dict:
     """What the pruned-model folder records about how it was made."""
     pruning = {
         "criterion": scores.criterion,
-        "cutoff": report["cutoff"],
-        "ratio": report["ratio"],
+        "cutoff": report.cutoff,
+        "ratio": report.ratio,
         "target_macs": settings.target_macs,
         "target_params": settings.target_params,
         "scores": scores.settings,
@@ -135,10 +186,10 @@ def pruned_metadata(report: dict, scores: Scores, settings: PruneSettings, optio
         "round_to": options.round_to,
         "head_ratio": options.head_ratio,
     }
-    sizes = {k: report[k] for k in ("params_before", "params_after", "macs_before", "macs_after")}
+    sizes = {k: getattr(report, k) for k in ("params_before", "params_after", "macs_before", "macs_after")}
     return {
         "pruning": pruning,
         "sizes": sizes,
-        "original_modules": report["original_modules"],
-        "history": [{"step": "prune", "criterion": scores.criterion, "ratio": report["ratio"], **sizes}],
+        "original_modules": report.original_modules,
+        "history": [{"step": "prune", "criterion": scores.criterion, "ratio": report.ratio, **sizes}],
     }

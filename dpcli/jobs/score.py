@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,14 @@ class Scores:
     settings: dict
     model_signature: str
     seconds: float
+
+    def recorded_options(self) -> PruneOptions:
+        """The pruning options (``ignore``, ``round_to``, ``head_ratio``) the scores were computed with."""
+        return PruneOptions(
+            ignore=self.settings.get("ignore") or [],
+            round_to=self.settings.get("round_to"),
+            head_ratio=self.settings.get("head_ratio") or 0.0,
+        )
 
 
 # Packing timesteps stops paying at about this many samples per forward on a CPU: on 2 idle cores the
@@ -111,6 +120,67 @@ def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=Non
     return Scores(
         criterion.name, tensors, scan, recorded, model_signature(loaded.model), time.perf_counter() - started
     )
+
+
+@dataclass
+class ScoreReport:
+    """What a scoring run reports: the scan and per-group score statistics (``dp score`` prints ``to_json()``
+    with ``--json`` and renders the same data as tables)."""
+
+    scores: Scores
+    output: Path | None = None
+    plot: Path | None = None
+
+    def to_json(self) -> dict:
+        scan = self.scores.scan
+        layers = []
+        for key, tensor in sorted(self.scores.tensors.items()):
+            values = tensor.float()
+            layers.append(
+                {
+                    "group": key,
+                    "channels": values.numel(),
+                    "min": float(values.min()),
+                    "mean": float(values.mean()),
+                    "max": float(values.max()),
+                    "std": float(values.std()) if values.numel() > 1 else 0.0,
+                }
+            )
+        return {
+            "criterion": self.scores.criterion,
+            "cutoff": scan.cutoff if scan else None,
+            "losses": [loss if math.isfinite(loss) else None for loss in scan.losses] if scan else [],
+            "threshold": self.scores.settings.get("threshold"),
+            "timesteps_scanned": len(scan.losses) if scan else 0,
+            "timesteps_total": scan.timesteps if scan else None,
+            "forward_passes": scan.forward_passes if scan else 0,
+            "chunk": scan.chunk if scan else None,
+            "calib_size": scan.calib_size if scan else None,
+            "seconds": self.scores.seconds,
+            "scan_seconds": scan.seconds if scan else 0.0,
+            "groups": len(self.scores.tensors),
+            "output": str(self.output) if self.output else None,
+            "plot": str(self.plot) if self.plot and scan else None,
+            "layers": layers,
+        }
+
+
+def score_model(
+    loaded: LoadedModel,
+    settings: ScoreSettings,
+    output: Path | None = None,
+    plot: Path | None = None,
+    on_progress=None,
+) -> ScoreReport:
+    """The score job: compute the scores, then write them to ``output`` and the loss curve to ``plot`` (PNG)."""
+    from dpcli.plots import plot_losses
+
+    scores = compute_scores(loaded, settings, on_progress=on_progress)
+    if output is not None:
+        save_scores(scores, output, loaded.source)
+    if plot is not None and scores.scan is not None:
+        plot_losses(scores.scan, plot, title=f"{loaded.source}: {settings.criterion}")
+    return ScoreReport(scores, output, plot)
 
 
 def save_scores(scores: Scores, path: Path, model_source: str) -> None:

@@ -1,0 +1,81 @@
+"""``dp compare``: models side by side."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from rich.table import Table
+
+from dpcli.cli.render import fmt_channels, fmt_count, fmt_ms, fmt_pct, fmt_psnr, fmt_ratio, stdout
+
+
+def render_compare(result: dict) -> None:
+    """One table, models side by side (the first is the baseline), then where the grid went."""
+    models = result["models"]
+    table = Table(title=f"Compared with {result['baseline']} (baseline)", title_justify="left")
+    table.add_column("")
+    for index, model in enumerate(models):
+        label = model["model"] or "?"
+        table.add_column(
+            escape(f"{index + 1}. {label}") + (" [dim](report)[/]" if model["from_report"] else ""),
+            justify="right",
+            overflow="fold",
+        )
+    batch = next((m["latency"]["batch"] for m in models if m.get("latency")), None)
+
+    def add(name: str, values: list[str]) -> None:
+        table.add_row(name, *values)
+
+    add("params", [fmt_count(m["params"]) for m in models])
+    add("MACs", [fmt_count(m["macs"], "MAC") for m in models])
+    add("MACs kept", [fmt_pct(m["macs_fraction"]) for m in models])
+    add("MACs ratio", [fmt_ratio(m["macs_ratio"]) for m in models])
+    add("ms/step, batch 1", [fmt_ms((m.get("latency") or {}).get("batch_1_ms")) for m in models])
+    if batch and batch > 1:
+        add(f"ms/step, batch {batch}", [fmt_ms((m.get("latency") or {}).get("batch_ms")) for m in models])
+    add("speedup, batch 1", [fmt_ratio(m["speedup_batch_1"]) for m in models])
+    if batch and batch > 1:
+        add(f"speedup, batch {batch}", [fmt_ratio(m["speedup_batch"]) for m in models])
+    add("speedup / MACs ratio, batch 1", [fmt_ratio(m["speedup_per_macs_ratio_batch_1"], "") for m in models])
+    if batch and batch > 1:
+        add(
+            f"speedup / MACs ratio, batch {batch}",
+            [fmt_ratio(m["speedup_per_macs_ratio_batch"], "") for m in models],
+        )
+    add(
+        "images/s (sampler)",
+        [f"{m['images_per_second']:.3g}" if m.get("images_per_second") else "-" for m in models],
+    )
+    add(
+        "SSIM to 1st",
+        [
+            "baseline" if m["baseline"] else (f"{m['ssim']:.4f}" if m["ssim"] is not None else "-")
+            for m in models
+        ],
+    )
+    add("PSNR to 1st", ["baseline" if m["baseline"] else fmt_psnr(m["psnr"]) for m in models])
+    if any(m.get("fid") is not None for m in models):
+        add("FID (from report)", [f"{m['fid']:.3f}" if m.get("fid") is not None else "-" for m in models])
+    names = []
+    for model in models:
+        for block in model.get("blocks") or []:
+            if block["name"] not in names:
+                names.append(block["name"])
+    for name in names:
+        cells = []
+        for model in models:
+            block = next((b for b in model.get("blocks") or [] if b["name"] == name), None)
+            cells.append("-" if block is None else fmt_channels(block["width"], block.get("original")))
+        add(f"width {name}", cells)
+    stdout.print(table)
+    for index, model in enumerate(models):
+        if model.get("consistency_note"):
+            stdout.print(
+                f"[dim]{index + 1}. {escape(model['model'] or '?')}: {escape(model['consistency_note'])}[/]"
+            )
+    if result.get("grid"):
+        grid = result["grid"]
+        stdout.print(
+            f"grid: [bold]{escape(grid['path'])}[/] (one row per model, the same sample index in each column)"
+        )
+    else:
+        stdout.print("[dim]pass --output DIR to write the comparison and its image grid[/]")
