@@ -44,23 +44,21 @@ def load_weights_into(model: torch.nn.Module, state_dict: dict, origin: str) -> 
     model.load_state_dict(state_dict, strict=True)
 
 
-def folder_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The weights of a diffusers model folder: single file or sharded index, safetensors preferred."""
-    for index_name in (
-        "diffusion_pytorch_model.safetensors.index.json",
-        "diffusion_pytorch_model.bin.index.json",
-    ):
-        index = folder / index_name
+def folder_weights(folder: Path, names: tuple[str, ...] = WEIGHT_NAMES) -> dict[str, torch.Tensor]:
+    """The weights of a model folder: the first of ``names`` found as a sharded index (``NAME.index.json``),
+    else as a single file; safetensors first in the default diffusers ``names``."""
+    for name in names:
+        index = folder / f"{name}.index.json"
         if index.is_file():
             shards = sorted(set(read_json(index)["weight_map"].values()))
             merged: dict[str, torch.Tensor] = {}
             for shard in shards:
                 merged.update(load_tensor_file(folder / shard))
             return merged
-    for name in WEIGHT_NAMES:
+    for name in names:
         if (folder / name).is_file():
             return load_tensor_file(folder / name)
-    raise BadInput(f"no weights in {folder} (expected one of {', '.join(WEIGHT_NAMES)})")
+    raise BadInput(f"no weights in {folder} (expected one of {', '.join(names)})")
 
 
 def load_scheduler(path: Path):

@@ -21,7 +21,7 @@ from dpcli.adapters.latent.detect import (
 )
 from dpcli.adapters.latent.facts import describe, latent_facts
 from dpcli.errors import BadInput
-from dpcli.io.files import read_json
+from dpcli.io.diffusers_files import folder_weights
 
 
 def load_latent(source: ModelSource, adapter_name: str, config_path: Path | None = None) -> LoadedModel:
@@ -41,8 +41,6 @@ def load_latent(source: ModelSource, adapter_name: str, config_path: Path | None
         unet, components, scheduler, scheduler_origin = _load_pipeline(source.path, config_path, notes)
         source_kind = f"diffusers pipeline{hub}"
     elif source.kind in ("folder", "hub"):
-        from dpcli.io.diffusers_files import folder_weights
-
         config = read_config_file(config_path or source.path)
         unet = instantiate(
             _class_of(config, UNET_CLASSES), config, folder_weights(source.path), str(source.path)
@@ -188,7 +186,7 @@ def assign_weights(model: torch.nn.Module, state_dict: dict, origin: str) -> Non
 
 
 def _load_pipeline(folder: Path, config_path: Path | None, notes: list[str]):
-    from dpcli.io.diffusers_files import folder_weights, load_scheduler, read_config_file
+    from dpcli.io.diffusers_files import load_scheduler, read_config_file
 
     index = json.loads((folder / "model_index.json").read_text())
     unet_folder = folder / "unet"
@@ -242,7 +240,7 @@ def load_components(folder: Path, entries: dict[str, tuple[str, str]]) -> dict:
 
 
 def load_autoencoder(path: Path, class_name: str | None = None):
-    from dpcli.io.diffusers_files import folder_weights, read_config_file
+    from dpcli.io.diffusers_files import read_config_file
 
     config = read_config_file(path)
     class_name = config.get("_class_name") or class_name
@@ -273,7 +271,7 @@ def load_text_encoder(path: Path, class_name: str | None = "CLIPTextModel"):
         config = transformers.CLIPTextConfig.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise BadInput(f"{path}: unreadable text encoder config ({str(exc).splitlines()[0]})") from None
-    return build_text_encoder(config, _transformers_weights(path), str(path))
+    return build_text_encoder(config, folder_weights(path, TRANSFORMERS_WEIGHTS), str(path))
 
 
 def build_text_encoder(config, state_dict: dict, origin: str):
@@ -307,22 +305,6 @@ def _missing_buffers(model: torch.nn.Module, state_dict: dict) -> dict:
         for name, buffer in model.named_buffers()
         if name not in state_dict and name in model.state_dict()
     }
-
-
-def _transformers_weights(path: Path) -> dict:
-    from dpcli.io.weights import load_tensor_file
-
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (path / index_name).is_file():
-            shards = sorted(set(read_json(path / index_name)["weight_map"].values()))
-            merged = {}
-            for shard in shards:
-                merged.update(load_tensor_file(path / shard))
-            return merged
-    for name in TRANSFORMERS_WEIGHTS:
-        if (path / name).is_file():
-            return load_tensor_file(path / name)
-    raise BadInput(f"no weights in {path} (expected one of {', '.join(TRANSFORMERS_WEIGHTS)})")
 
 
 def load_tokenizer(path: Path, class_name: str | None = None):
