@@ -504,7 +504,8 @@ def plots(out: Path, summary: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke mode: 2 variants, 1 seed pair, tiny steps")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test from scratch: 2 variants, 1 seed pair, 10 steps, 32 samples (numbers meaningless)")
     parser.add_argument("--report", action="store_true", help="only rebuild the tables and plots")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/table1[-quick])")
     parser.add_argument("--work", default=None, help="scratch folder (default /tmp/dp-table1[-quick])")
@@ -531,8 +532,8 @@ def main() -> None:
     if args.quick:
         args.variants = "magnitude,diff-taylor thr 0.1"
         args.seed_pairs = "0:0"
-        args.steps, args.curve_every, args.num_samples, args.eval_steps = 20, 10, 32, 10
-        args.scan_timesteps, args.thresholds, args.latency_repeats = 50, "0.1,0.5", 2
+        args.steps, args.curve_every, args.num_samples, args.eval_steps = 10, 5, 32, 10
+        args.scan_timesteps, args.thresholds, args.latency_repeats = 50, "0.1", 2
     suffix = "-quick" if args.quick else ""
     args.out = args.out or str(RESULTS / f"table1{suffix}")
     args.work = args.work or f"/tmp/dp-table1{suffix}"
@@ -543,6 +544,11 @@ def main() -> None:
     if args.report:
         report(out, args, info, command)
         return
+    if args.quick and not args.report:  # a smoke test: always from scratch
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(args.work, ignore_errors=True)
     runner = Runner(args)
     variants = [v.strip() for v in args.variants.split(",")]
     unknown = [v for v in variants if v not in VARIANTS]
