@@ -1,7 +1,7 @@
 """Packed timestep scoring vs the reference's plain per-timestep loop, on the same model, data and cutoff.
 
 Usage: python benchmarks/scoring.py [--quick] [--model builtin:ddpm-digits] [--chunks 1,2,4,8,16,32]
-                                    [--threshold 0.05] [--calib-size 32] [--timesteps N] [--threads 2]
+                                    [--threshold 0.05] [--calib-size 32] [--timesteps N] [--threads 1]
 
 Runs `dp score MODEL --criterion diff-taylor --data builtin:digits --chunk C --json -o scores-C` for each
 chunk size C (C timesteps x calib-size images per forward pass; C = 1 is the reference's shape: one
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.05)
     parser.add_argument("--calib-size", type=int, default=32)
     parser.add_argument("--timesteps", type=int, default=None, help="cap the scan (default: until the cutoff)")
-    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the dp processes")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the dp processes")
     parser.add_argument("--repeats", type=int, default=3, help="runs per chunk size (median reported)")
     args = parser.parse_args()
     if args.quick:
