@@ -372,7 +372,7 @@ def report(out: Path, args, info: dict, command: str) -> None:
     summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("report",)}
     summary["finetune_fraction_of_base_training"] = args.steps / BASE_TRAIN_STEPS
     original, variants = summary["original"], summary["variants"]
-    lines = [f"Fine-tune: {args.steps} steps = {args.steps / BASE_TRAIN_STEPS:.0%} of the base model's "
+    lines = [f"Fine-tune: {args.steps} steps = {args.steps / BASE_TRAIN_STEPS:.1%} of the base model's "
              f"{BASE_TRAIN_STEPS} training steps (batch {args.batch_size}, AdamW {args.lr:g}, {args.warmup} warm-up steps, "
              f"constant LR, EMA {args.ema_decay}). Eval: DDIM {args.eval_steps} steps, {args.num_samples} samples "
              f"(seed 0), FID with the digits feature network vs builtin:digits; SSIM/PSNR to the original from the "
@@ -482,8 +482,10 @@ def plots(out: Path, summary: dict) -> None:
         fig.tight_layout()
         fig.savefig(out / "threshold_ablation.png", dpi=110)
         plt.close(fig)
-    full = read_json(out / "prune" / "diff-taylor-thr0-p0.json")
-    if full and full.get("losses"):
+    scans = [read_json(f) for f in sorted((out / "prune").glob("diff-taylor-*-p0.json"))]
+    scans = [scan for scan in scans if scan and scan.get("losses")]
+    full = max(scans, key=lambda scan: len(scan["losses"])) if scans else None  # the longest scan (thr 0)
+    if full:
         losses = full["losses"]
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(range(len(losses)), losses, color="C0")
@@ -572,8 +574,8 @@ def main() -> None:
     log(f"{len(jobs)} runs, {len(thresholds)} ablation points, {args.workers} workers; results in {out}, scratch in {args.work}")
     failures = []
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
-        # queue order: the first two seed pairs of every variant, the ablation, then the other seed pairs
-        first = [job for job in jobs if (job[1], job[2]) in set(pairs[:2]) or job[0] in DETERMINISTIC and job[2] < 2]
+        # queue order: the first seed pair of every variant, the ablation, then the other seed pairs
+        first = [job for job in jobs if job[3]]
         rest = [job for job in jobs if job not in first]
         futures = {pool.submit(runner.run, *job): job for job in first}
         futures.update({pool.submit(runner.ablation_point, t): ("ablation", t) for t in thresholds})
