@@ -43,7 +43,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="the throughput batch (batch 1 is always timed)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the dp processes")
+    parser.add_argument("--plot-only", type=Path, help="only redraw the PNG of this result JSON")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(args.plot_only)
+        return
     if args.quick:
         args.targets, args.batch, args.repeats = "0.56,0.3", 8, 3
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -93,14 +97,24 @@ def main() -> None:
         + "\n"
     )
     print(markdown)
+    name = "pruned_speed-quick" if args.quick else "pruned_speed"
+    write_results(name, {"settings": vars(args), "results": results}, markdown, info)
+    plot(RESULTS / f"{name}.json")
+
+
+def plot(result_file: Path) -> None:
+    """speedup and speedup / MACs-ratio vs MACs kept, from a result JSON, into the PNG beside it."""
+    data = json.loads(result_file.read_text())
+    args = argparse.Namespace(**data["settings"])
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    pruned_rows = results[1:]
+    pruned_rows = data["results"][1:]
     fractions = [r["macs_fraction"] for r in pruned_rows]
     for key, label in (("batch_1", "batch 1"), ("batch", f"batch {args.batch}")):
         axes[0].plot(fractions, [r[f"speedup_{key}"] for r in pruned_rows], marker="o", label=label)
         axes[1].plot(fractions, [r[f"speedup_per_macs_ratio_{key}"] for r in pruned_rows], marker="o", label=label)
-    axes[0].plot([min(fractions), 1], [1 / min(fractions), 1], color="0.6", linestyle="--", label="ideal (1 / MACs kept)")
+    ideal = [min(fractions) + i * (1 - min(fractions)) / 50 for i in range(51)]
+    axes[0].plot(ideal, [1 / x for x in ideal], color="0.6", linestyle="--", label="ideal (1 / MACs kept)")
     axes[1].axhline(1.0, color="0.6", linestyle="--")
     axes[0].set_ylabel("speedup")
     axes[1].set_ylabel("speedup / MACs-ratio (1 = ideal)")
@@ -109,10 +123,8 @@ def main() -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"{args.model} pruned (magnitude): measured CPU speed, {args.threads} thread(s)")
     fig.tight_layout()
-    name = "pruned_speed-quick" if args.quick else "pruned_speed"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / f"{name}.png", dpi=110)
-    write_results(name, {"settings": vars(args), "results": results}, markdown, info)
+    fig.savefig(result_file.with_suffix(".png"), dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
