@@ -363,6 +363,23 @@ def summarise(out: Path, args) -> dict:
             "ablation": ablation}
 
 
+def implied_cutoff(losses: list, threshold: float) -> int:
+    """The Diff-Pruning stopping rule applied to a recorded loss curve: the first t whose loss is below
+    threshold × (running max so far); the last t when none is."""
+    running = 0.0
+    for t, loss in enumerate(losses):
+        running = max(running, loss)
+        if loss < threshold * running:
+            return t
+    return len(losses) - 1
+
+
+def longest_scan(out: Path):
+    scans = [read_json(f) for f in sorted((out / "prune").glob("diff-taylor-*-p0.json"))] if (out / "prune").is_dir() else []
+    scans = [scan for scan in scans if scan and scan.get("losses")]
+    return max(scans, key=lambda scan: len(scan["losses"])) if scans else None
+
+
 def fmt(value, spec=".2f"):
     return "–" if value is None else format(value, spec)
 
@@ -370,6 +387,7 @@ def fmt(value, spec=".2f"):
 def report(out: Path, args, info: dict, command: str) -> None:
     summary = summarise(out, args)
     summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("report",)}
+    summary["settings"]["thresholds"] = [float(t) for t in str(args.thresholds).split(",") if t]
     summary["finetune_fraction_of_base_training"] = args.steps / BASE_TRAIN_STEPS
     original, variants = summary["original"], summary["variants"]
     lines = [f"Fine-tune: {args.steps} steps = {args.steps / BASE_TRAIN_STEPS:.1%} of the base model's "
@@ -420,6 +438,14 @@ def report(out: Path, args, info: dict, command: str) -> None:
         lines.append(markdown_table(["threshold", "cutoff t", "timesteps scanned", "scan s", "SSIM to original", "FID"], [
             [f"{a['threshold']:g}", a["cutoff"], a["timesteps_scanned"], f"{a['scan_seconds']:.0f}",
              f"{a['ssim']:.3f}", f"{a['fid']:.1f}"] for a in summary["ablation"]]))
+    full = longest_scan(out)
+    if full and len(full["losses"]) > 1:
+        measured = {a["threshold"]: a["cutoff"] for a in summary["ablation"]}
+        lines += ["", f"Cutoff implied by the recorded loss curve ({full['key']}: {len(full['losses'])} timesteps, "
+                  "rule: first t with loss < threshold × running max), and the cutoff `dp score` reported:", ""]
+        lines.append(markdown_table(["threshold", "implied cutoff", "dp score cutoff"], [
+            [f"{t:g}", implied_cutoff(full["losses"], t) if t > 0 else len(full["losses"]) - 1,
+             measured.get(t, "–")] for t in summary["settings"]["thresholds"]]))
     markdown = "\n".join(lines)
     print(markdown)
     write_json(out / "summary.json", {"command": command, "machine": info, **summary})
@@ -482,9 +508,7 @@ def plots(out: Path, summary: dict) -> None:
         fig.tight_layout()
         fig.savefig(out / "threshold_ablation.png", dpi=110)
         plt.close(fig)
-    scans = [read_json(f) for f in sorted((out / "prune").glob("diff-taylor-*-p0.json"))]
-    scans = [scan for scan in scans if scan and scan.get("losses")]
-    full = max(scans, key=lambda scan: len(scan["losses"])) if scans else None  # the longest scan (thr 0)
+    full = longest_scan(out)  # the longest scan (threshold 0: all timesteps)
     if full:
         losses = full["losses"]
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -493,9 +517,9 @@ def plots(out: Path, summary: dict) -> None:
         ax.set_xlabel("timestep t")
         ax.set_ylabel("denoising loss at t (calibration batch)")
         running = [max(x for x in losses[: i + 1] if x is not None) for i in range(len(losses))]
-        for j, a in enumerate(ablation):
-            if a["threshold"] > 0 and a["cutoff"] is not None:
-                ax.axvline(a["cutoff"], color=f"C{1 + j % 9}", linestyle=":", label=f"cutoff thr {a['threshold']:g}")
+        for j, threshold in enumerate(t for t in summary["settings"]["thresholds"] if t > 0):
+            cutoff = implied_cutoff(losses, threshold)
+            ax.axvline(cutoff, color=f"C{1 + j % 9}", linestyle=":", label=f"thr {threshold:g}: cutoff {cutoff}")
         ax.plot(range(len(running)), running, color="0.5", linewidth=0.8, label="running max")
         ax.legend(fontsize=7)
         ax.set_title("builtin:ddpm-digits: loss vs timestep (prune seed 0)")
