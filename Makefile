@@ -8,7 +8,7 @@ DEMO_OUT ?= demo-output
 # Example third-party plugins: installed into the venv like any plugin, and tested by `make test`.
 PLUGINS := plugins/dpcli-obd plugins/dpcli-dit
 
-.PHONY: install demo test lint format completions bench clean
+.PHONY: install demo test lint format completions bench bench-quick bench-table1 clean
 
 $(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(PYTHON) -m venv $(VENV)
@@ -59,9 +59,21 @@ completions: $(STAMP)
 	_DP_COMPLETE=source_zsh $(DP) > completions/dp.zsh
 	_DP_COMPLETE=source_fish $(DP) > completions/dp.fish
 
+# Benchmarks (docs/benchmarks.md): each prints a table and writes JSON + Markdown + PNG into benchmarks/results/.
+# bench-quick: every benchmark in its --quick mode (minutes on 2 cores; the Table 1 runner as a smoke test).
+# bench: the full micro-benchmarks (a bigger machine); bench-table1: the digits Table 1 (long; resumable).
+BENCH_SCRIPTS := scoring pruned_speed sampling startup
+bench-quick: $(STAMP)
+	@for script in $(BENCH_SCRIPTS); do echo "== benchmarks/$$script.py --quick"; \
+		$(PY) benchmarks/$$script.py --quick || exit 1; done
+	$(PY) benchmarks/table1.py --quick
+
 bench: $(STAMP)
-	$(PY) benchmarks/startup.py
-	$(PY) benchmarks/finetune.py
+	@for script in $(BENCH_SCRIPTS); do echo "== benchmarks/$$script.py"; \
+		$(PY) benchmarks/$$script.py || exit 1; done
+
+bench-table1: $(STAMP)
+	$(PY) benchmarks/table1.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

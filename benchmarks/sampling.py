@@ -1,24 +1,22 @@
-"""Is the pruned CIFAR-10 DDPM really faster, and is our sampler as fast as diffusers' DDIMPipeline?
+"""Our sampler vs diffusers' DDIMPipeline: images/s on the same model, steps, batch and noise.
 
-Usage: PYTHONPATH=. python benchmarks/sampling.py [--threads 1] [--repeats 5] [--batch 64] [--steps 10]
-                                                   [--pipeline-batch 16] [--sampler-runs 5]
+Usage: python benchmarks/sampling.py [--quick] [--models config:ddpm-cifar10-32,pruned] [--steps 10]
+                                     [--batch 16] [--runs 5] [--threads 1]
 
-1. Prunes the CIFAR-10 DDPM config (random weights; timing does not depend on them) with
-   ``dp prune config:ddpm-cifar10-32 --criterion magnitude --target-macs 0.56``.
-2. Latency of one denoising step (model + DDIM update, the figure dp eval reports) at batch 1 and at
-   ``--batch``, original and pruned: 2 warm-up steps, then ``--repeats`` timed steps, the two models
-   alternating so that both see the same machine load; medians. Speedup and speedup / MACs-ratio
-   (1.0 = the pruned model is as much faster as its MACs say).
-3. Images/s of the full sampler: dpcli's ``generate`` against diffusers' ``DDIMPipeline`` on the same
-   model, the same ``--steps`` and batch, the same per-image noise (the images are checked to match);
-   one warm-up run each, then ``--sampler-runs`` alternating runs each (default 5), medians.
+For each model: dpcli's sampler (`Sampler` + `generate`, what `dp eval` runs) and diffusers' `DDIMPipeline`
+(eta 0, the same scheduler, `num_inference_steps` = --steps), the same batch and the same per-image noise
+(`sample_generator(seed 0, index i)`), so the two must give the same images: the largest pixel difference
+is reported (one 8-bit level = 3.9e-3, dpcli rounds its images to 8 bits). One warm-up run each, then
+--runs rounds alternating the two (both see the same machine load), median seconds -> images/s.
+`pruned` in --models means the first model pruned with `dp prune --criterion magnitude --target-macs 0.56`.
 
-On a CPU shared with other jobs, more threads than free cores make timings erratic (OpenMP threads wait
-on each other): ``--threads 1`` (the default) gives stable figures there. Results are printed as
-Markdown; benchmarks/sampling.md records a run.
+--quick: builtin:ddpm-digits only, 10 steps, batch 16, 3 runs. Writes benchmarks/results/sampling.{json,md,png}.
 """
 
+from __future__ import annotations
+
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -26,22 +24,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+from _common import DP, RESULTS, machine_info, markdown_table, pyplot, write_results  # noqa: E402
+from diffusers import DDIMPipeline  # noqa: E402
 
-from dpcli.jobs.evaluate import model_summary
-from dpcli.loading import load_model
-from dpcli.sampling import Sampler, SamplerSettings, generate, sample_generator
-
-
-def prune_cifar(folder: Path) -> Path:
-    out = folder / "cifar-pruned"
-    command = [sys.executable, "-m", "dpcli", "prune", "config:ddpm-cifar10-32", "--criterion", "magnitude"]
-    subprocess.run([*command, "--target-macs", "0.56", "-o", str(out)], check=True, capture_output=True)
-    return out
+# The library entry points this benchmark times (the only dpcli imports; all in one place).
+from dpcli.loading import load_model  # noqa: E402
+from dpcli.sampling import Sampler, SamplerSettings, generate, sample_generator  # noqa: E402
 
 
 def alternating(functions: dict, runs: int, warmup: int = 1) -> dict:
-    """Median seconds per function: ``warmup`` untimed calls each, then ``runs`` rounds calling each once."""
+    """All seconds per function: ``warmup`` untimed calls each, then ``runs`` rounds calling each once."""
     for function in functions.values():
         for _ in range(warmup):
             function()
@@ -51,21 +45,10 @@ def alternating(functions: dict, runs: int, warmup: int = 1) -> dict:
             started = time.perf_counter()
             function()
             times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
-def step_latencies(samplers: dict, batch: int, repeats: int) -> dict:
-    """ms per denoising step at ``batch``, the models alternating."""
-    calls = {
-        name: (lambda s=sampler: s.step_latency(batch, warmup=0, repeats=1))
-        for name, sampler in samplers.items()
-    }
-    return {name: 1000 * seconds for name, seconds in alternating(calls, repeats, warmup=2).items()}
-
-
-def sampler_images_per_second(loaded, steps: int, batch: int, runs: int) -> tuple[float, float, torch.Tensor]:
-    from diffusers import DDIMPipeline
-
+def compare_samplers(loaded, steps: int, batch: int, runs: int) -> dict:
     sampler = Sampler(loaded, SamplerSettings(steps=steps, batch_size=batch, precision="fp32"), device="cpu")
     pipeline = DDIMPipeline(unet=loaded.model, scheduler=loaded.scheduler)
     pipeline.set_progress_bar_config(disable=True)
@@ -74,58 +57,71 @@ def sampler_images_per_second(loaded, steps: int, batch: int, runs: int) -> tupl
         generators = [sample_generator(0, i, 0) for i in range(batch)]
         return pipeline(batch_size=batch, generator=generators, num_inference_steps=steps, output_type="np")
 
-    seconds = alternating({"ours": lambda: generate(sampler, batch), "diffusers": run_pipeline}, runs=runs)
-    ours_images = generate(sampler, batch).images.float() / 255
-    theirs_images = torch.from_numpy(run_pipeline().images).permute(0, 3, 1, 2)
-    difference = (ours_images - theirs_images).abs().max()
-    return batch / seconds["ours"], batch / seconds["diffusers"], difference
+    times = alternating({"dpcli": lambda: generate(sampler, batch), "diffusers": run_pipeline}, runs=runs)
+    ours = generate(sampler, batch).images.float() / 255
+    theirs = torch.from_numpy(run_pipeline().images).permute(0, 3, 1, 2)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "dpcli_images_per_second": batch / medians["dpcli"],
+        "diffusers_images_per_second": batch / medians["diffusers"],
+        "ratio": medians["diffusers"] / medians["dpcli"],
+        "seconds_all": times,
+        "max_image_difference": float((ours - theirs).abs().max()),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=64)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", default="config:ddpm-cifar10-32,pruned")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--pipeline-batch", type=int, default=16)
-    parser.add_argument("--sampler-runs", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if args.quick:
+        args.models, args.runs = "builtin:ddpm-digits", 3
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32")
+    info = machine_info()
+    results, rows = {}, []
     with tempfile.TemporaryDirectory() as folder:
-        pruned_folder = prune_cifar(Path(folder))
-        models = {"original": load_model("config:ddpm-cifar10-32"), "pruned": load_model(str(pruned_folder))}
-        summaries = {name: model_summary(loaded) for name, loaded in models.items()}
-        samplers = {
-            name: Sampler(loaded, SamplerSettings(precision="fp32"), device="cpu")
-            for name, loaded in models.items()
-        }
-        by_batch = {batch: step_latencies(samplers, batch, args.repeats) for batch in (1, args.batch)}
-        latency = {name: {batch: by_batch[batch][name] for batch in by_batch} for name in models}
-        macs_fraction = summaries["pruned"]["macs"] / summaries["original"]["macs"]
-        macs_ratio = 1 / macs_fraction
-        print()
-        print("| model | params | MACs | ms/step batch 1 | ms/step batch", args.batch, "|")
-        print("|---|---|---|---|---|")
-        for name, summary in summaries.items():
-            print(
-                f"| {name} | {summary['params'] / 1e6:.2f} M | {summary['macs'] / 1e9:.3f} G "
-                f"| {latency[name][1]:.1f} | {latency[name][args.batch]:.0f} |"
-            )
-        print(f"\nMACs kept {macs_fraction:.1%} (MACs ratio {macs_ratio:.2f}x)")
-        for batch in (1, args.batch):
-            speedup = latency["original"][batch] / latency["pruned"][batch]
-            print(f"batch {batch}: speedup {speedup:.2f}x, speedup / MACs ratio {speedup / macs_ratio:.2f}")
-        print(
-            f"\nFull sampler, DDIM {args.steps} steps, batch {args.pipeline_batch} (images/s, median of {args.sampler_runs}):"
-        )
-        print("| model | dpcli generate | diffusers DDIMPipeline | ratio | max image difference |")
-        print("|---|---|---|---|---|")
-        for name, loaded in models.items():
-            ours, theirs, difference = sampler_images_per_second(
-                loaded, args.steps, args.pipeline_batch, args.sampler_runs
-            )
-            print(f"| {name} | {ours:.3f} | {theirs:.3f} | {ours / theirs:.2f} | {difference:.1e} |")
+        specs = [m.strip() for m in args.models.split(",")]
+        for spec in specs:
+            source = spec
+            if spec == "pruned":
+                source = str(Path(folder) / "pruned")
+                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                subprocess.run([str(DP), "prune", specs[0], "--criterion", "magnitude", "--target-macs", "0.56",
+                                "--yes", "-o", source], check=True, capture_output=True, env=env)
+                spec = f"{specs[0]} pruned to 56 % MACs"
+            result = compare_samplers(load_model(source), args.steps, args.batch, args.runs)
+            results[spec] = result
+            rows.append([spec, f"{result['dpcli_images_per_second']:.3f}", f"{result['diffusers_images_per_second']:.3f}",
+                         f"{result['ratio']:.2f}", f"{result['max_image_difference']:.1e}"])
+            print(rows[-1], flush=True)
+    markdown = (
+        f"DDIM (eta 0) {args.steps} steps, batch {args.batch}, fp32 CPU, {args.threads} thread(s); images/s from the "
+        f"median of {args.runs} alternating runs after one warm-up each.\n\n"
+        + markdown_table(["model", "dpcli sampler images/s", "diffusers DDIMPipeline images/s",
+                          "dpcli / diffusers", "max pixel difference"], rows) + "\n"
+    )
+    print(markdown)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(results)
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [results[n]["dpcli_images_per_second"] for n in names], width=0.4, label="dpcli")
+    ax.bar([i + 0.2 for i in x], [results[n]["diffusers_images_per_second"] for n in names], width=0.4,
+           label="diffusers DDIMPipeline")
+    ax.set_xticks(list(x), names, fontsize=7)
+    ax.set_ylabel("images/s")
+    ax.legend()
+    ax.set_title(f"DDIM {args.steps} steps, batch {args.batch}")
+    fig.tight_layout()
+    name = "sampling-quick" if args.quick else "sampling"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    write_results(name, {"settings": vars(args), "results": results}, markdown, info)
 
 
 if __name__ == "__main__":
