@@ -12,7 +12,7 @@ import torch
 
 from dpcli import __version__
 from dpcli.adapters.base import LoadedModel
-from dpcli.errors import BadInput
+from dpcli.errors import BadInput, BadSetting
 from dpcli.io.files import atomic_write
 from dpcli.io.model_format import model_signature
 from dpcli.io.weights import load_tensor_file
@@ -76,7 +76,7 @@ def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=Non
     adapter = loaded.adapter_object
     threshold = criterion.scan_threshold(settings.threshold)
     if not 0.0 <= threshold <= 1.0:
-        raise BadInput(f"--threshold must be in [0, 1], got {threshold}")
+        raise BadSetting("threshold", "{threshold} must be in [0, 1]", got=threshold)
     started = time.perf_counter()
     scan = None
     if criterion.needs_gradients:
