@@ -41,3 +41,30 @@ def test_dp_prints_the_flag_and_exits_2():
     result = run_dp("finetune", "no-such-model", "--data", "builtin:digits", "--steps", "0")
     assert result.exit_code == 2
     assert "--steps must be at least 1, got 0" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (
+            ["prune", "--criterion", "magnitude", "--ratio", "0.3", "--threshold", "1.5"],
+            "--threshold must be",
+        ),
+        (
+            ["score", "--criterion", "diff-taylor", "--threshold", "-1"],
+            "--threshold must be in [0, 1], got -1",
+        ),
+        (["finetune", "--data", "builtin:digits", "--steps", "5", "--resume"], "--resume: no checkpoint in"),
+        (
+            ["finetune", "--data", "builtin:digits", "--steps", "5", "--distill-weight", "0.5"],
+            "--distill-weight needs --teacher MODEL",
+        ),
+    ],
+)
+def test_settings_are_checked_before_the_model_is_loaded(tmp_path, args, text):
+    command, *options = args
+    out = tmp_path / "out"
+    result = run_dp(command, tmp_path / "no-such-model", *options, "-o", out)
+    assert result.exit_code == 2, result.stderr
+    assert text in result.stderr
+    assert not out.exists()

@@ -195,6 +195,14 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def validate(settings: FinetuneSettings, output: Path, resume: bool = False) -> None:
+    """Fail before anything is loaded or written: bad settings, or ``resume`` with no checkpoint in
+    ``output``."""
+    settings.validate()
+    if resume and latest_checkpoint(Path(output)) is None:
+        raise BadInput(f"--resume: no checkpoint in {checkpoint_root(Path(output))}")
+
+
 def finetune(
     loaded: LoadedModel,
     images: torch.Tensor,
@@ -215,7 +223,7 @@ def finetune(
     from dpcli.io.model_format import model_signature
     from dpcli.scoring import loss_target
 
-    settings.validate()
+    validate(settings, output, resume)
     dist = dist or Distributed()
     device = dist.device
     if settings.precision == "fp16" and device.type != "cuda":
@@ -241,8 +249,6 @@ def finetune(
     checkpoint = None
     if resume:
         checkpoint = latest_checkpoint(output)
-        if checkpoint is None:
-            raise BadInput(f"--resume: no checkpoint in {checkpoint_root(output)}")
         saved_state = read_checkpoint_state(checkpoint)
         check_resumable(saved_state, checkpoint, record)
     if device.type == "cuda":
