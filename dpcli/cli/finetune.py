@@ -100,7 +100,7 @@ def finetune(
     from dpcli.cli.render.finetune import render_finetune
     from dpcli.errors import BadInput
     from dpcli.io.files import prepare_output
-    from dpcli.jobs.finetune.checkpoints import checkpoint_root, latest_checkpoint
+    from dpcli.jobs.finetune.checkpoints import latest_checkpoint
     from dpcli.jobs.finetune.loop import finetune as train
     from dpcli.jobs.finetune.loop import load_training_images, save_finetuned, validate
     from dpcli.jobs.finetune.settings import FinetuneSettings
@@ -185,13 +185,7 @@ def finetune(
         dist.close()
     if quiet:
         return
-    report = {
-        **result.report,
-        "output": str(target),
-        "loss_curve": str(target / "loss.png"),
-        "samples": str(target / "samples.png") if preview else None,
-        "checkpoints": str(checkpoint_root(target)),
-    }
+    report = result.report.to_json(output=target, preview=bool(preview))
     if json_output:
         out.print_json(report)
     else:
