@@ -1,5 +1,10 @@
 """Errors that reach the user as one clear line and a meaningful exit code."""
 
+from __future__ import annotations
+
+import string
+from collections.abc import Callable
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -24,3 +29,24 @@ class BadInput(DpError):
 
 class UnsafeFile(BadInput):
     """A file that could only be read by running code from it (an arbitrary pickle)."""
+
+
+class BadSetting(BadInput):
+    """A setting the library cannot use, named by its settings field, never by a command-line flag.
+
+    ``field`` is the setting at fault (a settings dataclass field such as ``threshold``); ``template`` is
+    the message with every setting it mentions in braces (``"{threshold} must be in [0, 1]"``) and no
+    user values, so a front end can name settings its own way (the CLI shows flags, see
+    ``dpcli.cli.errors``); ``got``, when given, is the value given, appended as ", got VALUE".
+    ``str()`` names the fields: ``threshold must be in [0, 1], got 1.5``.
+    """
+
+    def __init__(self, field: str, template: str, got: object = None):
+        self.field, self.template, self.got = field, template, got
+        super().__init__(self.render(str))
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The message with each setting in braces shown as ``name(setting)``."""
+        fields = {key for _, key, _, _ in string.Formatter().parse(self.template) if key}
+        text = self.template.format_map({key: name(key) for key in fields})
+        return text if self.got is None else f"{text}, got {self.got}"

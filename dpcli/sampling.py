@@ -33,7 +33,7 @@ import torch
 
 from dpcli import runtime
 from dpcli.adapters.base import LoadedModel
-from dpcli.errors import BadInput
+from dpcli.errors import BadInput, BadSetting
 from dpcli.runtime import resolve_device, resolve_precision, synchronize
 
 SAMPLERS = ("ddim", "ddpm")
@@ -58,17 +58,23 @@ class SamplerSettings:
 
     def validate(self) -> None:
         if self.sampler not in SAMPLERS:
-            raise BadInput(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+            raise BadSetting(
+                "sampler", "{sampler} must be one of " + ", ".join(SAMPLERS), got=repr(self.sampler)
+            )
         if self.spacing not in SPACINGS:
-            raise BadInput(f"--spacing must be one of {', '.join(SPACINGS)}, got {self.spacing!r}")
+            raise BadSetting(
+                "spacing", "{spacing} must be one of " + ", ".join(SPACINGS), got=repr(self.spacing)
+            )
         if self.precision not in PRECISIONS:
-            raise BadInput(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise BadSetting(
+                "precision", "{precision} must be one of " + ", ".join(PRECISIONS), got=repr(self.precision)
+            )
         if self.steps < 1:
-            raise BadInput(f"--steps must be at least 1, got {self.steps}")
+            raise BadSetting("steps", "{steps} must be at least 1", got=self.steps)
         if self.batch_size < 1:
-            raise BadInput(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise BadSetting("batch_size", "{batch_size} must be at least 1", got=self.batch_size)
         if self.seed < 0:
-            raise BadInput(f"--seed must be >= 0 for sampling, got {self.seed}")
+            raise BadSetting("seed", "{seed} must be >= 0 for sampling", got=self.seed)
 
 
 def quad_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
@@ -114,7 +120,9 @@ def timestep_sequence(scheduler_config, steps: int, spacing: str) -> list[int]:
     """
     total = int(scheduler_config["num_train_timesteps"])
     if not 1 <= steps <= total:
-        raise BadInput(f"--steps must be in [1, {total}] (the model's training timesteps), got {steps}")
+        raise BadSetting(
+            "steps", f"{{steps}} must be in [1, {total}] (the model's training timesteps)", got=steps
+        )
     if spacing == "quad":
         values = quad_timesteps(total, steps)
     elif spacing == "uniform":
@@ -122,7 +130,7 @@ def timestep_sequence(scheduler_config, steps: int, spacing: str) -> list[int]:
         probe.set_timesteps(steps)
         values = [int(t) for t in probe.timesteps]
     else:
-        raise BadInput(f"--spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+        raise BadSetting("spacing", "{spacing} must be one of " + ", ".join(SPACINGS), got=repr(spacing))
     return sorted(set(values), reverse=True)
 
 

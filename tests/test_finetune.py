@@ -323,3 +323,14 @@ def test_builtin_digits_model_is_trained_and_config_stays_random(dp):
     assert errors[0] < 0.2 < errors[1]
     assert dp("inspect", "builtin:ddpm-digits", "--json").json["params"] == 1_112_801
     assert dp("inspect", "builtin:no-such-model").exit_code == 2
+
+
+def test_the_report_prints_the_run_and_the_files_written(tmp_path):
+    from dpcli.jobs.finetune.loop import FinetuneReport
+
+    values = dict.fromkeys(FinetuneReport.__dataclass_fields__, 1)
+    printed = FinetuneReport(**values).to_json(output=tmp_path / "tuned", preview=True)
+    assert list(printed)[-4:] == ["output", "loss_curve", "samples", "checkpoints"]
+    assert printed["steps"] == 1 and printed["loss_curve"] == str(tmp_path / "tuned" / "loss.png")
+    assert printed["checkpoints"] == str(tmp_path / "tuned" / "checkpoints")
+    assert FinetuneReport(**values).to_json(output=tmp_path)["samples"] is None

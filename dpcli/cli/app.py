@@ -71,6 +71,7 @@ app.command("plugins")(plugins_command.plugins)
 def main(argv: list[str] | None = None) -> None:
     """Run ``dp``: user mistakes become one line and exit 2, other failures exit 1, never a traceback
     unless ``--debug``."""
+    from dpcli.cli.errors import message
     from dpcli.errors import EXIT_FAILURE, DpError
 
     if argv is None:
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="dp")
     except DpError as exc:
-        _fail(str(exc), exc.exit_code, exc)
+        _fail(message(exc), exc.exit_code, exc)
     except KeyboardInterrupt:
         _fail("interrupted", 130, None)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks

@@ -100,17 +100,17 @@ def finetune(
     from dpcli.cli.render.finetune import render_finetune
     from dpcli.errors import BadInput
     from dpcli.io.files import prepare_output
-    from dpcli.jobs.finetune.checkpoints import checkpoint_root, latest_checkpoint
+    from dpcli.jobs.finetune.checkpoints import latest_checkpoint
     from dpcli.jobs.finetune.loop import finetune as train
-    from dpcli.jobs.finetune.loop import load_training_images, save_finetuned
+    from dpcli.jobs.finetune.loop import load_training_images, save_finetuned, validate
     from dpcli.jobs.finetune.settings import FinetuneSettings
     from dpcli.loading import load_model
     from dpcli.runtime import start_distributed
 
     if not data:
         raise BadInput("--data is required: an image folder or builtin:digits")
-    if distill_weight is not None and teacher is None:
-        raise BadInput("--distill-weight needs --teacher MODEL")
+    if distill_weight is None:
+        distill_weight = 1.0 if teacher else 0.0
     settings = FinetuneSettings(
         data=data,
         steps=steps,
@@ -125,26 +125,24 @@ def finetune(
         seed=seed,
         precision=precision,
         teacher=teacher,
-        distill_weight=(1.0 if distill_weight is None else distill_weight) if teacher else 0.0,
+        distill_weight=distill_weight,
         reinit=reinit,
         checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints,
     )
-    settings.validate()
     target = Path(output) if output else default_output(model, "finetuned")
+    validate(settings, target, resume)
     for name, spec in (("MODEL", model), ("--teacher", teacher)):
         if spec and Path(spec).exists() and Path(spec).resolve() == target.resolve():
             raise BadInput(
                 f"--output {target} is the {name}: inputs are never modified; choose another folder"
             )
-    if resume:
-        if latest_checkpoint(target) is None:
-            raise BadInput(f"--resume: no checkpoint in {checkpoint_root(target)}")
-    elif latest_checkpoint(target) is not None and not force:
-        raise BadInput(
-            f"{target} holds checkpoints of an earlier run: add --resume to continue it, or --force to start over"
-        )
-    else:
+    if not resume:
+        if latest_checkpoint(target) is not None and not force:
+            raise BadInput(
+                f"{target} holds checkpoints of an earlier run: add --resume to continue it, "
+                "or --force to start over"
+            )
         prepare_output(target, force)
 
     dist = start_distributed(device)
@@ -187,13 +185,7 @@ def finetune(
         dist.close()
     if quiet:
         return
-    report = {
-        **result.report,
-        "output": str(target),
-        "loss_curve": str(target / "loss.png"),
-        "samples": str(target / "samples.png") if preview else None,
-        "checkpoints": str(checkpoint_root(target)),
-    }
+    report = result.report.to_json(output=target, preview=bool(preview))
     if json_output:
         out.print_json(report)
     else:

@@ -88,8 +88,6 @@ def prune(
     from dpcli.pruning import PruneOptions
 
     can_ask = interactive() and not yes and not json_output
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise BadInput(f"--threshold must be in [0, 1], got {threshold}")
     if criterion is None and scores is None:
         if not can_ask:
             raise BadInput("--criterion is required (or --scores FILE); see dp plugins for the choices")
@@ -102,12 +100,26 @@ def prune(
     validate_prune_settings(settings)
     if scores is None and data is None and can_ask and get_registry().criterion(criterion).needs_data:
         data = ask_data(criterion)
+    options = PruneOptions(ignore=list(ignore or []), round_to=round_to, head_ratio=head_ratio)
+    if scores is None:
+        score_settings = ScoreSettings(
+            criterion=criterion,
+            data=data,
+            threshold=threshold,
+            calib_size=calib_size,
+            batch_size=batch_size,
+            chunk=chunk,
+            timesteps=timesteps,
+            seed=seed,
+            options=options,
+            prompt=prompt,
+        )
+        score_settings.validate()
     target = Path(output) if output else default_output(model, "pruned")
     prepare_output(target, force)
 
     with out.stderr.status("Loading model"):
         loaded = load_model(model, adapter=adapter, config=config, scheduler=scheduler)
-    options = PruneOptions(ignore=list(ignore or []), round_to=round_to, head_ratio=head_ratio)
     if scores is not None:
         computed = load_scores(scores, loaded)
         if criterion is not None and criterion != computed.criterion:
@@ -122,18 +134,6 @@ def prune(
         params, macs = measure(loaded)
         confirm_plan(loaded, criterion or computed.criterion, settings, params, macs, target)
     if computed is None:
-        score_settings = ScoreSettings(
-            criterion=criterion,
-            data=data,
-            threshold=threshold,
-            calib_size=calib_size,
-            batch_size=batch_size,
-            chunk=chunk,
-            timesteps=timesteps,
-            seed=seed,
-            options=options,
-            prompt=prompt,
-        )
         with scan_progress(loaded, score_settings) as on_progress:
             computed = compute_scores(loaded, score_settings, on_progress=on_progress)
     with out.stderr.status("Pruning") as status:

@@ -52,7 +52,6 @@ def score(
     from dpcli.cli.render.score import render_score
     from dpcli.jobs.score import ScoreSettings, score_model
     from dpcli.loading import load_model
-    from dpcli.plugins import get_registry
     from dpcli.pruning import PruneOptions
 
     target = Path(output) if output else None
@@ -73,7 +72,7 @@ def score(
         prompt=prompt,
         options=PruneOptions(ignore=list(ignore or []), round_to=round_to, head_ratio=head_ratio),
     )
-    get_registry().criterion(criterion)  # an unknown name fails before the model is loaded
+    settings.validate()  # before the model is loaded
     with out.stderr.status("Loading model"):
         loaded = load_model(model, adapter=adapter, config=config, scheduler=scheduler)
     with scan_progress(loaded, settings) as on_progress:

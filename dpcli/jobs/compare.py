@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from dpcli import __version__
-from dpcli.errors import BadInput
+from dpcli.errors import BadInput, BadSetting
 from dpcli.jobs.evaluate import (
     GRID_FILE,
     LatencySettings,
@@ -95,7 +95,7 @@ def compare(
     if len(settings.models) + len(settings.reports) < 2:
         raise BadInput("dp compare needs at least two models (MODEL arguments and/or --report files)")
     if settings.num_samples < 1:
-        raise BadInput(f"--num-samples must be at least 1, got {settings.num_samples}")
+        raise BadSetting("num_samples", "{num_samples} must be at least 1", got=settings.num_samples)
     if settings.latency is not None:
         settings.latency.validate()
     read = [read_eval_report(path) for path in settings.reports]

@@ -17,7 +17,7 @@ import torch
 
 from dpcli import __version__
 from dpcli.adapters.base import LoadedModel
-from dpcli.errors import BadInput
+from dpcli.errors import BadInput, BadSetting
 from dpcli.io.files import read_json
 from dpcli.metrics import (
     DIGITS,
@@ -103,7 +103,7 @@ class LatencySettings:
 
     def validate(self) -> None:
         if self.batch < 1 or self.warmup < 0 or self.repeats < 1:
-            raise BadInput("--latency-batch and --repeats must be at least 1")
+            raise BadSetting("batch", "{batch} and {repeats} must be at least 1")
 
 
 def measure_latency(sampler: Sampler, settings: LatencySettings, progress: Progress = _no_progress) -> dict:
@@ -182,7 +182,7 @@ def plan_fid(
             raise BadInput("--inception-weights is for FID: pass --data or --fid-stats too")
         return None
     if num_samples < 2:
-        raise BadInput(f"FID needs at least 2 samples (--num-samples >= 2), got {num_samples}")
+        raise BadSetting("num_samples", "FID needs at least 2 samples ({num_samples} >= 2)", got=num_samples)
     stats = None
     if fid_stats is not None:
         stats = load_stats(fid_stats)
@@ -329,7 +329,7 @@ def evaluate(settings: EvalSettings, progress: Progress = _no_progress, status=N
     status = status or (lambda text: None)
     settings.sampling.validate()
     if settings.num_samples < 1:
-        raise BadInput(f"--num-samples must be at least 1, got {settings.num_samples}")
+        raise BadSetting("num_samples", "{num_samples} must be at least 1", got=settings.num_samples)
     if settings.latency is not None:
         settings.latency.validate()
     plan = plan_fid(

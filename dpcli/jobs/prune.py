@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpcli.adapters.base import LoadedModel
-from dpcli.errors import BadInput
+from dpcli.errors import BadInput, BadSetting
 from dpcli.flops import count_params
 from dpcli.io.model_format import module_shapes
 from dpcli.jobs.score import Scores
@@ -39,12 +39,13 @@ class PruneSettings:
 def validate_prune_settings(settings: PruneSettings) -> None:
     given = [v for v in (settings.ratio, settings.target_macs, settings.target_params) if v is not None]
     if len(given) != 1:
-        raise BadInput("give exactly one of --ratio, --target-macs, --target-params")
+        raise BadSetting("ratio", "give exactly one of {ratio}, {target_macs}, {target_params}")
     if settings.ratio is not None and not 0.0 <= settings.ratio < 1.0:
-        raise BadInput(f"--ratio must be in [0, 1), got {settings.ratio}")
-    for name, value in (("--target-macs", settings.target_macs), ("--target-params", settings.target_params)):
+        raise BadSetting("ratio", "{ratio} must be in [0, 1)", got=settings.ratio)
+    for name, value in (("target_macs", settings.target_macs), ("target_params", settings.target_params)):
         if value is not None and not 0.0 < value < 1.0:
-            raise BadInput(f"{name} is a fraction of the original and must be in (0, 1), got {value}")
+            rule = "is a fraction of the original and must be in (0, 1)"
+            raise BadSetting(name, "{" + name + "} " + rule, got=value)
 
 
 @dataclass

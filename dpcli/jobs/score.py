@@ -12,7 +12,7 @@ import torch
 
 from dpcli import __version__
 from dpcli.adapters.base import LoadedModel
-from dpcli.errors import BadInput
+from dpcli.errors import BadInput, BadSetting
 from dpcli.io.files import atomic_write
 from dpcli.io.model_format import model_signature
 from dpcli.io.weights import load_tensor_file
@@ -36,6 +36,16 @@ class ScoreSettings:
     seed: int = 0
     options: PruneOptions = field(default_factory=PruneOptions)
     prompt: str | None = None
+
+    def validate(self) -> None:
+        """Fail before the model is loaded: an unknown criterion, a scan threshold outside [0, 1]."""
+        from dpcli.plugins import get_registry
+
+        criterion = get_registry().criterion(self.criterion)
+        # the threshold given, even to a criterion that ignores it, and the one the criterion scans with
+        for threshold in (self.threshold, criterion.scan_threshold(self.threshold)):
+            if threshold is not None and not 0.0 <= threshold <= 1.0:
+                raise BadSetting("threshold", "{threshold} must be in [0, 1]", got=threshold)
 
 
 @dataclass
@@ -72,11 +82,10 @@ def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=Non
     """Score ``loaded`` with a criterion: the timestep scan first when the criterion needs gradients."""
     from dpcli.plugins import get_registry
 
+    settings.validate()
     criterion = get_registry().criterion(settings.criterion)
     adapter = loaded.adapter_object
     threshold = criterion.scan_threshold(settings.threshold)
-    if not 0.0 <= threshold <= 1.0:
-        raise BadInput(f"--threshold must be in [0, 1], got {threshold}")
     started = time.perf_counter()
     scan = None
     if criterion.needs_gradients:

@@ -195,6 +195,14 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def validate(settings: FinetuneSettings, output: Path, resume: bool = False) -> None:
+    """Fail before anything is loaded or written: bad settings, or ``resume`` with no checkpoint in
+    ``output``."""
+    settings.validate()
+    if resume and latest_checkpoint(Path(output)) is None:
+        raise BadInput(f"--resume: no checkpoint in {checkpoint_root(Path(output))}")
+
+
 def finetune(
     loaded: LoadedModel,
     images: torch.Tensor,
@@ -215,7 +223,7 @@ def finetune(
     from dpcli.io.model_format import model_signature
     from dpcli.scoring import loss_target
 
-    settings.validate()
+    validate(settings, output, resume)
     dist = dist or Distributed()
     device = dist.device
     if settings.precision == "fp16" and device.type != "cuda":
@@ -241,8 +249,6 @@ def finetune(
     checkpoint = None
     if resume:
         checkpoint = latest_checkpoint(output)
-        if checkpoint is None:
-            raise BadInput(f"--resume: no checkpoint in {checkpoint_root(output)}")
         saved_state = read_checkpoint_state(checkpoint)
         check_resumable(saved_state, checkpoint, record)
     if device.type == "cuda":
@@ -382,48 +388,91 @@ def summary_window(steps: int) -> int:
 
 
 @dataclass
-class FinetuneResult:
-    """A finished run: the report (plain data, as ``--json`` prints it), the EMA model and the per-step
-    loss and learning-rate history."""
+class FinetuneReport:
+    """What a fine-tuning run did. ``to_json()`` is what ``dp finetune --json`` prints (and its table
+    shows); ``initial_loss``/``final_loss`` are means over the first/last ``loss_window`` steps."""
 
-    report: dict
+    steps: int
+    resumed_from: int | None
+    batch_size: int
+    grad_accum: int
+    world_size: int
+    global_batch: int
+    lr: float
+    warmup: int
+    schedule: str
+    weight_decay: float
+    ema_decay: float
+    grad_clip: float
+    precision: str
+    device: str
+    seed: int
+    data: str
+    teacher: str | None
+    distill_weight: float | None
+    reinit: bool
+    initial_loss: float | None
+    final_loss: float | None
+    loss_window: int
+    seconds: float
+    steps_per_second: float | None
+
+    def to_json(self, output: Path | None = None, preview: bool = False) -> dict:
+        """The report as printed, with the files ``save_finetuned`` wrote into ``output``."""
+        output = Path(output) if output is not None else None
+        return {
+            **dataclasses.asdict(self),
+            "output": str(output) if output else None,
+            "loss_curve": str(output / "loss.png") if output else None,
+            "samples": str(output / "samples.png") if output and preview else None,
+            "checkpoints": str(checkpoint_root(output)) if output else None,
+        }
+
+
+@dataclass
+class FinetuneResult:
+    """A finished run: the report, the EMA model and the per-step loss and learning-rate history."""
+
+    report: FinetuneReport
     ema_model: torch.nn.Module
     losses: list[float]
     lrs: list[float]
 
 
-def _report(settings, train: TrainState, start_step: int, run_seconds: float, dist, teacher) -> dict:
+def _report(
+    settings, train: TrainState, start_step: int, run_seconds: float, dist, teacher
+) -> FinetuneReport:
     window = summary_window(len(train.losses))
     ran = train.step - start_step
-    return {
-        "steps": train.step,
-        "resumed_from": start_step or None,
-        "batch_size": settings.batch_size,
-        "grad_accum": settings.grad_accum,
-        "world_size": dist.world_size,
-        "global_batch": settings.batch_size * dist.world_size * settings.grad_accum,
-        "lr": settings.lr,
-        "warmup": settings.warmup,
-        "schedule": settings.schedule,
-        "weight_decay": settings.weight_decay,
-        "ema_decay": settings.ema_decay,
-        "grad_clip": settings.grad_clip,
-        "precision": settings.precision,
-        "device": str(dist.device),
-        "seed": settings.seed,
-        "data": settings.data,
-        "teacher": teacher.source if teacher is not None else None,
-        "distill_weight": settings.distill_weight if teacher is not None else None,
-        "reinit": settings.reinit,
-        "initial_loss": sum(train.losses[:window]) / window if train.losses else None,
-        "final_loss": sum(train.losses[-window:]) / window if train.losses else None,
-        "loss_window": window,
-        "seconds": train.seconds,
-        "steps_per_second": ran / run_seconds if ran and run_seconds > 0 else None,
-    }
+    return FinetuneReport(
+        steps=train.step,
+        resumed_from=start_step or None,
+        batch_size=settings.batch_size,
+        grad_accum=settings.grad_accum,
+        world_size=dist.world_size,
+        global_batch=settings.batch_size * dist.world_size * settings.grad_accum,
+        lr=settings.lr,
+        warmup=settings.warmup,
+        schedule=settings.schedule,
+        weight_decay=settings.weight_decay,
+        ema_decay=settings.ema_decay,
+        grad_clip=settings.grad_clip,
+        precision=settings.precision,
+        device=str(dist.device),
+        seed=settings.seed,
+        data=settings.data,
+        teacher=teacher.source if teacher is not None else None,
+        distill_weight=settings.distill_weight if teacher is not None else None,
+        reinit=settings.reinit,
+        initial_loss=sum(train.losses[:window]) / window if train.losses else None,
+        final_loss=sum(train.losses[-window:]) / window if train.losses else None,
+        loss_window=window,
+        seconds=train.seconds,
+        steps_per_second=ran / run_seconds if ran and run_seconds > 0 else None,
+    )
 
 
-def history_entry(report: dict) -> dict:
+def history_entry(report: FinetuneReport) -> dict:
     """The ``history`` record a fine-tuned model folder carries."""
     keys = (
         "steps",
@@ -447,7 +496,7 @@ def history_entry(report: dict) -> dict:
         "final_loss",
         "seconds",
     )
-    entry = {"step": "finetune", **{key: report[key] for key in keys}}
+    entry = {"step": "finetune", **{key: getattr(report, key) for key in keys}}
     return {**entry, "weights": "ema", "raw_weights": "unet/raw.safetensors"}
 
 
@@ -465,7 +514,7 @@ def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, pr
         loaded.adapter_object.save(ema_view, folder, metadata)
         plot_training(result.losses, result.lrs, folder / "loss.png", title=f"dp finetune {loaded.source}")
         if preview:
-            pixels = preview_samples(ema_view, preview, seed=result.report["seed"])
+            pixels = preview_samples(ema_view, preview, seed=result.report.seed)
             save_image_grid(grid_rows(pixels), folder / "samples.png")
         checkpoints = checkpoint_root(output)
         if checkpoints.is_dir():

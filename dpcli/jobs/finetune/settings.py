@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dpcli.errors import BadInput
+from dpcli.errors import BadSetting
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
@@ -38,23 +38,24 @@ class FinetuneSettings:
     keep_checkpoints: int = 2
 
     def validate(self) -> None:
-        checks = [
-            (self.steps > 0, f"--steps must be at least 1, got {self.steps}"),
-            (self.batch_size > 0, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.grad_accum > 0, f"--grad-accum must be at least 1, got {self.grad_accum}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
-            (self.warmup >= 0, f"--warmup must be 0 or more, got {self.warmup}"),
-            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
-            (self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}"),
-            (0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {self.ema_decay}"),
-            (self.grad_clip >= 0, f"--grad-clip must be 0 (off) or more, got {self.grad_clip}"),
-            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
-            (self.distill_weight >= 0, f"--distill-weight must be 0 or more, got {self.distill_weight}"),
-            (self.checkpoint_every >= 0, "--checkpoint-every must be 0 (only at the end) or more"),
-            (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
+        checks = [  # (ok, field, what it must be, show the value given)
+            (self.steps > 0, "steps", "must be at least 1", True),
+            (self.batch_size > 0, "batch_size", "must be at least 1", True),
+            (self.grad_accum > 0, "grad_accum", "must be at least 1", True),
+            (self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number", True),
+            (self.warmup >= 0, "warmup", "must be 0 or more", True),
+            (self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}", False),
+            (self.weight_decay >= 0, "weight_decay", "must be 0 or more", True),
+            (0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)", True),
+            (self.grad_clip >= 0, "grad_clip", "must be 0 (off) or more", True),
+            (self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}", False),
+            (self.distill_weight >= 0, "distill_weight", "must be 0 or more", True),
+            (self.checkpoint_every >= 0, "checkpoint_every", "must be 0 (only at the end) or more", False),
+            (self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1", False),
         ]
-        for ok, message in checks:
+        for ok, name, rule, show_value in checks:
             if not ok:
-                raise BadInput(message)
+                got = getattr(self, name) if show_value else None
+                raise BadSetting(name, "{" + name + "} " + rule, got=got)
         if self.distill_weight > 0 and not self.teacher:
-            raise BadInput("--distill-weight needs --teacher MODEL")
+            raise BadSetting("distill_weight", "{distill_weight} needs {teacher} MODEL")
