@@ -68,8 +68,7 @@ def test_reload_gives_identical_outputs(tmp_path, tiny_unet_folder, image_folder
     assert torch.equal(expected, actual)
     metadata = json.loads((tmp_path / "out" / "dpcli.json").read_text())
     assert (
-        metadata["pruning"]["criterion"] == "diff-taylor"
-        and metadata["pruning"]["cutoff"] == report.cutoff
+        metadata["pruning"]["criterion"] == "diff-taylor" and metadata["pruning"]["cutoff"] == report.cutoff
     )
     assert not list((tmp_path / "out").rglob("*.bin")) and not list((tmp_path / "out").rglob("*.pt*"))
 
@@ -171,6 +170,10 @@ def test_card_example_works(dp, tmp_path, tiny_unet_folder, image_folder):
         (["--criterion", "magnitude", "--ratio", "-0.1"], "--ratio must be in [0, 1)"),
         (
             ["--criterion", "diff-taylor", "--ratio", "0.3", "--threshold", "1.5"],
+            "--threshold must be in [0, 1]",
+        ),
+        (
+            ["--scores", "scores.safetensors", "--ratio", "0.3", "--threshold", "2"],
             "--threshold must be in [0, 1]",
         ),
         (["--criterion", "diff-taylr", "--ratio", "0.3"], "did you mean 'diff-taylor'"),

@@ -61,7 +61,9 @@ CalibSize = Annotated[
 Chunk = Annotated[
     int | None,
     typer.Option(
-        "--chunk", min=1, help="Timesteps packed into one forward pass (default: 64 samples per pass / calib-size)."
+        "--chunk",
+        min=1,
+        help="Timesteps packed into one forward pass (default: 64 samples per pass / calib-size).",
     ),
 ]
 Timesteps = Annotated[

@@ -82,7 +82,7 @@ def prune(
     from dpcli.errors import BadInput
     from dpcli.io.files import AtomicFolder, prepare_output
     from dpcli.jobs.prune import PruneSettings, measure, prune_model, pruned_metadata, validate_prune_settings
-    from dpcli.jobs.score import ScoreSettings, compute_scores, load_scores
+    from dpcli.jobs.score import ScoreSettings, check_threshold, compute_scores, load_scores
     from dpcli.loading import load_model
     from dpcli.plugins import get_registry
     from dpcli.pruning import PruneOptions
@@ -115,6 +115,8 @@ def prune(
             prompt=prompt,
         )
         score_settings.validate()
+    else:
+        check_threshold(threshold)  # recorded with the scores, but a value out of range is still a mistake
     target = Path(output) if output else default_output(model, "pruned")
     prepare_output(target, force)
 

@@ -43,9 +43,14 @@ class ScoreSettings:
 
         criterion = get_registry().criterion(self.criterion)
         # the threshold given, even to a criterion that ignores it, and the one the criterion scans with
-        for threshold in (self.threshold, criterion.scan_threshold(self.threshold)):
-            if threshold is not None and not 0.0 <= threshold <= 1.0:
-                raise BadSetting("threshold", "{threshold} must be in [0, 1]", got=threshold)
+        check_threshold(self.threshold)
+        check_threshold(criterion.scan_threshold(self.threshold))
+
+
+def check_threshold(threshold: float | None) -> None:
+    """A scan threshold is a fraction of the running loss maximum: None (the default) or in [0, 1]."""
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise BadSetting("threshold", "{threshold} must be in [0, 1]", got=threshold)
 
 
 @dataclass
