@@ -105,6 +105,10 @@ def test_score_cli_writes_scores_plot_and_json(dp, tmp_path, tiny_unet_folder, i
     assert report["chunk"] == 16, "by default 64 samples per forward: 16 timesteps of 4 images"
     assert report["groups"] > 5 and all(layer["channels"] > 0 for layer in report["layers"])
     assert scores.stat().st_size > 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # stderr is not a terminal here (as in a batch job): the progress bar becomes log lines.
+    scan_log = [line for line in result.stderr.splitlines() if line.startswith("Timestep scan")]
+    assert 1 <= len(scan_log) <= 21, result.stderr
+    assert "(100 %)" in scan_log[-1] and f"loss={report['losses'][-1]:.4f}" in scan_log[-1]
     table = dp("score", tiny_unet_folder, "--criterion", "magnitude")
     assert table.exit_code == 0 and "Scores per group" in table.stdout
 

@@ -156,16 +156,12 @@ def finetune(
             on_step = None
             if bar is not None:
                 task = bar.add_task("Fine-tuning", total=settings.steps, stats="")
-                log_every = max(1, settings.steps // 20)  # log lines when stderr is a file (batch jobs)
 
                 def on_step(info):
                     stats = (
                         f"loss {info.smoothed_loss:.4f}  lr {info.lr:.2e}  {info.steps_per_second:.2f} it/s"
                     )
                     bar.update(task, completed=info.step, stats=stats)
-                    if not out.stderr.is_terminal and (info.step % log_every == 0 or info.step == info.total):
-                        eta = (info.total - info.step) / info.steps_per_second
-                        out.info(f"step {info.step}/{info.total}  {stats}  ETA {out.fmt_seconds(eta)}")
 
             result = train(
                 loaded,

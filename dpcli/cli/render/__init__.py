@@ -25,6 +25,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 # Pipes and CI logs get a wide console so tables are not folded into unreadable columns.
 stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -67,7 +68,10 @@ def warn(message: str) -> None:
 
 
 def progress(transient: bool = False, extra: Sequence[str] = ()) -> Progress:
-    """A rich progress bar on stderr: description, bar, M/N, elapsed, ETA, then extra fields by name."""
+    """A rich progress bar on stderr: description, bar, M/N, elapsed, ETA, then extra fields by name.
+
+    When stderr is not a terminal (a batch log, CI) the bar becomes plain log lines, one per 5 % of each
+    task, so a long job shows where it is in its log."""
     columns = [
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -77,7 +81,50 @@ def progress(transient: bool = False, extra: Sequence[str] = ()) -> Progress:
         TimeRemainingColumn(),
         *(TextColumn(f"{{task.fields[{name}]}}") for name in extra),
     ]
+    if not stderr.is_terminal:
+        return LogLinesProgress(*columns, console=stderr, extra=extra)
     return Progress(*columns, console=stderr, transient=transient)
+
+
+class LogLinesProgress(Progress):
+    """A Progress that draws nothing live and writes a line to stderr each time a task passes a 5 % mark."""
+
+    STEPS = 20
+
+    def __init__(self, *columns, console: Console, extra: Sequence[str] = ()):
+        super().__init__(*columns, console=console, disable=True)
+        self._extra = tuple(extra)
+        self._logged: dict[Any, int] = {}
+
+    def update(self, task_id, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        self._log(task_id)
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._log(task_id)
+
+    def _log(self, task_id) -> None:
+        task = self._tasks[task_id]
+        if not task.total:
+            return
+        mark = int(self.STEPS * min(task.completed, task.total) / task.total)
+        if mark <= self._logged.get(task_id, 0):
+            return
+        self._logged[task_id] = mark
+        elapsed = task.elapsed or 0.0
+        # Linear ETA from the whole run so far: steady for work that reports progress in chunks.
+        eta = elapsed * (task.total - task.completed) / task.completed
+        parts = [
+            Text.from_markup(task.description).plain,
+            f"{task.completed:g}/{task.total:g} ({task.percentage:.0f} %)",
+            f"elapsed {fmt_seconds(elapsed)}",
+            *(() if task.finished else (f"ETA {fmt_seconds(eta)}",)),
+            *(str(task.fields.get(name, "")) for name in self._extra),
+        ]
+        self.console.print(
+            "  ".join(part for part in parts if part), style="dim", soft_wrap=True, markup=False
+        )
 
 
 def fmt_count(value: float | None, unit: str = "") -> str:
