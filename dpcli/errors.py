@@ -38,15 +38,19 @@ class BadSetting(BadInput):
     the message with every setting it mentions in braces (``"{threshold} must be in [0, 1]"``) and no
     user values, so a front end can name settings its own way (the CLI shows flags, see
     ``dpcli.cli.errors``); ``got``, when given, is the value given, appended as ", got VALUE".
-    ``str()`` names the fields: ``threshold must be in [0, 1], got 1.5``.
+    ``str()`` names the fields: ``threshold must be in [0, 1], got 1.5``. User values inside the message
+    (paths, patterns) go in as keyword ``values`` and are shown as given: ``BadSetting("ignore",
+    "{ignore} {pattern} matches no module", pattern="'x'")``.
     """
 
-    def __init__(self, field: str, template: str, got: object = None):
-        self.field, self.template, self.got = field, template, got
+    def __init__(self, field: str, template: str, got: object = None, **values: object):
+        self.field, self.template, self.got, self.values = field, template, got, values
         super().__init__(self.render(str))
 
     def render(self, name: Callable[[str], str]) -> str:
         """The message with each setting in braces shown as ``name(setting)``."""
-        fields = {key for _, key, _, _ in string.Formatter().parse(self.template) if key}
-        text = self.template.format_map({key: name(key) for key in fields})
+        keys = {key for _, key, _, _ in string.Formatter().parse(self.template) if key}
+        text = self.template.format_map(
+            {key: self.values[key] if key in self.values else name(key) for key in keys}
+        )
         return text if self.got is None else f"{text}, got {self.got}"

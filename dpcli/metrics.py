@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dpcli.errors import BadInput
+from dpcli.errors import BadInput, BadSetting
 from dpcli.io.files import atomic_write
 
 INCEPTION = "inception-v3"
@@ -93,7 +93,7 @@ def find_inception_weights(explicit: Path | None) -> Path | None:
     if explicit is not None:
         explicit = Path(explicit).expanduser()
         if not explicit.is_file():
-            raise BadInput(f"--inception-weights {explicit}: file not found")
+            raise BadSetting("inception_weights", "{inception_weights} {path}: file not found", path=explicit)
         return explicit
     cached = default_inception_path()
     return cached if cached.is_file() else None
@@ -252,7 +252,7 @@ def load_stats(path: Path) -> FidStats:
     (``mu``, ``sigma``; Inception-v3 pool features)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise BadInput(f"--fid-stats {path}: file not found")
+        raise BadSetting("fid_stats", "{fid_stats} {path}: file not found", path=path)
     if path.suffix.lower() == ".npz":
         import numpy as np
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dpcli.adapters.base import LoadedModel
-from dpcli.errors import BadInput, DpError
+from dpcli.errors import BadInput, BadSetting, DpError
 
 
 def module_names(model: torch.nn.Module) -> dict[torch.nn.Module, str]:
@@ -81,7 +81,11 @@ def resolve_ignored(model: torch.nn.Module, patterns: list[str]) -> list[torch.n
     for pattern in patterns:
         matches = [module for name, module in named.items() if name and fnmatch.fnmatchcase(name, pattern)]
         if not matches:
-            raise BadInput(f"--ignore {pattern!r} matches no module (see dp inspect for names)")
+            raise BadSetting(
+                "ignore",
+                "{ignore} {pattern} matches no module (see dp inspect for names)",
+                pattern=repr(pattern),
+            )
         chosen.extend(matches)
     return chosen
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpcli.errors import BadInput
+from dpcli.errors import BadSetting
 
 
 @dataclass
@@ -46,10 +46,10 @@ def start_distributed(device: str = "auto") -> Distributed:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device not in ("auto", "cpu", "cuda"):
-        raise BadInput(f"--device must be auto, cpu or cuda, got {device!r}")
+        raise BadSetting("device", "{device} must be auto, cpu or cuda", got=repr(device))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise BadInput("--device cuda: no CUDA GPU is available")
+        raise BadSetting("device", "{device} cuda: no CUDA GPU is available")
     chosen = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(chosen)
@@ -78,9 +78,9 @@ def resolve_device(device: str | None = None) -> torch.device:
         try:
             resolved = torch.device(device)
         except RuntimeError as exc:
-            raise BadInput(f"--device: {exc}") from None
+            raise BadSetting("device", "{device}: {reason}", reason=exc) from None
         if resolved.type == "cuda" and not torch.cuda.is_available():
-            raise BadInput(f"--device {device}: CUDA is not available on this machine")
+            raise BadSetting("device", "{device} {name}: CUDA is not available on this machine", name=device)
         return resolved
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dpcli.adapters.base import BatchContext, LoadedModel
-from dpcli.errors import BadInput, DpError
+from dpcli.errors import BadInput, BadSetting, DpError
 
 
 @dataclass
@@ -51,7 +51,13 @@ def calibration_batch(
 
     images = load_images(data, size=adapter.data_size(loaded), channels=adapter.data_channels(loaded))
     if calib_size > len(images):
-        raise BadInput(f"--calib-size {calib_size} is larger than the data ({len(images)} images in {data})")
+        raise BadSetting(
+            "calib_size",
+            "{calib_size} {size} is larger than the data ({count} images in {data_path})",
+            size=calib_size,
+            count=len(images),
+            data_path=data,
+        )
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(images), generator=generator)[:calib_size]
     listing = image_files(data)

@@ -37,6 +37,40 @@ def test_a_value_with_braces_is_shown_as_given():
     assert message(error) == "--sampler must be one of ddim, ddpm, got '{x}'"
 
 
+def test_user_values_inside_a_message_are_shown_as_given(tmp_path):
+    import torch
+
+    from dpcli.metrics import load_stats
+    from dpcli.pruning import resolve_ignored
+
+    with pytest.raises(BadSetting) as caught:
+        resolve_ignored(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1)), ["{up}*"])
+    assert str(caught.value) == "ignore '{up}*' matches no module (see dp inspect for names)"
+    assert message(caught.value) == "--ignore '{up}*' matches no module (see dp inspect for names)"
+    missing = tmp_path / "{stats}.safetensors"
+    with pytest.raises(BadSetting) as caught:
+        load_stats(missing)
+    assert str(caught.value) == f"fid_stats {missing}: file not found"
+    assert message(caught.value) == f"--fid-stats {missing}: file not found"
+
+
+def test_a_resume_with_other_settings_names_the_setting():
+    from dpcli.jobs.finetune.checkpoints import check_resumable
+
+    record = {"model_signature": "s", "model_fingerprint": "f", "settings": {"lr": 1e-4, "global_batch": 8}}
+    state = {**record, "settings": {"lr": 2e-4, "global_batch": 8}}
+    with pytest.raises(BadSetting) as caught:
+        check_resumable(state, "ckpt", record)
+    assert message(caught.value) == (
+        "--resume: the checkpoint was written with --lr 0.0002, this run has --lr 0.0001 "
+        "(use the same settings, or start over with --force)"
+    )
+    state["settings"] = {"lr": 1e-4, "global_batch": 16}
+    with pytest.raises(BadSetting) as caught:
+        check_resumable(state, "ckpt", record)
+    assert "written with global batch 16, this run has global batch 8" in message(caught.value)
+
+
 def test_dp_prints_the_flag_and_exits_2():
     result = run_dp("finetune", "no-such-model", "--data", "builtin:digits", "--steps", "0")
     assert result.exit_code == 2

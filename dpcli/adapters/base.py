@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpcli._deprecated import renamed_methods
-from dpcli.errors import BadInput
+from dpcli.errors import BadInput, BadSetting
 from dpcli.io.files import read_json
 
 if TYPE_CHECKING:
@@ -160,7 +160,11 @@ class ModelAdapter:
 
 
 def no_prompt(adapter: str) -> BadInput:
-    return BadInput(f"--prompt is not supported by the {adapter} adapter (its models take no text)")
+    return BadSetting(
+        "prompt",
+        "{prompt} is not supported by the {adapter} adapter (its models take no text)",
+        adapter=adapter,
+    )
 
 
 def _prepare_batch_with_old_signature(self, loaded: LoadedModel, images, context: BatchContext):

@@ -3,7 +3,11 @@
 from dpcli.errors import BadSetting, DpError
 
 # Fields whose flag is not ``--`` + the field name with dashes.
-FLAGS = {"batch": "--latency-batch"}  # LatencySettings.batch
+FLAGS = {
+    "batch": "--latency-batch",  # LatencySettings.batch
+    "global_batch": "global batch",  # --batch-size × processes × --grad-accum, recorded in checkpoints
+    "reports": "--report",  # CompareSettings: one --report per model
+}
 
 
 def flag(field: str) -> str:

@@ -174,12 +174,14 @@ def plan_fid(
     weights must be available locally (they are never downloaded): a clear BadInput otherwise.
     """
     if data is not None and fid_stats is not None:
-        raise BadInput("give --data or --fid-stats for FID, not both")
+        raise BadSetting("fid_stats", "give {data} or {fid_stats} for FID, not both")
     if save_stats_to is not None and data is None:
-        raise BadInput("--save-stats writes the FID statistics of --data: pass --data too")
+        raise BadSetting("save_stats", "{save_stats} writes the FID statistics of {data}: pass {data} too")
     if data is None and fid_stats is None:
         if inception_weights is not None:
-            raise BadInput("--inception-weights is for FID: pass --data or --fid-stats too")
+            raise BadSetting(
+                "inception_weights", "{inception_weights} is for FID: pass {data} or {fid_stats} too"
+            )
         return None
     if num_samples < 2:
         raise BadSetting("num_samples", "FID needs at least 2 samples ({num_samples} >= 2)", got=num_samples)
@@ -430,7 +432,12 @@ def read_eval_report(path: Path) -> tuple[dict, torch.Tensor | None, Path]:
     path = Path(path).expanduser()
     file = path / REPORT_FILE if path.is_dir() else path
     if not file.is_file():
-        raise BadInput(f"--report {path}: no dp eval report there (expected {REPORT_FILE})")
+        raise BadSetting(
+            "reports",
+            "{reports} {path}: no dp eval report there (expected {file})",
+            path=path,
+            file=REPORT_FILE,
+        )
     report = read_json(file)
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
         raise BadInput(f"{file} is not a dp eval report")

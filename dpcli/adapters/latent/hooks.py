@@ -6,7 +6,7 @@ import torch
 
 from dpcli.adapters.base import LoadedModel
 from dpcli.adapters.latent.facts import _device, has_cross_attention, require_autoencoder
-from dpcli.errors import BadInput
+from dpcli.errors import BadInput, BadSetting
 
 # Images encoded (or latents decoded) per autoencoder call: about 2 images of 512x512 at a time.
 PIXELS_PER_CHUNK = 2**19
@@ -152,7 +152,9 @@ def prepare_batch(loaded: LoadedModel, images, files=None, root=None, prompt=Non
     _refuse_missing(loaded)
     kind = loaded.extras["conditioning"]
     if prompt is not None and kind != "text":
-        raise BadInput(f"--prompt applies to text-conditional models; {loaded.source} is not one")
+        raise BadSetting(
+            "prompt", "{prompt} applies to text-conditional models; {source} is not one", source=loaded.source
+        )
     latents = encode_images(loaded, images)
     labels = prompts = None
     if kind == "text":

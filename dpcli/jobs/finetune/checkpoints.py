@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dpcli import __version__
-from dpcli.errors import BadInput
+from dpcli.errors import BadInput, BadSetting
 from dpcli.io.files import AtomicFolder
 
 CHECKPOINT_FORMAT = "dpcli-checkpoint"
@@ -185,22 +185,31 @@ def read_checkpoint_state(folder: Path) -> dict:
 def check_resumable(state: dict, folder: Path, record: dict) -> None:
     """Refuse a checkpoint of another model or of a run with other settings (exit 2)."""
     if state.get("model_signature") != record["model_signature"]:
-        raise BadInput(
-            f"checkpoint {folder} is of another model (other layer widths); fine-tune {state.get('model')} "
-            "or start over with --force"
+        raise BadSetting(
+            "resume",
+            "checkpoint {folder} is of another model (other layer widths); fine-tune {model} "
+            "or start over with {force}",
+            folder=folder,
+            model=state.get("model"),
         )
     if state.get("model_fingerprint") != record["model_fingerprint"]:
-        raise BadInput(
-            f"checkpoint {folder} started from other weights ({state.get('model')}); resume with the "
-            "same MODEL (and --reinit/--seed) or start over with --force"
+        raise BadSetting(
+            "resume",
+            "checkpoint {folder} started from other weights ({model}); resume with the "
+            "same MODEL (and {reinit}/{seed}) or start over with {force}",
+            folder=folder,
+            model=state.get("model"),
         )
     saved, current = state.get("settings", {}), record["settings"]
     different = [key for key in _RESUME_KEYS if saved.get(key) != current.get(key)]
     if different:
         key = different[0]
-        raise BadInput(
-            f"--resume: the checkpoint was written with {key}={saved.get(key)!r}, this run has "
-            f"{key}={current.get(key)!r} (use the same settings, or start over with --force)"
+        raise BadSetting(
+            key,
+            "{resume}: the checkpoint was written with {" + key + "} {saved}, this run has {" + key + "} "
+            "{current} (use the same settings, or start over with {force})",
+            saved=repr(saved.get(key)),
+            current=repr(current.get(key)),
         )
 
 

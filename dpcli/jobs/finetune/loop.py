@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from dpcli.adapters.base import BatchContext, LoadedModel
-from dpcli.errors import BadInput, DpError
+from dpcli.errors import BadInput, BadSetting, DpError
 from dpcli.io.files import AtomicFolder
 from dpcli.jobs.finetune.checkpoints import (
     CHECKPOINT_DIR,
@@ -200,7 +200,9 @@ def validate(settings: FinetuneSettings, output: Path, resume: bool = False) -> 
     ``output``."""
     settings.validate()
     if resume and latest_checkpoint(Path(output)) is None:
-        raise BadInput(f"--resume: no checkpoint in {checkpoint_root(Path(output))}")
+        raise BadSetting(
+            "resume", "{resume}: no checkpoint in {folder}", folder=checkpoint_root(Path(output))
+        )
 
 
 def finetune(
@@ -227,7 +229,7 @@ def finetune(
     dist = dist or Distributed()
     device = dist.device
     if settings.precision == "fp16" and device.type != "cuda":
-        raise BadInput("--precision fp16 needs a CUDA GPU (use bf16 or fp32 on the CPU)")
+        raise BadSetting("precision", "{precision} fp16 needs a CUDA GPU (use bf16 or fp32 on the CPU)")
     global_batch = settings.batch_size * dist.world_size * settings.grad_accum
     if global_batch > len(images):
         raise BadInput(
