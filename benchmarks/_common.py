@@ -71,7 +71,7 @@ def describe_machine(info: dict) -> str:
     parts.append(f"GPU: {info.get('gpu') or 'none'}")
     start, end = info.get("load_average_start"), info.get("load_average_end")
     if start:
-        parts.append(f"load average (1 min) {start[0]} at start" + (f", {end[0]} at end" if end else ""))
+        parts.append(f"load average (1 min) {start[0]:.2f} at start" + (f", {end[0]:.2f} at end" if end else ""))
     parts.append(f"commit {info.get('git_commit')}, {info['date']}")
     return "; ".join(parts)
 

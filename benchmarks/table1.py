@@ -448,9 +448,10 @@ def report(out: Path, args, info: dict, command: str) -> None:
              measured.get(t, "–")] for t in summary["settings"]["thresholds"]]))
     markdown = "\n".join(lines)
     print(markdown)
+    info = {**info, "load_average_end": info.get("load_average_end") or list(os.getloadavg())}
     write_json(out / "summary.json", {"command": command, "machine": info, **summary})
     (out / "table1.md").write_text(f"# Table 1 on builtin:ddpm-digits\n\n`{command}`\n\n"
-                                   f"Machine: {describe_machine({**info, 'load_average_end': os.getloadavg()})}\n\n{markdown}\n")
+                                   f"Machine: {describe_machine(info)}\n\n{markdown}\n")
     plots(out, summary)
 
 
@@ -567,8 +568,9 @@ def main() -> None:
     command = " ".join(["python", "benchmarks/table1.py", *sys.argv[1:]])
     info = machine_info(torch_info=False)
     info["torch_threads"] = args.threads
-    if args.report:
-        report(out, args, info, command)
+    if args.report:  # the tables describe the run: keep its command and machine info
+        previous = read_json(out / "summary.json") or {}
+        report(out, args, previous.get("machine", info), previous.get("command", command))
         return
     if args.quick and not args.report:  # a smoke test: always from scratch
         import shutil
