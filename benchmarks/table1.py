@@ -52,8 +52,11 @@ VARIANTS = {  # name -> (criterion, threshold)
     "diff-taylor thr 0.05": ("diff-taylor", 0.05),
     "diff-taylor thr 0.1": ("diff-taylor", 0.1),
     "reinit (scratch)": ("reinit", None),
+    # The unpruned base fine-tuned with the same recipe: how much of a pruned model's FID is just more training.
+    "unpruned (control)": ("none", None),
 }
-DETERMINISTIC = {"magnitude"}  # pruning without randomness: vary the fine-tune seed only
+CONTROL = "unpruned (control)"  # shown beside the original, not ranked among the pruning criteria
+DETERMINISTIC = {"magnitude", CONTROL}  # pruning without randomness: vary the fine-tune seed only
 LOG_LOCK = threading.Lock()
 
 
@@ -63,7 +66,7 @@ def log(message: str) -> None:
 
 
 def slug(text: str) -> str:
-    return text.replace(" (scratch)", "").replace(" thr ", "-").replace(" ", "-")
+    return text.replace(" (scratch)", "").replace(" (control)", "").replace(" thr ", "-").replace(" ", "-")
 
 
 def dp_json(args: list[str], env: dict, log_file: Path) -> dict:
@@ -112,7 +115,13 @@ class Runner:
         return f"{criterion}{thr}-p{prune_seed}"
 
     def pruned(self, criterion: str, threshold, prune_seed: int) -> tuple[Path, dict]:
-        """The pruned model folder and its record (scores: cutoff, losses; prune: sizes), made once."""
+        """The pruned model folder and its record (scores: cutoff, losses; prune: sizes), made once.
+        Criterion "none" (the control) is the unpruned base model itself."""
+        if criterion == "none":
+            original = read_json(self.out / "original.json")
+            sizes = {"params_before": original["params"], "params_after": original["params"],
+                     "macs_before": original["macs"], "macs_after": original["macs"], "macs_fraction": 1.0}
+            return BASE, {"key": "none", "criterion": "none", "cutoff": None, **sizes}
         key = self.prune_key(criterion, threshold, prune_seed)
         record_file = self.out / "prune" / f"{key}.json"
         folder = self.work / "pruned" / key
@@ -211,7 +220,7 @@ class Runner:
                       ft_seed=ft_seed, prune=prune_record["key"], curve=curve, complete=False)
         record.setdefault("points", {})
         args = self.args
-        if curve and "0" not in record["points"]:
+        if curve and "0" not in record["points"] and criterion != "none":
             log(f"eval {name} before fine-tuning")
             record["points"]["0"] = self.evaluate(str(pruned), f"{name}-s0", cache=True)
             write_json(record_file, record)
@@ -266,6 +275,7 @@ class Runner:
         """ms per denoising step of the original and each variant's pruned shape (prune seed 0), alone."""
         record_file = self.out / "latency.json"
         record = read_json(record_file)
+        variants = [variant for variant in variants if variant != CONTROL]  # the original's shape: timed already
         if record is not None and set(record["models"]) >= set(variants):
             return record
         models = {variant: self.pruned(*VARIANTS[variant], 0)[0] for variant in variants}
@@ -352,7 +362,7 @@ def summarise(out: Path, args) -> dict:
         if curve:
             entry["curve"] = {int(k): v for k, v in curve[0]["points"].items()}
         variants[variant] = entry
-    ranked = sorted(variants, key=lambda v: variants[v]["fid_mean"])
+    ranked = sorted((v for v in variants if v != CONTROL), key=lambda v: variants[v]["fid_mean"])
     if ranked:
         best = ranked[0]
         for variant in ranked[1:]:
@@ -404,7 +414,7 @@ def report(out: Path, args, info: dict, command: str) -> None:
         rows.append(["original", 1, f"{original['params'] / 1e6:.3f} M", f"{original['macs'] / 1e6:.1f} M (100 %)",
                      f"{original['fid']:.2f}", "–", "–", "1", "∞", "–", fmt(lat.get("batch_1_ms"), ".1f"),
                      fmt(lat.get("batch_ms"), ".0f"), "1.00"])
-    for variant in summary["ranking_by_mean_fid"]:
+    for variant in [v for v in variants if v not in summary["ranking_by_mean_fid"]] + summary["ranking_by_mean_fid"]:
         v = variants[variant]
         lat = v.get("latency", {})
         ci = v["fid_ci95"]
