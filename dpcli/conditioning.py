@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dpcli.errors import BadInput
+from dpcli.errors import BadInput, BadSetting
 
 CAPTION_KEYS = ("text", "caption", "prompt")
 
@@ -36,9 +36,11 @@ def captions(files: list[Path] | None, root: Path | None, count: int) -> list[st
         return [""] * count
     missing = [file for file, caption in zip(files, found, strict=True) if caption is None]
     if missing:
-        raise BadInput(
-            f"no caption for {missing[0]} although other images have one (sidecar .txt, metadata.jsonl or "
-            "captions.txt); caption every image or pass --prompt"
+        raise BadSetting(
+            "prompt",
+            "no caption for {file} although other images have one (sidecar .txt, metadata.jsonl or "
+            "captions.txt); caption every image or pass {prompt}",
+            file=missing[0],
         )
     return found
 
@@ -90,8 +92,9 @@ def _caption_table(folder: Path) -> dict[str, str]:
 def class_labels(files: list[Path] | None, root: Path | None, num_classes: int) -> torch.Tensor:
     """The class index of each image from the sub-folder of ``root`` it is in."""
     if files is None or root is None:
-        raise BadInput(
-            "class-conditional models need class labels: give --data a folder with one sub-folder per class"
+        raise BadSetting(
+            "data",
+            "class-conditional models need class labels: give {data} a folder with one sub-folder per class",
         )
     root = Path(root)
     folders = [Path(file).relative_to(root).parts for file in files]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dpcli._deprecated import moved_names
 from dpcli.adapters.base import LoadedModel, ModelAdapter, ModelSource
-from dpcli.errors import BadInput
+from dpcli.errors import BadInput, BadSetting
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 __getattr__ = moved_names(
@@ -77,8 +77,11 @@ def choose_adapter(source: ModelSource, name: str | None = None) -> ModelAdapter
     scored.sort(key=lambda item: (-item[0], item[1]))
     if not scored or scored[0][0] <= 0:
         known = ", ".join(sorted(registry.adapters)) or "none"
-        raise BadInput(
-            f"no adapter recognises {source.spec} (installed adapters: {known}; force one with --adapter)"
+        raise BadSetting(
+            "adapter",
+            "no adapter recognises {spec} (installed adapters: {known}; force one with {adapter})",
+            spec=source.spec,
+            known=known,
         )
     return scored[0][2]
 

@@ -54,6 +54,19 @@ def test_user_values_inside_a_message_are_shown_as_given(tmp_path):
     assert message(caught.value) == f"--fid-stats {missing}: file not found"
 
 
+def test_hints_name_the_setting_to_change(tmp_path):
+    from dpcli.io.files import prepare_output
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(BadSetting) as caught:
+        prepare_output(output, force=False)
+    assert str(caught.value) == f"output folder {output} exists and is not empty (use force to replace it)"
+    assert message(caught.value) == f"output folder {output} exists and is not empty (use --force to replace it)"
+    assert (output / "model.safetensors").read_bytes() == b"x"
+
+
 def test_a_resume_with_other_settings_names_the_setting():
     from dpcli.jobs.finetune.checkpoints import check_resumable
 

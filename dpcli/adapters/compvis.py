@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpcli.errors import BadInput
+from dpcli.errors import BadInput, BadSetting
 
 if TYPE_CHECKING:
     import torch
@@ -64,9 +64,11 @@ def find_original_config(checkpoint: Path, config: Path | None) -> Path:
     for candidate in (*(folder / name for name in CONFIG_NAMES), Path(checkpoint).with_suffix(".yaml")):
         if candidate.is_file():
             return candidate
-    raise BadInput(
-        f"{checkpoint} is a CompVis/Stable Diffusion checkpoint; its architecture is in the YAML it was trained "
-        f"with: put it beside the file as config.yaml or pass --config FILE.yaml"
+    raise BadSetting(
+        "config",
+        "{checkpoint} is a CompVis/Stable Diffusion checkpoint; its architecture is in the YAML it was trained "
+        "with: put it beside the file as config.yaml or pass {config} FILE.yaml",
+        checkpoint=checkpoint,
     )
 
 

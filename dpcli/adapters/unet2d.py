@@ -9,7 +9,7 @@ import torch
 
 from dpcli._deprecated import moved_names
 from dpcli.adapters.base import LoadedModel, ModelSource
-from dpcli.errors import BadInput
+from dpcli.errors import BadInput, BadSetting
 from dpcli.io import diffusers_files, model_format
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
@@ -184,7 +184,7 @@ def infer_diffusers_config(state_dict: dict) -> tuple[dict, list[str]]:
     """A UNet2DModel config from the shapes of a diffusers-layout state dict (DDPM conventions assumed)."""
     levels = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("down_blocks.")})
     if not levels or "conv_in.weight" not in state_dict:
-        raise BadInput("cannot infer a UNet2DModel config from these weights; pass --config")
+        raise BadSetting("config", "cannot infer a UNet2DModel config from these weights; pass {config}")
     widths, layers, down_types = [], 0, []
     for level in levels:
         widths.append(int(state_dict[f"down_blocks.{level}.resnets.0.conv1.weight"].shape[0]))

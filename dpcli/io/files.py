@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dpcli.errors import BadInput
+from dpcli.errors import BadInput, BadSetting
 
 
 def read_json(path: Path) -> Any:
@@ -44,7 +44,11 @@ def prepare_output(output: Path, force: bool) -> None:
     if output.exists() and not output.is_dir():
         raise BadInput(f"output {output} exists and is not a folder")
     if output.is_dir() and any(output.iterdir()) and not force:
-        raise BadInput(f"output folder {output} exists and is not empty (use --force to replace it)")
+        raise BadSetting(
+            "force",
+            "output folder {output} exists and is not empty (use {force} to replace it)",
+            output=output,
+        )
 
 
 class AtomicFolder:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from dpcli import __version__
-from dpcli.errors import BadInput, BadSetting
+from dpcli.errors import BadSetting
 from dpcli.jobs.evaluate import (
     GRID_FILE,
     LatencySettings,
@@ -93,7 +93,9 @@ def compare(
 
     status = status or (lambda text: None)
     if len(settings.models) + len(settings.reports) < 2:
-        raise BadInput("dp compare needs at least two models (MODEL arguments and/or --report files)")
+        raise BadSetting(
+            "reports", "dp compare needs at least two models (MODEL arguments and/or {reports} files)"
+        )
     if settings.num_samples < 1:
         raise BadSetting("num_samples", "{num_samples} must be at least 1", got=settings.num_samples)
     if settings.latency is not None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpcli.adapters.base import LoadedModel
-from dpcli.errors import BadInput, BadSetting
+from dpcli.errors import BadSetting
 from dpcli.flops import count_params
 from dpcli.io.model_format import module_shapes
 from dpcli.jobs.score import Scores
@@ -133,7 +133,12 @@ def prune_model(
     criterion.finalize(loaded.model, seed)
     shape_after = output_shape(loaded, adapter)
     if shape_after != shape_before:
-        raise BadInput(f"pruning changed the output shape {shape_before} -> {shape_after}; use --ignore")
+        raise BadSetting(
+            "ignore",
+            "pruning changed the output shape {before} -> {after}; use {ignore}",
+            before=shape_before,
+            after=shape_after,
+        )
     params_after, macs_after = measure(loaded)
     after_rows = layer_rows(loaded)
     layers = []

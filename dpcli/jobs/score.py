@@ -95,8 +95,10 @@ def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=Non
     scan = None
     if criterion.needs_gradients:
         if not settings.data:
-            raise BadInput(
-                f"criterion '{criterion.name}' needs calibration data: pass --data FOLDER or builtin:digits"
+            raise BadSetting(
+                "data",
+                "criterion '{name}' needs calibration data: pass {data} FOLDER or builtin:digits",
+                name=criterion.name,
             )
         x0, conditioning = calibration_batch(
             loaded, adapter, settings.data, settings.calib_size, settings.seed, prompt=settings.prompt
