@@ -40,33 +40,46 @@ class ScanResult:
 
 
 def calibration_batch(
-    loaded: LoadedModel, adapter, data: str, calib_size: int, seed: int, prompt: str | None = None
+    loaded: LoadedModel,
+    adapter,
+    data,
+    calib_size: int,
+    seed: int,
+    prompt: str | None = None,
+    workers: int | None = None,
 ):
-    """``calib_size`` images drawn from ``data`` with ``seed``, prepared by the adapter (e.g. encoded to latents).
+    """``calib_size`` examples drawn from ``data`` (a ``DataSpec``, its text, or an open ``Source``) with
+    ``seed``, center-cropped and never flipped, prepared by the adapter (e.g. encoded to latents) with
+    their captions and class labels. Only the chosen examples are decoded.
 
-    Returns ``(x0, conditioning)``; conditioning is None or a dict of batch-first tensors. The adapter also
-    gets the chosen images' ``files``, the data ``root`` and ``prompt`` (a ``BatchContext``).
+    Returns ``(x0, conditioning)``; conditioning is None or a dict of batch-first tensors.
     """
-    from dpcli.data import image_files, load_images
+    from dpcli.data import ImageTransform, Source, example_batches, open_source
 
-    images = load_images(data, size=adapter.data_size(loaded), channels=adapter.data_channels(loaded))
-    if calib_size > len(images):
+    source = data if isinstance(data, Source) else open_source(data)
+    adapter.check_data(loaded, source, prompt)
+    if calib_size > len(source):
         raise BadSetting(
             "calib_size",
             "{calib_size} {size} is larger than the data ({count} images in {data_path})",
             size=calib_size,
-            count=len(images),
-            data_path=data,
+            count=len(source),
+            data_path=source.spec,
         )
     generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(len(images), generator=generator)[:calib_size]
-    listing = image_files(data)
+    chosen = torch.randperm(len(source), generator=generator)[:calib_size].tolist()
+    transform = ImageTransform(adapter.data_size(loaded), adapter.data_channels(loaded))
+    batches = list(example_batches(source, transform, chosen, batch_size=calib_size, workers=workers))
+    batch = batches[0]
+    files = [source.path(i) for i in chosen] if hasattr(source, "path") else None
     context = BatchContext(
-        files=[listing[0][i] for i in chosen.tolist()] if listing else None,
-        root=listing[1] if listing else None,
+        files=files,
+        root=getattr(source, "root", None),
         prompt=prompt,
+        captions=batch.captions,
+        labels=batch.labels,
     )
-    return adapter.prepare_batch(loaded, images[chosen], context)
+    return adapter.prepare_batch(loaded, batch.pixels, context)
 
 
 def calibration_noise(x0: torch.Tensor, seed: int) -> torch.Tensor:

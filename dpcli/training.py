@@ -7,7 +7,6 @@ __getattr__ = moved_names(
     {
         "FinetuneSettings": "dpcli.jobs.finetune.settings",
         "finetune": "dpcli.jobs.finetune.loop",
-        "load_training_images": "dpcli.jobs.finetune.loop",
         "save_finetuned": "dpcli.jobs.finetune.loop",
     },
 )

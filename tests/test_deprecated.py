@@ -14,7 +14,6 @@ MOVED = [
     ("dpcli.evaluation", "evaluate", "dpcli.jobs.evaluate"),
     ("dpcli.training", "FinetuneSettings", "dpcli.jobs.finetune.settings"),
     ("dpcli.training", "finetune", "dpcli.jobs.finetune.loop"),
-    ("dpcli.training", "load_training_images", "dpcli.jobs.finetune.loop"),
     ("dpcli.training", "save_finetuned", "dpcli.jobs.finetune.loop"),
 ]
 

@@ -347,18 +347,22 @@ def test_calibration_prompt_captions_and_empty_prompt(built):
     assert torch.allclose(plain["encoder_hidden_states"][0], empty)
 
 
-def test_captions_come_from_sidecars_metadata_and_captions_txt(built):
-    from dpcli.conditioning import captions
-    from dpcli.data import image_files
+def test_captions_come_from_sidecars_metadata_and_captions_txt(built, tmp_path):
+    import shutil
 
-    files, root = image_files(str(built["images"]))
-    assert captions(files, root, len(files)) == [
+    from dpcli.data import open_source
+
+    source = open_source(str(built["images"]))
+    assert [source.caption(i) for i in range(len(source))] == [
         "a red square", "a blue circle", "a green field", "picture 1", "picture 3", "picture 5",
     ]  # fmt: skip
-    plain, plain_root = image_files(str(built["plain_images"]))
-    assert captions(plain, plain_root, len(plain)) == [""] * len(plain)
-    with pytest.raises(BadInput, match="no caption for .*img00[024].png"):
-        captions([*files[:1], plain[0]], plain_root.parent, 2)
+    source.check_captions()
+    plain = open_source(str(built["plain_images"]))
+    assert not plain.has_captions and plain.caption(0) is None
+    mixed = shutil.copytree(built["images"], tmp_path / "mixed")
+    shutil.copy(plain.path(0), mixed / "class0" / "uncaptioned.png")
+    with pytest.raises(BadInput, match="no caption for .*uncaptioned.png"):
+        open_source(str(mixed)).check_captions()
 
 
 def test_prompt_is_refused_where_it_means_nothing(dp, built, tiny_unet_folder, tmp_path):
@@ -393,10 +397,16 @@ def test_class_conditional_labels_from_sub_folders_prune_and_reload(dp, built, t
     )
     assert embedding.embedding_dim < 128
     assert forward(reloaded).shape == (2, 4, 8, 8)
-    unlabeled = dp(
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for image in sorted(built["plain_images"].rglob("*.png")):
+        (flat / image.name).write_bytes(image.read_bytes())
+    unlabeled = dp("score", built["class"], "--data", flat, "--calib-size", "2", "--timesteps", "2")
+    assert unlabeled.exit_code == 2 and "sub-folder per class" in unlabeled.stderr
+    too_many = dp(
         "score", built["class"], "--data", "builtin:digits", "--calib-size", "2", "--timesteps", "2"
     )
-    assert unlabeled.exit_code == 2 and "sub-folder per class" in unlabeled.stderr
+    assert too_many.exit_code == 2 and "class label 9" in too_many.stderr and "3 classes" in too_many.stderr
 
 
 def test_vq_ldm_prunes_reloads_identically_and_keeps_its_autoencoder(dp, built, tmp_path):
@@ -416,19 +426,123 @@ def test_vq_ldm_prunes_reloads_identically_and_keeps_its_autoencoder(dp, built, 
 
 def test_scoring_encodes_with_the_scaling_factor_and_keeps_encoders_frozen(built):
     from dpcli.adapters.base import BatchContext
-    from dpcli.data import image_files, load_images
+    from dpcli.data import load_images
 
     loaded = load_model(str(built["class"]))
     adapter = get_registry().adapter("ldm")
     images = load_images(str(built["images"]), size=adapter.data_size(loaded), channels=3)
     assert images.shape[-1] == 16  # 8x8 latents, autoencoder factor 2
-    files, root = image_files(str(built["images"]))
-    latents, _ = adapter.prepare_batch(loaded, images, BatchContext(files=files, root=root))
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    latents, _ = adapter.prepare_batch(loaded, images, BatchContext(labels=labels))
     vae = loaded.components["vae"]
     with torch.no_grad():
         expected = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
     assert torch.allclose(latents, expected)
     assert not any(p.requires_grad for p in vae.parameters())
+
+
+# Fine-tuning conditional models: captions and labels reach training, latents are cached ---------------
+def expected_batches(data, steps: int, batch: int, flip: bool = False):
+    from dpcli.data import ImageTransform, open_source, training_batches
+
+    transform = ImageTransform(16, 3, flip=flip)
+    return list(
+        training_batches(open_source(str(data)), transform, seed=0, batch_size=batch, steps=steps, workers=0)
+    )
+
+
+@needs_transformers
+def test_text_finetune_encodes_the_captions_of_the_images_it_trains_on(dp, built, tmp_path, monkeypatch):
+    from dpcli.adapters.latent import hooks
+
+    seen = []
+    encode = hooks.encode_prompts
+    monkeypatch.setattr(
+        hooks, "encode_prompts", lambda loaded, prompts: seen.append(list(prompts)) or encode(loaded, prompts)
+    )
+    result = dp("finetune", built["sd"], "--data", built["images"], "--steps", "3", "--batch-size", "2",
+                "--caption-dropout", "0", "--workers", "0", "-o", tmp_path / "tuned", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert seen == [batch.captions for batch in expected_batches(built["images"], 3, 2)]
+    assert all(caption.startswith(("a ", "picture ")) for batch in seen for caption in batch)
+    assert result.json["caption_dropout"] == 0
+    seen.clear()
+    default = dp("finetune", built["sd"], "--data", built["images"], "--steps", "10", "--batch-size", "2",
+                 "--workers", "0", "-o", tmp_path / "default", "--json")  # fmt: skip
+    assert default.exit_code == 0 and default.json["caption_dropout"] == 0.1
+    assert sum(caption == "" for batch in seen for caption in batch) < 10  # about 2 of 20 are dropped
+
+
+def test_class_conditional_finetune_gives_the_unet_the_labels_of_the_class_folders(
+    dp, built, tmp_path, monkeypatch
+):
+    from dpcli.adapters.latent import hooks
+
+    seen = []
+    predict = hooks.predict
+
+    def spy(loaded, sample, timesteps, conditioning=None):
+        seen.append(conditioning["class_labels"].tolist())
+        return predict(loaded, sample, timesteps, conditioning)
+
+    monkeypatch.setattr(hooks, "predict", spy)
+    result = dp("finetune", built["class"], "--data", built["images"], "--steps", "3", "--batch-size", "2",
+                "--workers", "0", "-o", tmp_path / "tuned")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    expected = [batch.labels.tolist() for batch in expected_batches(built["images"], 3, 2)]
+    assert seen[-3:] == expected and {0, 1} <= {label for batch in expected for label in batch}
+    refused = dp("finetune", built["class"], "--data", built["images"], "--steps", "1", "--caption-dropout", "0.2",
+                 "-o", tmp_path / "refused")  # fmt: skip
+    assert refused.exit_code == 2 and "--caption-dropout applies to text-conditional models" in refused.stderr
+
+
+def test_latent_cache_encodes_each_image_and_flip_once_across_runs(dp, built, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from dpcli.adapters.latent import hooks
+
+    encoded = []
+    encode = hooks.encode_images
+    monkeypatch.setattr(
+        hooks, "encode_images", lambda loaded, images: encoded.append(len(images)) or encode(loaded, images)
+    )
+    images = shutil.copytree(built["images"], tmp_path / "images")
+    cache = tmp_path / "latents"
+
+    def run(name, workers="0"):  # with workers, a batch decoded ahead may miss what the step before encodes
+        encoded.clear()
+        result = dp("finetune", built["class"], "--data", images, "--steps", "4", "--batch-size", "3", "--flip",
+                    "--cache-latents", cache, "--workers", workers, "-o", tmp_path / name)  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        return sum(encoded), load_file(tmp_path / name / "unet" / "raw.safetensors")
+
+    pairs = {
+        (i, f)
+        for b in expected_batches(images, 4, 3, flip=True)
+        for i, f in zip(b.ids, b.flipped, strict=True)
+    }
+    first, first_weights = run("first")
+    assert first == len(pairs) == len(list(cache.rglob("*.safetensors"))) < 12  # 12 samples, repeats hit
+    second, second_weights = run("second", workers="1")
+    assert second == 0
+    assert all(torch.equal(first_weights[k], v) for k, v in second_weights.items())
+    edited = images / "class0" / "img000.png"
+    make_image_folder(tmp_path / "other", count=1, size=20, seed=5)
+    shutil.copy(tmp_path / "other" / "class0" / "img000.png", edited)
+    third, _ = run("third")
+    assert third == len({f for i, f in pairs if i == "class0/img000.png"})  # only the edited image again
+    random_crops = dp("finetune", built["class"], "--data", images, "--steps", "1", "--cache-latents", cache,
+                      "--crop", "random", "-o", tmp_path / "bad")  # fmt: skip
+    assert random_crops.exit_code == 2 and "--crop random" in random_crops.stderr
+
+
+def test_latent_cache_is_refused_for_pixel_models(dp, tiny_unet_folder, image_folder, tmp_path):
+    result = dp("finetune", tiny_unet_folder, "--data", image_folder, "--steps", "1", "--cache-latents",
+                tmp_path / "cache", "-o", tmp_path / "out")  # fmt: skip
+    assert result.exit_code == 2 and "no latents to cache" in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 # Sampling hooks --------------------------------------------------------------------------------------

@@ -70,12 +70,17 @@ class LoadedModel:
 
 @dataclass
 class BatchContext:
-    """What ``ModelAdapter.prepare_batch`` may use besides the images: the chosen images' ``files`` (None for
-    built-in data), the data folder ``root`` and a text ``prompt`` (``--prompt``); all None when unknown."""
+    """What ``ModelAdapter.prepare_batch`` may use besides the images, all None when unknown: the rows'
+    ``captions`` and class ``labels`` (from the data source), a text ``prompt`` that replaces every caption
+    (``--prompt``), and ``latents`` already encoded (the latent cache; then ``images`` may be None).
+    ``files``/``root``: the rows' image files and data folder, for image-folder sources."""
 
     files: list[Path] | None = None
     root: Path | None = None
     prompt: str | None = None
+    captions: list[str] | None = None
+    labels: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
 
 
 class ModelAdapter:
@@ -134,13 +139,32 @@ class ModelAdapter:
         return loaded.in_channels
 
     def prepare_batch(self, loaded: LoadedModel, images, context: BatchContext):
-        """Turn images in [-1, 1] into ``(x0, conditioning)`` for the denoiser (latent models encode here).
+        """Turn images in [-1, 1] into ``(x0, conditioning)`` for the denoiser (latent models encode here,
+        unless ``context.latents`` holds them already; conditional models read ``context.captions`` /
+        ``context.labels``).
 
         Formerly ``prepare_calibration``. Raise BadInput for a ``context.prompt`` the model cannot take."""
         if context.prompt is not None:
             raise no_prompt(self.name)
         parameter = next(loaded.model.parameters())
         return images.to(parameter.device, parameter.dtype), None
+
+    def conditioning_kind(self, loaded: LoadedModel) -> str | None:
+        """What the model is conditioned on: ``"text"``, ``"class"``, or None (unconditional)."""
+        return None
+
+    def check_data(self, loaded: LoadedModel, source, prompt: str | None = None) -> None:
+        """Refuse, before any work, a data source (``dpcli.data.Source``) that cannot condition the model:
+        a class-conditional model needs a label for every example, a text model captions for all or none."""
+
+    def encode_images(self, loaded: LoadedModel, images):
+        """Images in [-1, 1] as the samples the denoiser works on. Pixel models: None (nothing to encode,
+        so nothing for ``--cache-latents`` to keep); latent models: the scaled autoencoder latents."""
+        return None
+
+    def autoencoder(self, loaded: LoadedModel):
+        """The module ``encode_images`` runs (its weights key the latent cache), or None."""
+        return None
 
     # Pruning --------------------------------------------------------------------------------------
     def ignored_layers(self, loaded: LoadedModel) -> list:

@@ -73,7 +73,26 @@ class LatentDiffusionAdapter(ModelAdapter):
     def prepare_batch(self, loaded: LoadedModel, images, context: BatchContext):
         from dpcli.adapters.latent.hooks import prepare_batch
 
-        return prepare_batch(loaded, images, files=context.files, root=context.root, prompt=context.prompt)
+        return prepare_batch(loaded, images, context)
+
+    def conditioning_kind(self, loaded: LoadedModel) -> str | None:
+        kind = loaded.extras.get("conditioning")
+        return {"text": "text", "class": "class", "class-context": "class"}.get(kind)
+
+    def check_data(self, loaded: LoadedModel, source, prompt: str | None = None) -> None:
+        from dpcli.adapters.latent.hooks import check_data
+
+        check_data(loaded, source, prompt)
+
+    def encode_images(self, loaded: LoadedModel, images):
+        from dpcli.adapters.latent.hooks import encode_images
+
+        return encode_images(loaded, images)
+
+    def autoencoder(self, loaded: LoadedModel):
+        from dpcli.adapters.latent.facts import require_autoencoder
+
+        return require_autoencoder(loaded)
 
     def ignored_layers(self, loaded: LoadedModel) -> list:
         return [loaded.model.conv_out]

@@ -8,11 +8,14 @@ import typer
 from dpcli.cli.options import (
     Adapter,
     BatchSize,
+    CaptionColumn,
     Config,
     Data,
     Device,
     Force,
+    ImageColumn,
     Json,
+    LabelColumn,
     LatencyBatch,
     ModelArgument,
     NoLatency,
@@ -25,6 +28,7 @@ from dpcli.cli.options import (
     Scheduler,
     Seed,
     Spacing,
+    Split,
 )
 
 Reference = Annotated[
@@ -59,6 +63,10 @@ def evaluate(
     seed: Seed = 0,
     batch_size: BatchSize = 64,
     data: Data = None,
+    split: Split = None,
+    image_column: ImageColumn = None,
+    caption_column: CaptionColumn = None,
+    label_column: LabelColumn = None,
     fid_stats: FidStatsFile = None,
     inception_weights: InceptionWeights = None,
     save_stats: SaveStats = None,
@@ -76,6 +84,7 @@ def evaluate(
 ) -> None:
     """Sample a model: latency, FID against --data, SSIM/PSNR to --reference from the same noise, a grid."""
     from dpcli.cli import render as out
+    from dpcli.cli.common import data_spec
     from dpcli.cli.render.eval import render_eval
     from dpcli.errors import BadInput
     from dpcli.io.files import AtomicFolder, prepare_output
@@ -101,7 +110,7 @@ def evaluate(
             precision=precision,
         ),
         latency=None if no_latency else LatencySettings(batch=latency_batch, repeats=repeats),
-        data=data,
+        data=data_spec(data, split, image_column, caption_column, label_column),
         fid_stats=fid_stats,
         inception_weights=inception_weights,
         save_stats=save_stats,

@@ -6,7 +6,22 @@ from typing import Annotated
 
 import typer
 
-from dpcli.cli.options import Adapter, BatchSize, Config, Data, Force, Json, ModelArgument, Output, Seed
+from dpcli.cli.options import (
+    Adapter,
+    BatchSize,
+    CaptionColumn,
+    Config,
+    Data,
+    Force,
+    ImageColumn,
+    Json,
+    LabelColumn,
+    ModelArgument,
+    Output,
+    Seed,
+    Split,
+    Workers,
+)
 
 Steps = Annotated[
     int,
@@ -54,6 +69,32 @@ Reinit = Annotated[
     bool,
     typer.Option("--reinit", help="Re-initialise all weights first: train the (pruned) shape from scratch."),
 ]
+Crop = Annotated[
+    str,
+    typer.Option("--crop", help="center, or random (a new square of each resized image at every step)."),
+]
+Flip = Annotated[
+    bool,
+    typer.Option(
+        "--flip/--no-flip",
+        help="Flip training images horizontally at random (half of them). Off by default; never for text "
+        "or digits.",
+    ),
+]
+CaptionDropout = Annotated[
+    float | None,
+    typer.Option(
+        "--caption-dropout",
+        help="Text models: train on the empty prompt this often, for classifier-free guidance (default 0.1).",
+    ),
+]
+CacheLatents = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-latents",
+        help="LDMs: keep each image's autoencoder latents in this folder and reuse them across steps and runs.",
+    ),
+]
 Preview = Annotated[
     int,
     typer.Option(
@@ -66,6 +107,15 @@ def finetune(
     model: ModelArgument,
     steps: Steps,
     data: Data = None,
+    split: Split = None,
+    image_column: ImageColumn = None,
+    caption_column: CaptionColumn = None,
+    label_column: LabelColumn = None,
+    crop: Crop = "center",
+    flip: Flip = False,
+    caption_dropout: CaptionDropout = None,
+    workers: Workers = None,
+    cache_latents: CacheLatents = None,
     output: Output = None,
     batch_size: BatchSize = 16,
     lr: LearningRate = 2e-4,
@@ -96,23 +146,23 @@ def finetune(
     `torchrun --nproc-per-node N -m dpcli finetune ...`. Ctrl-C writes a checkpoint, then stops.
     """
     from dpcli.cli import render as out
-    from dpcli.cli.common import default_output
+    from dpcli.cli.common import data_spec, default_output
     from dpcli.cli.render.finetune import render_finetune
     from dpcli.errors import BadInput
     from dpcli.io.files import prepare_output
     from dpcli.jobs.finetune.checkpoints import latest_checkpoint
     from dpcli.jobs.finetune.loop import finetune as train
-    from dpcli.jobs.finetune.loop import load_training_images, save_finetuned, validate
+    from dpcli.jobs.finetune.loop import open_training_data, save_finetuned, validate
     from dpcli.jobs.finetune.settings import FinetuneSettings
     from dpcli.loading import load_model
     from dpcli.runtime import start_distributed
 
     if not data:
-        raise BadInput("--data is required: an image folder or builtin:digits")
+        raise BadInput("--data is required: an image folder, a dataset, tar shards or builtin:digits")
     if distill_weight is None:
         distill_weight = 1.0 if teacher else 0.0
     settings = FinetuneSettings(
-        data=data,
+        data=data_spec(data, split, image_column, caption_column, label_column),
         steps=steps,
         batch_size=batch_size,
         grad_accum=grad_accum,
@@ -129,6 +179,11 @@ def finetune(
         reinit=reinit,
         checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints,
+        crop=crop,
+        flip=flip,
+        caption_dropout=caption_dropout,
+        workers=workers,
+        cache_latents=str(cache_latents) if cache_latents else None,
     )
     target = Path(output) if output else default_output(model, "finetuned")
     validate(settings, target, resume)
@@ -151,7 +206,7 @@ def finetune(
         with contextlib.nullcontext() if quiet else out.stderr.status("Loading model and data"):
             loaded = load_model(model, adapter=adapter, config=config)
             teacher_model = load_model(teacher) if teacher else None
-            images = load_training_images(loaded, data)
+            source = open_training_data(loaded, settings)
         with contextlib.nullcontext() if quiet else out.progress(extra=("stats",)) as bar:
             on_step = None
             if bar is not None:
@@ -165,7 +220,7 @@ def finetune(
 
             result = train(
                 loaded,
-                images,
+                source,
                 settings,
                 target,
                 teacher=teacher_model,

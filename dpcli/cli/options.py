@@ -32,7 +32,36 @@ Yes = Annotated[bool, typer.Option("--yes", "-y", help="Never prompt; fail if so
 Force = Annotated[bool, typer.Option("--force", help="Overwrite a non-empty output folder.")]
 Data = Annotated[
     str | None,
-    typer.Option("--data", help="Image folder (recursive; png/jpg/jpeg/webp/bmp) or builtin:digits."),
+    typer.Option(
+        "--data",
+        help="Images: a folder (recursive; png/jpg/jpeg/webp/bmp), a Hugging Face dataset (save_to_disk "
+        "folder, .parquet/.arrow files, hf:NAME from the local cache), tar shards (shards/{000..009}.tar) "
+        "or builtin:digits.",
+    ),
+]
+Split = Annotated[
+    str | None,
+    typer.Option("--split", help="Split of a Hugging Face dataset (default: train, or its only split)."),
+]
+ImageColumn = Annotated[
+    str | None,
+    typer.Option("--image-column", help="Image column of a Hugging Face dataset (default: guessed)."),
+]
+CaptionColumn = Annotated[
+    str | None,
+    typer.Option("--caption-column", help="Caption column of a Hugging Face dataset (default: guessed)."),
+]
+LabelColumn = Annotated[
+    str | None,
+    typer.Option("--label-column", help="Class-label column of a Hugging Face dataset (default: guessed)."),
+]
+Workers = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        min=0,
+        help="Processes decoding images (0: in the main process; default: half the cores).",
+    ),
 ]
 ModelArgument = Annotated[
     str,

@@ -9,6 +9,7 @@ from dpcli.cli.options import (
     Adapter,
     BatchSize,
     CalibSize,
+    CaptionColumn,
     Chunk,
     Config,
     Criterion,
@@ -16,7 +17,9 @@ from dpcli.cli.options import (
     Force,
     HeadRatio,
     Ignore,
+    ImageColumn,
     Json,
+    LabelColumn,
     ModelArgument,
     Output,
     Prompt,
@@ -24,10 +27,12 @@ from dpcli.cli.options import (
     RoundTo,
     Scheduler,
     Seed,
+    Split,
     TargetMacs,
     TargetParams,
     Threshold,
     Timesteps,
+    Workers,
     Yes,
 )
 
@@ -48,6 +53,11 @@ def prune(
     target_params: TargetParams = None,
     threshold: Threshold = None,
     data: Data = None,
+    split: Split = None,
+    image_column: ImageColumn = None,
+    caption_column: CaptionColumn = None,
+    label_column: LabelColumn = None,
+    workers: Workers = None,
     scores: ScoresFile = None,
     output: Output = None,
     ignore: Ignore = None,
@@ -74,6 +84,7 @@ def prune(
         ask_data,
         ask_target,
         confirm_plan,
+        data_spec,
         default_output,
         interactive,
         scan_progress,
@@ -104,7 +115,7 @@ def prune(
     if scores is None:
         score_settings = ScoreSettings(
             criterion=criterion,
-            data=data,
+            data=data_spec(data, split, image_column, caption_column, label_column),
             threshold=threshold,
             calib_size=calib_size,
             batch_size=batch_size,
@@ -113,6 +124,7 @@ def prune(
             seed=seed,
             options=options,
             prompt=prompt,
+            workers=workers,
         )
         score_settings.validate()
     else:

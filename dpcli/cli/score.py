@@ -6,13 +6,16 @@ from dpcli.cli.options import (
     Adapter,
     BatchSize,
     CalibSize,
+    CaptionColumn,
     Chunk,
     Config,
     Criterion,
     Data,
     HeadRatio,
     Ignore,
+    ImageColumn,
     Json,
+    LabelColumn,
     ModelArgument,
     Output,
     Plot,
@@ -20,8 +23,10 @@ from dpcli.cli.options import (
     RoundTo,
     Scheduler,
     Seed,
+    Split,
     Threshold,
     Timesteps,
+    Workers,
 )
 
 
@@ -29,6 +34,11 @@ def score(
     model: ModelArgument,
     criterion: Criterion = "diff-taylor",
     data: Data = None,
+    split: Split = None,
+    image_column: ImageColumn = None,
+    caption_column: CaptionColumn = None,
+    label_column: LabelColumn = None,
+    workers: Workers = None,
     threshold: Threshold = None,
     batch_size: BatchSize = 256,
     calib_size: CalibSize = 32,
@@ -48,7 +58,7 @@ def score(
 ) -> None:
     """Compute channel importance (and the per-timestep loss curve with its cutoff); save it for dp prune."""
     from dpcli.cli import render as out
-    from dpcli.cli.common import scan_progress
+    from dpcli.cli.common import data_spec, scan_progress
     from dpcli.cli.render.score import render_score
     from dpcli.jobs.score import ScoreSettings, score_model
     from dpcli.loading import load_model
@@ -62,7 +72,7 @@ def score(
         raise BadInput(out_error)
     settings = ScoreSettings(
         criterion=criterion,
-        data=data,
+        data=data_spec(data, split, image_column, caption_column, label_column),
         threshold=threshold,
         calib_size=calib_size,
         batch_size=batch_size,
@@ -70,6 +80,7 @@ def score(
         timesteps=timesteps,
         seed=seed,
         prompt=prompt,
+        workers=workers,
         options=PruneOptions(ignore=list(ignore or []), round_to=round_to, head_ratio=head_ratio),
     )
     settings.validate()  # before the model is loaded

@@ -17,6 +17,7 @@ import torch
 
 from dpcli import __version__
 from dpcli.adapters.base import LoadedModel
+from dpcli.data import DataSpec, Source, open_source
 from dpcli.errors import BadInput, BadSetting
 from dpcli.io.files import read_json
 from dpcli.metrics import (
@@ -151,18 +152,19 @@ class FidPlan:
     """What FID compares against, decided (and validated) before any sampling."""
 
     extractor: str
-    data: str | None = None
+    data: DataSpec | str | None = None
     stats: FidStats | None = None
     inception_weights: Path | None = None
     save_stats: Path | None = None
+    source: Source | None = None  # ``data``, opened (listed or indexed) when the plan was made
 
     @property
     def reference(self) -> str:
-        return self.data if self.data is not None else f"statistics {self.stats.source}"
+        return str(self.data) if self.data is not None else f"statistics {self.stats.source}"
 
 
 def plan_fid(
-    data: str | None,
+    data: DataSpec | str | None,
     fid_stats: Path | None,
     inception_weights: Path | None,
     save_stats_to: Path | None,
@@ -197,29 +199,13 @@ def plan_fid(
             )
         extractor = stats.extractor
     else:
-        check_data(data)
-        extractor = DIGITS if data == "builtin:digits" else INCEPTION
+        source = open_source(data)  # fails before sampling, not after, when --data cannot serve images
+        extractor = DIGITS if str(data) == "builtin:digits" else INCEPTION
     weights = find_inception_weights(inception_weights)
     if extractor == INCEPTION and weights is None:
         raise BadInput(missing_inception_message())
-    return FidPlan(extractor, data, stats, weights if extractor == INCEPTION else None, save_stats_to)
-
-
-def check_data(data: str) -> None:
-    """Fail before sampling, not after, when --data cannot serve images."""
-    from dpcli.data import BUILTIN_DATASETS, IMAGE_SUFFIXES, list_images
-
-    if data.startswith("builtin:"):
-        if data.split(":", 1)[1] not in BUILTIN_DATASETS:
-            raise BadInput(
-                f"unknown built-in dataset {data!r} (available: builtin:{', builtin:'.join(BUILTIN_DATASETS)})"
-            )
-        return
-    path = Path(data).expanduser()
-    if not path.exists():
-        raise BadInput(f"data not found: {data}")
-    if path.is_dir() and not list_images(path):
-        raise BadInput(f"no images in {data} (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
+    inception = weights if extractor == INCEPTION else None
+    return FidPlan(extractor, data, stats, inception, save_stats_to, source if fid_stats is None else None)
 
 
 def compute_fid(
@@ -231,7 +217,7 @@ def compute_fid(
 ) -> tuple[float, dict]:
     """FID of ``samples`` against the plan's data or statistics (features computed on ``device``);
     also writes --save-stats."""
-    from dpcli.data import load_images
+    from dpcli.data import ImageTransform, example_batches
 
     fid = FidComputer(plan.extractor, plan.inception_weights, device=device)
     if plan.stats is not None:
@@ -239,16 +225,17 @@ def compute_fid(
         reference_count = plan.stats.count
     else:
         adapter = loaded.adapter_object
-        data = data_as_uint8(
-            load_images(plan.data, size=adapter.data_size(loaded), channels=adapter.data_channels(loaded))
-        )
-        if len(data) < 2:
-            raise BadInput(f"FID needs at least 2 reference images; {plan.data} has {len(data)}")
-        with progress("FID features (data)", len(data)) as advance:
-            fid.update(data, real=True, on_batch=advance)
-        reference_count = len(data)
+        source = plan.source if plan.source is not None else open_source(plan.data)
+        if len(source) < 2:
+            raise BadInput(f"FID needs at least 2 reference images; {plan.data} has {len(source)}")
+        # center-cropped at the model's resolution, never flipped; streamed, so any size of data fits
+        transform = ImageTransform(adapter.data_size(loaded), adapter.data_channels(loaded))
+        with progress("FID features (data)", len(source)) as advance:
+            for batch in example_batches(source, transform):
+                fid.update(data_as_uint8(batch.pixels), real=True, on_batch=advance)
+        reference_count = len(source)
         if plan.save_stats is not None:
-            save_stats(fid.real_stats(plan.data), plan.save_stats, data=plan.data)
+            save_stats(fid.real_stats(str(plan.data)), plan.save_stats, data=str(plan.data))
     with progress("FID features (samples)", len(samples.images)) as advance:
         fid.update(samples.images, real=False, on_batch=advance)
     value = fid.compute()
@@ -284,7 +271,7 @@ class EvalSettings:
     num_samples: int = 256
     sampling: SamplerSettings = field(default_factory=SamplerSettings)
     latency: LatencySettings | None = field(default_factory=LatencySettings)
-    data: str | None = None
+    data: DataSpec | str | None = None
     fid_stats: Path | None = None
     inception_weights: Path | None = None
     save_stats: Path | None = None

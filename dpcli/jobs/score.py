@@ -12,6 +12,7 @@ import torch
 
 from dpcli import __version__
 from dpcli.adapters.base import LoadedModel
+from dpcli.data.base import DataSpec
 from dpcli.errors import BadInput, BadSetting
 from dpcli.io.files import atomic_write
 from dpcli.io.model_format import model_signature
@@ -27,7 +28,7 @@ class ScoreSettings:
     """Everything that decides the scores (recorded with them)."""
 
     criterion: str
-    data: str | None = None
+    data: DataSpec | str | None = None
     threshold: float | None = None
     calib_size: int = 32
     batch_size: int = 256
@@ -36,6 +37,7 @@ class ScoreSettings:
     seed: int = 0
     options: PruneOptions = field(default_factory=PruneOptions)
     prompt: str | None = None
+    workers: int | None = None  # DataLoader workers decoding the calibration images (None: the default)
 
     def validate(self) -> None:
         """Fail before the model is loaded: an unknown criterion, a scan threshold outside [0, 1]."""
@@ -101,7 +103,13 @@ def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=Non
                 name=criterion.name,
             )
         x0, conditioning = calibration_batch(
-            loaded, adapter, settings.data, settings.calib_size, settings.seed, prompt=settings.prompt
+            loaded,
+            adapter,
+            settings.data,
+            settings.calib_size,
+            settings.seed,
+            prompt=settings.prompt,
+            workers=settings.workers,
         )
         noise = calibration_noise(x0, settings.seed)
         chunk = settings.chunk or default_chunk(x0.shape[0], settings.batch_size)
@@ -123,7 +131,7 @@ def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=Non
     recorded = {
         "criterion": criterion.name,
         "threshold": threshold if criterion.uses_threshold else None,
-        "data": settings.data if criterion.needs_data else None,
+        "data": str(settings.data) if criterion.needs_data and settings.data else None,
         "calib_size": settings.calib_size if criterion.needs_data else None,
         "seed": settings.seed,
         "timesteps": scan.timesteps if scan else None,

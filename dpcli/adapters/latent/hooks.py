@@ -145,26 +145,41 @@ def _refuse_missing(loaded: LoadedModel) -> None:
         )
 
 
-def prepare_batch(loaded: LoadedModel, images, files=None, root=None, prompt=None):
-    """Encode calibration images once; conditioning from --prompt, captions or class sub-folders."""
-    from dpcli import conditioning
-
+def prepare_batch(loaded: LoadedModel, images, context):
+    """Encode the images (unless ``context.latents`` holds them); conditioning from ``context.prompt``,
+    the rows' captions or their class labels."""
     _refuse_missing(loaded)
     kind = loaded.extras["conditioning"]
+    prompt = context.prompt
     if prompt is not None and kind != "text":
         raise BadSetting(
             "prompt", "{prompt} applies to text-conditional models; {source} is not one", source=loaded.source
         )
-    latents = encode_images(loaded, images)
+    latents = context.latents if context.latents is not None else encode_images(loaded, images)
+    count = latents.shape[0]
     labels = prompts = None
     if kind == "text":
-        prompts = (
-            [prompt] * len(images) if prompt is not None else conditioning.captions(files, root, len(images))
-        )
+        prompts = [prompt] * count if prompt is not None else (context.captions or [""] * count)
     elif kind in ("class", "class-context"):
-        labels = conditioning.class_labels(files, root, loaded.extras["num_classes"])
+        if context.labels is None:
+            raise BadSetting(
+                "data",
+                "class-conditional models need class labels: give {data} a folder with one sub-folder per "
+                "class, a dataset with a label column, or shards with .cls members",
+            )
+        labels = context.labels
     parameter = next(loaded.model.parameters())
     return latents.to(parameter.device, parameter.dtype), _conditioning_for(loaded, labels, prompts)
+
+
+def check_data(loaded: LoadedModel, source, prompt=None) -> None:
+    """Class models need a label in range for every example; text models captions for all or none."""
+    _refuse_missing(loaded)
+    kind = loaded.extras["conditioning"]
+    if kind in ("class", "class-context"):
+        source.check_labels(int(loaded.extras["num_classes"]))
+    elif kind == "text" and prompt is None:
+        source.check_captions()
 
 
 def sampling_conditioning(

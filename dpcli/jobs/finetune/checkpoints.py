@@ -42,6 +42,9 @@ _RESUME_KEYS = (
     "teacher",
     "distill_weight",
     "reinit",
+    "crop",
+    "flip",
+    "caption_dropout",
 )
 _CHECKPOINT_NAME = "step-{:08d}"
 

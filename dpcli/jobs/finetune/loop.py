@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
 import shutil
@@ -34,6 +33,8 @@ from pathlib import Path
 import torch
 
 from dpcli.adapters.base import BatchContext, LoadedModel
+from dpcli.data import ImageTransform, training_batches
+from dpcli.data.loader import mixed_seed
 from dpcli.errors import BadInput, BadSetting, DpError
 from dpcli.io.files import AtomicFolder
 from dpcli.jobs.finetune.checkpoints import (
@@ -47,44 +48,18 @@ from dpcli.jobs.finetune.checkpoints import (
     save_checkpoint,
     weights_fingerprint,
 )
-from dpcli.jobs.finetune.settings import FinetuneSettings
+from dpcli.jobs.finetune.settings import DEFAULT_CAPTION_DROPOUT, FinetuneSettings
 from dpcli.runtime import Distributed
 
 _SUMMARY_WINDOW = 100
 
 
-# Data order and noise ---------------------------------------------------------------------------
-
-
-def _mixed_seed(seed: int, stream: str, index: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{stream}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-class DataOrder:
-    """Sample positions 0, 1, 2, ... mapped to image indices through one seeded permutation per epoch."""
-
-    def __init__(self, count: int, seed: int):
-        self.count = count
-        self.seed = seed
-        self._permutations: dict[int, torch.Tensor] = {}
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._permutations:
-            if len(self._permutations) > 2:
-                self._permutations.pop(min(self._permutations))
-            generator = torch.Generator().manual_seed(_mixed_seed(self.seed, "data", epoch))
-            self._permutations[epoch] = torch.randperm(self.count, generator=generator)
-        return self._permutations[epoch]
-
-    def indices(self, start: int, length: int) -> torch.Tensor:
-        positions = range(start, start + length)
-        return torch.stack([self.permutation(p // self.count)[p % self.count] for p in positions])
+# Noise -----------------------------------------------------------------------------------------
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """The generator for the noise and timesteps of optimizer step ``step``."""
-    return torch.Generator(device=device).manual_seed(_mixed_seed(seed, "noise", step))
+    return torch.Generator(device=device).manual_seed(mixed_seed(seed, "noise", step))
 
 
 # Model helpers ----------------------------------------------------------------------------------
@@ -97,11 +72,28 @@ def reinitialise(model: torch.nn.Module, seed: int) -> None:
     Reinit().finalize(model, seed)
 
 
-def load_training_images(loaded: LoadedModel, data: str) -> torch.Tensor:
-    from dpcli.data import load_images
+def open_training_data(loaded: LoadedModel, settings: FinetuneSettings):
+    """The source ``settings.data`` names, opened and checked against the model (labels for class models,
+    captions for all or none for text models) before anything is trained or written."""
+    from dpcli.data import open_source
 
-    adapter = loaded.adapter_object
-    return load_images(data, size=adapter.data_size(loaded), channels=adapter.data_channels(loaded))
+    source = open_source(settings.data)
+    loaded.adapter_object.check_data(loaded, source)
+    return source
+
+
+def caption_dropout(loaded: LoadedModel, settings: FinetuneSettings) -> float:
+    """The caption dropout of this run: as set, or the default for text models; refused for other models."""
+    text = loaded.adapter_object.conditioning_kind(loaded) == "text"
+    if settings.caption_dropout is None:
+        return DEFAULT_CAPTION_DROPOUT if text else 0.0
+    if settings.caption_dropout > 0 and not text:
+        raise BadSetting(
+            "caption_dropout",
+            "{caption_dropout} applies to text-conditional models; {model} is not one",
+            model=loaded.source,
+        )
+    return settings.caption_dropout
 
 
 def check_teacher(student: LoadedModel, teacher: LoadedModel) -> None:
@@ -123,6 +115,37 @@ def check_teacher(student: LoadedModel, teacher: LoadedModel) -> None:
             f"the teacher {teacher.source} predicts shape {tuple(got.shape)}, the student "
             f"{tuple(expected.shape)}: distillation needs the same output shape"
         )
+
+
+def prepare_training_batch(loaded: LoadedModel, batch, cache=None):
+    """``(x0, conditioning)`` of a training batch: the adapter encodes the pixels (or takes the latents
+    the cache completed) and conditions on the batch's captions and labels."""
+    adapter = loaded.adapter_object
+    latents = cache.complete(batch, lambda pixels: adapter.encode_images(loaded, pixels)) if cache else None
+    context = BatchContext(captions=batch.captions, labels=batch.labels, latents=latents)
+    return adapter.prepare_batch(loaded, batch.pixels if latents is None else None, context)
+
+
+def open_latent_cache(loaded: LoadedModel, settings: FinetuneSettings):
+    """The ``--cache-latents`` folder for this model's autoencoder and this run's transform."""
+    from dpcli.data.latent_cache import LatentCache
+
+    adapter = loaded.adapter_object
+    autoencoder = adapter.autoencoder(loaded)
+    if autoencoder is None:
+        raise BadSetting(
+            "cache_latents",
+            "{cache_latents}: {model} works on pixels, there are no latents to cache",
+            model=loaded.source,
+        )
+    if settings.crop == "random":
+        raise BadSetting(
+            "cache_latents",
+            "{cache_latents} keeps one latent per image and flip; with {crop} random every step crops anew "
+            "(use {crop} center)",
+        )
+    transform = ImageTransform(adapter.data_size(loaded), adapter.data_channels(loaded), crop=settings.crop)
+    return LatentCache(Path(settings.cache_latents), weights_fingerprint(autoencoder), transform.key())
 
 
 # Optimizer, schedule, EMA -----------------------------------------------------------------------
@@ -207,7 +230,7 @@ def validate(settings: FinetuneSettings, output: Path, resume: bool = False) -> 
 
 def finetune(
     loaded: LoadedModel,
-    images: torch.Tensor,
+    source,
     settings: FinetuneSettings,
     output: Path,
     teacher: LoadedModel | None = None,
@@ -215,7 +238,8 @@ def finetune(
     dist: Distributed | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
 ) -> FinetuneResult:
-    """Train ``loaded.model`` in place on ``images`` (in [-1, 1]); checkpoints go to OUT/checkpoints.
+    """Train ``loaded.model`` in place on ``source`` (a ``dpcli.data.Source``; None: open
+    ``settings.data``), read through the streaming data layer; checkpoints go to OUT/checkpoints.
 
     Returns the report, the EMA model and the loss history; raises
     :class:`Interrupted` after writing a checkpoint when stopped with Ctrl-C or SIGTERM.
@@ -230,14 +254,17 @@ def finetune(
     device = dist.device
     if settings.precision == "fp16" and device.type != "cuda":
         raise BadSetting("precision", "{precision} fp16 needs a CUDA GPU (use bf16 or fp32 on the CPU)")
+    source = open_training_data(loaded, settings) if source is None else source
+    dropout = caption_dropout(loaded, settings)
     global_batch = settings.batch_size * dist.world_size * settings.grad_accum
-    if global_batch > len(images):
+    if global_batch > len(source):
         raise BadInput(
             f"the global batch ({settings.batch_size} × {dist.world_size} process(es) × "
             f"{settings.grad_accum} accumulation step(s) = {global_batch}) is larger than the data "
-            f"({len(images)} images in {settings.data})"
+            f"({len(source)} images in {settings.data})"
         )
     adapter = loaded.adapter_object
+    cache = open_latent_cache(loaded, settings) if settings.cache_latents else None
     model = loaded.model
     if settings.reinit:
         reinitialise(model, settings.seed)
@@ -245,7 +272,11 @@ def finetune(
         "model": loaded.source,
         "model_signature": model_signature(model),
         "model_fingerprint": weights_fingerprint(model),
-        "settings": {**dataclasses.asdict(settings), "global_batch": global_batch},
+        "settings": {
+            **dataclasses.asdict(settings),
+            "caption_dropout": dropout,
+            "global_batch": global_batch,
+        },
     }
     output = Path(output)
     checkpoint = None
@@ -278,7 +309,24 @@ def finetune(
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     training_view = dataclasses.replace(loaded, model=trained)
     teacher_adapter = teacher.adapter_object if teacher is not None else None
-    order = DataOrder(len(images), settings.seed)
+    transform = ImageTransform(
+        adapter.data_size(loaded), adapter.data_channels(loaded), crop=settings.crop, flip=settings.flip
+    )
+    batches = training_batches(
+        source,
+        transform,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        grad_accum=settings.grad_accum,
+        world_size=dist.world_size,
+        rank=dist.rank,
+        start_step=train.step,
+        steps=settings.steps,
+        workers=settings.workers,
+        caption_dropout=dropout,
+        pin_memory=device.type == "cuda",
+        cache=cache,
+    )
     noise_shape = tuple(adapter.noise_shape(loaded))
     num_timesteps = int(loaded.scheduler.config.num_train_timesteps)
     batch = settings.batch_size
@@ -292,7 +340,6 @@ def finetune(
     with _StopRequest() as stop:
         for step in range(start_step, settings.steps):
             step_started = time.perf_counter()
-            indices = order.indices(step * global_batch, global_batch)
             generator = step_generator(settings.seed, step, device)
             timesteps = torch.randint(0, num_timesteps, (global_batch,), generator=generator, device=device)
             noise = torch.randn((global_batch, *noise_shape), generator=generator, device=device)
@@ -301,7 +348,7 @@ def finetune(
             for micro in range(settings.grad_accum):
                 first = (micro * dist.world_size + dist.rank) * batch
                 rows = slice(first, first + batch)
-                x0, conditioning = adapter.prepare_batch(loaded, images[indices[rows]], BatchContext())
+                x0, conditioning = prepare_training_batch(loaded, next(batches), cache)
                 if tuple(x0.shape[1:]) != noise_shape:
                     raise DpError(
                         f"the adapter prepared samples of shape {tuple(x0.shape[1:])}, expected {noise_shape}"
@@ -377,7 +424,9 @@ def finetune(
         )
     model.eval()
     return FinetuneResult(
-        report=_report(settings, train, start_step, time.perf_counter() - run_started, dist, teacher),
+        report=_report(
+            settings, train, start_step, time.perf_counter() - run_started, dist, teacher, dropout
+        ),
         ema_model=ema.module,
         losses=train.losses,
         lrs=train.lrs,
@@ -413,6 +462,9 @@ class FinetuneReport:
     teacher: str | None
     distill_weight: float | None
     reinit: bool
+    crop: str
+    flip: bool
+    caption_dropout: float
     initial_loss: float | None
     final_loss: float | None
     loss_window: int
@@ -442,7 +494,7 @@ class FinetuneResult:
 
 
 def _report(
-    settings, train: TrainState, start_step: int, run_seconds: float, dist, teacher
+    settings, train: TrainState, start_step: int, run_seconds: float, dist, teacher, caption_dropout: float
 ) -> FinetuneReport:
     window = summary_window(len(train.losses))
     ran = train.step - start_step
@@ -462,10 +514,13 @@ def _report(
         precision=settings.precision,
         device=str(dist.device),
         seed=settings.seed,
-        data=settings.data,
+        data=str(settings.data),
         teacher=teacher.source if teacher is not None else None,
         distill_weight=settings.distill_weight if teacher is not None else None,
         reinit=settings.reinit,
+        crop=settings.crop,
+        flip=settings.flip,
+        caption_dropout=caption_dropout,
         initial_loss=sum(train.losses[:window]) / window if train.losses else None,
         final_loss=sum(train.losses[-window:]) / window if train.losses else None,
         loss_window=window,
@@ -494,6 +549,9 @@ def history_entry(report: FinetuneReport) -> dict:
         "teacher",
         "distill_weight",
         "reinit",
+        "crop",
+        "flip",
+        "caption_dropout",
         "initial_loss",
         "final_loss",
         "seconds",

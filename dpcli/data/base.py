@@ -1,0 +1,101 @@
+"""What every data source yields (``Example``), what it must offer (``Source``) and how ``--data`` is named
+(``DataSpec``). Kept free of torch: opening a source costs a file listing or an index, never pixels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from dpcli.errors import BadInput
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What ``--data`` and its companion options name: a source, and how to read it.
+
+    ``source``: an image folder, a Hugging Face dataset (a ``save_to_disk`` folder, ``.parquet``/``.arrow``
+    files, or ``hf:NAME`` from the local cache), tar shards (``shards/{000..099}.tar``) or ``builtin:digits``.
+    ``split`` picks a split of a dataset with several; the ``*_column`` names override the guessed columns.
+    """
+
+    source: str
+    split: str | None = None
+    image_column: str | None = None
+    caption_column: str | None = None
+    label_column: str | None = None
+
+    def __str__(self) -> str:
+        return self.source
+
+
+@dataclass
+class Example:
+    """One training or calibration example, before any transform.
+
+    ``image``: a PIL image, or a float tensor [C, H, W] in [0, 1] (built-in data). ``caption``/``label`` are
+    None when the source has none. ``id`` is stable across runs and machines (a relative path, a row number,
+    a shard member); ``version`` changes when the example's bytes may have changed (file size and mtime).
+    """
+
+    image: Any
+    caption: str | None
+    label: int | None
+    id: str
+    version: str = ""
+
+
+class Source:
+    """A data set with random access: ``len(source)``, ``source.example(i)``. Subclasses are picklable
+    (DataLoader workers receive a copy) and hold an index, never decoded images."""
+
+    kind: str = ""
+    spec: str = ""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def example(self, index: int) -> Example:
+        """Read and decode example ``index``; an unreadable one is a BadInput naming it."""
+        raise NotImplementedError
+
+    def identity(self, index: int) -> tuple[str, str]:
+        """``(id, version)`` of example ``index`` without decoding it (the latent cache's key)."""
+        raise NotImplementedError
+
+    def caption(self, index: int) -> str | None:
+        """The caption of example ``index`` (sources override this to skip decoding the image)."""
+        return self.example(index).caption
+
+    def label(self, index: int) -> int | None:
+        """The class label of example ``index`` (sources override this to skip decoding the image)."""
+        return self.example(index).label
+
+    @property
+    def has_captions(self) -> bool:
+        return False
+
+    def check_captions(self) -> None:
+        """Either every example has a caption or none has (text models train on one or the other)."""
+
+    @property
+    def has_labels(self) -> bool:
+        return False
+
+    def check_labels(self, num_classes: int) -> None:
+        """Every example has a class label in ``0..num_classes-1``; else a BadInput naming the first that
+        does not (class-conditional models need labels)."""
+        raise BadInput(
+            f"{self.spec} has no class labels, but the model is class-conditional: use a folder with one "
+            "sub-folder per class, a dataset with a label column, or shards with .cls members"
+        )
+
+    def describe(self) -> str:
+        """One line for logs: what the source is and how many examples it holds."""
+        return f"{self.kind} {self.spec}: {len(self):,} examples"
+
+
+def label_out_of_range(label: int, num_classes: int, where: str) -> BadInput:
+    return BadInput(
+        f"class label {label} ({where}) is out of range: the model has {num_classes} classes "
+        f"(0..{num_classes - 1})"
+    )

@@ -1,0 +1,210 @@
+"""Image folders: every image below a folder (recursive, sorted by path), with captions and class labels.
+
+Class labels: ``DATA/<class>/image.png``. Sub-folders named by numbers are those class indices; otherwise
+the class index is the position of the name among the sorted sub-folders of ``DATA`` (torchvision's
+ImageFolder convention, which gives ImageNet's indices for its wnid folders).
+
+Captions, per image, first found wins: a sidecar ``image.txt``; an entry in ``metadata.jsonl``
+(``{"file_name": "image.png", "text": "..."}``, the Hugging Face ImageFolder format; ``caption`` or
+``prompt`` also accepted) or ``captions.txt`` (``image.png<TAB>caption`` per line) in the image's folder
+or any folder above it up to ``DATA``, with ``file_name`` relative to the folder holding the file.
+
+Opening a folder lists it once and reads the caption tables; images and sidecar captions are read when an
+example is asked for. Memory is one relative path (and table caption) per image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from dpcli.data.base import Example, Source, label_out_of_range
+from dpcli.errors import BadInput, BadSetting
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_KEYS = ("text", "caption", "prompt")
+_SIDECAR = object()  # marks "the caption is in image.txt", read with the image
+
+
+def list_images(folder: Path) -> list[Path]:
+    """All image files below ``folder`` (recursive), in a stable sorted order."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_image(file, what: str):
+    """Decode an image file (a path or a binary file object) with PIL; a BadInput naming ``what`` if it is
+    unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as image:
+            image.load()
+            return image
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise BadInput(f"unreadable image {what}: {str(exc).splitlines()[0]}") from None
+
+
+class ImageFolderSource(Source):
+    """The images below ``root`` (or one image file), their captions and class sub-folders."""
+
+    kind = "folder"
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise BadInput(f"data not found: {spec}")
+        if path.is_dir():
+            self.root = path
+            files, sidecars = _walk(path)
+        else:
+            self.root = path.parent
+            files = [path.name] if path.suffix.lower() in IMAGE_SUFFIXES else []
+            sidecars = {path.with_suffix(".txt").name} if path.with_suffix(".txt").is_file() else set()
+        if not files:
+            raise BadInput(f"no images in {spec} (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
+        self.files = files  # relative POSIX paths, sorted
+        self._captions = _find_captions(self.root, files, sidecars)
+        self._classes = sorted(entry.name for entry in self.root.iterdir() if entry.is_dir())
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def path(self, index: int) -> Path:
+        return self.root / self.files[index]
+
+    def identity(self, index: int) -> tuple[str, str]:
+        stat = self.path(index).stat()
+        return self.files[index], f"{stat.st_size}-{stat.st_mtime_ns}"
+
+    def example(self, index: int) -> Example:
+        path = self.path(index)
+        image = read_image(path, str(path))
+        identity, version = self.identity(index)
+        return Example(image, self.caption(index), self.label(index), identity, version)
+
+    def caption(self, index: int) -> str | None:
+        caption = self._captions[index]
+        if caption is _SIDECAR:
+            return self.path(index).with_suffix(".txt").read_text(encoding="utf-8").strip()
+        return caption
+
+    @property
+    def has_captions(self) -> bool:
+        return any(caption is not None for caption in self._captions)
+
+    def check_captions(self) -> None:
+        """Either every image has a caption or none has; a BadSetting naming the first uncaptioned image."""
+        if not self.has_captions:
+            return
+        missing = next((i for i, caption in enumerate(self._captions) if caption is None), None)
+        if missing is not None:
+            raise BadSetting(
+                "prompt",
+                "no caption for {file} although other images have one (sidecar .txt, metadata.jsonl or "
+                "captions.txt); caption every image or pass {prompt}",
+                file=self.path(missing),
+            )
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self._classes) and all("/" in name for name in self.files)
+
+    def label(self, index: int) -> int | None:
+        folder, slash, _ = self.files[index].partition("/")
+        if not slash:
+            return None
+        return int(folder) if self._numeric_classes else self._classes.index(folder)
+
+    @property
+    def _numeric_classes(self) -> bool:
+        return all(name.isdigit() for name in self._classes)
+
+    def check_labels(self, num_classes: int) -> None:
+        outside = next((name for name in self.files if "/" not in name), None)
+        if outside is not None or not self._classes:
+            raise BadSetting(
+                "data",
+                "{where} is not in a class sub-folder of {root}: class-conditional models need {data} to be "
+                "a folder with one sub-folder per class (named by class index, or sorted names as in "
+                "torchvision's ImageFolder)",
+                where=self.root / outside if outside else self.root,
+                root=self.root,
+            )
+        used = sorted({name.partition("/")[0] for name in self.files})
+        labels = [int(name) if self._numeric_classes else self._classes.index(name) for name in used]
+        for name, label in zip(used, labels, strict=True):
+            if not 0 <= label < num_classes:
+                raise label_out_of_range(label, num_classes, f"sub-folder {self.root / name}")
+
+    def describe(self) -> str:
+        return f"image folder {self.spec}: {len(self):,} images"
+
+
+def _walk(root: Path) -> tuple[list[str], set[str]]:
+    """Image files (relative, sorted) and the .txt files below ``root``, in one walk."""
+    images, texts = [], set()
+    for folder, _, names in os.walk(root, followlinks=True):
+        relative = Path(folder).relative_to(root).as_posix()
+        prefix = "" if relative == "." else relative + "/"
+        for name in names:
+            suffix = os.path.splitext(name)[1].lower()
+            if suffix in IMAGE_SUFFIXES:
+                images.append(prefix + name)
+            elif suffix == ".txt":
+                texts.add(prefix + name)
+    return sorted(images), texts
+
+
+def _find_captions(root: Path, files: list[str], sidecars: set[str]) -> list:
+    """Per image: _SIDECAR, the caption from a table, or None."""
+    tables: dict[str, dict[str, str]] = {}
+    found = []
+    for name in files:
+        stem = os.path.splitext(name)[0]
+        if stem + ".txt" in sidecars:
+            found.append(_SIDECAR)
+            continue
+        caption = None
+        folder = name.rpartition("/")[0]
+        while True:
+            if folder not in tables:
+                tables[folder] = _caption_table(root / folder)
+            key = name[len(folder) + 1 :] if folder else name
+            if key in tables[folder]:
+                caption = tables[folder][key]
+                break
+            if not folder:
+                break
+            folder = folder.rpartition("/")[0]
+        found.append(caption)
+    return found
+
+
+def _caption_table(folder: Path) -> dict[str, str]:
+    table: dict[str, str] = {}
+    metadata = folder / "metadata.jsonl"
+    if metadata.is_file():
+        for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                raise BadInput(f"{metadata}:{number}: not valid JSON") from None
+            name = entry.get("file_name") if isinstance(entry, dict) else None
+            text = next((entry[key] for key in CAPTION_KEYS if key in entry), None) if name else None
+            if not isinstance(name, str) or not isinstance(text, str):
+                raise BadInput(f'{metadata}:{number}: expected {{"file_name": ..., "text": ...}}')
+            table[Path(name).as_posix()] = text.strip()
+    listing = folder / "captions.txt"
+    if listing.is_file():
+        for number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            name, tab, text = line.partition("\t")
+            if not tab:
+                raise BadInput(f"{listing}:{number}: expected FILE<TAB>CAPTION")
+            table[Path(name.strip()).as_posix()] = text.strip()
+    return table
