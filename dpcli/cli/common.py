@@ -91,3 +91,14 @@ def confirm_plan(loaded, criterion: str, settings, params: int, macs: int, outpu
     )
     if not typer.confirm("Go on?", default=True, err=True):
         raise typer.Exit(1)
+
+
+def lock_output(target: Path) -> None:
+    """Hold the output lock of ``target`` until the command ends (``dpcli.io.files.output_lock``): a
+    second dp writing the same output stops with exit code 2, even with --force."""
+    import click
+
+    from dpcli.cli import render as output
+    from dpcli.io.files import output_lock
+
+    click.get_current_context().with_resource(output_lock(target, on_note=output.warn))

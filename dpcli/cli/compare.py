@@ -57,6 +57,7 @@ def compare(
 ) -> None:
     """Models side by side: size, MACs, latency, speedup, per-block widths, SSIM/PSNR to the first, a grid."""
     from dpcli.cli import render as out
+    from dpcli.cli.common import lock_output
     from dpcli.cli.render.compare import render_compare
     from dpcli.io.files import AtomicFolder, prepare_output
     from dpcli.jobs.compare import CompareSettings, write_compare_output
@@ -66,6 +67,7 @@ def compare(
     from dpcli.sampling import SamplerSettings
 
     if output is not None:
+        lock_output(output)
         prepare_output(output, force)
     explicit = any(value is not None for value in (steps, spacing, sampler, seed))
     settings = CompareSettings(

@@ -76,6 +76,7 @@ def evaluate(
 ) -> None:
     """Sample a model: latency, FID against --data, SSIM/PSNR to --reference from the same noise, a grid."""
     from dpcli.cli import render as out
+    from dpcli.cli.common import lock_output
     from dpcli.cli.render.eval import render_eval
     from dpcli.errors import BadInput
     from dpcli.io.files import AtomicFolder, prepare_output
@@ -85,7 +86,10 @@ def evaluate(
     from dpcli.sampling import SamplerSettings
 
     if output is not None:
+        lock_output(output)
         prepare_output(output, force)
+    if save_stats is not None:
+        lock_output(save_stats)
     if save_stats is not None and save_stats.exists() and not force:
         raise BadInput(f"--save-stats {save_stats} exists (use --force to replace it)")
     settings = EvalSettings(

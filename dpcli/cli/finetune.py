@@ -96,7 +96,7 @@ def finetune(
     `torchrun --nproc-per-node N -m dpcli finetune ...`. Ctrl-C writes a checkpoint, then stops.
     """
     from dpcli.cli import render as out
-    from dpcli.cli.common import default_output
+    from dpcli.cli.common import default_output, lock_output
     from dpcli.cli.render.finetune import render_finetune
     from dpcli.errors import BadInput
     from dpcli.io.files import prepare_output
@@ -131,6 +131,7 @@ def finetune(
         keep_checkpoints=keep_checkpoints,
     )
     target = Path(output) if output else default_output(model, "finetuned")
+    lock_output(target)
     validate(settings, target, resume)
     for name, spec in (("MODEL", model), ("--teacher", teacher)):
         if spec and Path(spec).exists() and Path(spec).resolve() == target.resolve():

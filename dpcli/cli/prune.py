@@ -76,6 +76,7 @@ def prune(
         confirm_plan,
         default_output,
         interactive,
+        lock_output,
         scan_progress,
     )
     from dpcli.cli.render.prune import render_prune
@@ -118,6 +119,7 @@ def prune(
     else:
         check_threshold(threshold)  # recorded with the scores, but a value out of range is still a mistake
     target = Path(output) if output else default_output(model, "pruned")
+    lock_output(target)
     prepare_output(target, force)
 
     with out.stderr.status("Loading model"):

@@ -48,7 +48,7 @@ def score(
 ) -> None:
     """Compute channel importance (and the per-timestep loss curve with its cutoff); save it for dp prune."""
     from dpcli.cli import render as out
-    from dpcli.cli.common import scan_progress
+    from dpcli.cli.common import lock_output, scan_progress
     from dpcli.cli.render.score import render_score
     from dpcli.jobs.score import ScoreSettings, score_model
     from dpcli.loading import load_model
@@ -60,6 +60,8 @@ def score(
         from dpcli.errors import BadInput
 
         raise BadInput(out_error)
+    if target is not None:
+        lock_output(target)
     settings = ScoreSettings(
         criterion=criterion,
         data=data,
