@@ -93,12 +93,19 @@ def confirm_plan(loaded, criterion: str, settings, params: int, macs: int, outpu
         raise typer.Exit(1)
 
 
-def lock_output(target: Path) -> None:
-    """Hold the output lock of ``target`` until the command ends (``dpcli.io.files.output_lock``): a
-    second dp writing the same output stops with exit code 2, even with --force."""
-    import click
+def limit_params(context, max_params: int | None) -> None:
+    """Refuse models above ``max_params`` parameters until the command of ``context`` ends
+    (``dpcli.sizing``)."""
+    from dpcli.sizing import params_limit
 
+    context.with_resource(params_limit(max_params))
+
+
+def lock_output(context, target: Path) -> None:
+    """Hold the output lock of ``target`` until the command of ``context`` (its ``typer.Context``) ends
+    (``dpcli.io.files.output_lock``): a second dp writing the same output stops with exit code 2, even
+    with --force."""
     from dpcli.cli import render as output
     from dpcli.io.files import output_lock
 
-    click.get_current_context().with_resource(output_lock(target, on_note=output.warn))
+    context.with_resource(output_lock(target, on_note=output.warn))

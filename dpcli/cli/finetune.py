@@ -6,7 +6,18 @@ from typing import Annotated
 
 import typer
 
-from dpcli.cli.options import Adapter, BatchSize, Config, Data, Force, Json, ModelArgument, Output, Seed
+from dpcli.cli.options import (
+    Adapter,
+    BatchSize,
+    Config,
+    Data,
+    Force,
+    Json,
+    MaxParams,
+    ModelArgument,
+    Output,
+    Seed,
+)
 
 Steps = Annotated[
     int,
@@ -63,6 +74,7 @@ Preview = Annotated[
 
 
 def finetune(
+    context: typer.Context,
     model: ModelArgument,
     steps: Steps,
     data: Data = None,
@@ -88,6 +100,7 @@ def finetune(
     force: Force = False,
     adapter: Adapter = None,
     config: Config = None,
+    max_params: MaxParams = None,
     json_output: Json = False,
 ) -> None:
     """Fine-tune (or train) a model with the DDPM loss: EMA, checkpoints, exact --resume, torchrun/DDP.
@@ -96,7 +109,7 @@ def finetune(
     `torchrun --nproc-per-node N -m dpcli finetune ...`. Ctrl-C writes a checkpoint, then stops.
     """
     from dpcli.cli import render as out
-    from dpcli.cli.common import default_output, lock_output
+    from dpcli.cli.common import default_output, limit_params, lock_output
     from dpcli.cli.render.finetune import render_finetune
     from dpcli.errors import BadInput
     from dpcli.io.files import prepare_output
@@ -106,6 +119,8 @@ def finetune(
     from dpcli.jobs.finetune.settings import FinetuneSettings
     from dpcli.loading import load_model
     from dpcli.runtime import start_distributed
+
+    limit_params(context, max_params)
 
     if not data:
         raise BadInput("--data is required: an image folder or builtin:digits")
@@ -131,7 +146,7 @@ def finetune(
         keep_checkpoints=keep_checkpoints,
     )
     target = Path(output) if output else default_output(model, "finetuned")
-    lock_output(target)
+    lock_output(context, target)
     validate(settings, target, resume)
     for name, spec in (("MODEL", model), ("--teacher", teacher)):
         if spec and Path(spec).exists() and Path(spec).resolve() == target.resolve():
@@ -173,6 +188,7 @@ def finetune(
                 resume=resume,
                 dist=dist,
                 on_step=on_step,
+                on_warning=out.warn,
             )
         if dist.is_main:
             with out.stderr.status("Saving"):

@@ -17,6 +17,7 @@ from dpcli.cli.options import (
     HeadRatio,
     Ignore,
     Json,
+    MaxParams,
     ModelArgument,
     Output,
     Prompt,
@@ -41,6 +42,7 @@ Tolerance = Annotated[
 
 
 def prune(
+    context: typer.Context,
     model: ModelArgument,
     criterion: Criterion = None,
     ratio: Ratio = None,
@@ -65,6 +67,7 @@ def prune(
     adapter: Adapter = None,
     config: Config = None,
     scheduler: Scheduler = None,
+    max_params: MaxParams = None,
     json_output: Json = False,
 ) -> None:
     """Prune a model to --ratio / --target-macs / --target-params with a criterion; save it safely."""
@@ -76,6 +79,7 @@ def prune(
         confirm_plan,
         default_output,
         interactive,
+        limit_params,
         lock_output,
         scan_progress,
     )
@@ -87,6 +91,8 @@ def prune(
     from dpcli.loading import load_model
     from dpcli.plugins import get_registry
     from dpcli.pruning import PruneOptions
+
+    limit_params(context, max_params)
 
     can_ask = interactive() and not yes and not json_output
     if criterion is None and scores is None:
@@ -119,7 +125,7 @@ def prune(
     else:
         check_threshold(threshold)  # recorded with the scores, but a value out of range is still a mistake
     target = Path(output) if output else default_output(model, "pruned")
-    lock_output(target)
+    lock_output(context, target)
     prepare_output(target, force)
 
     with out.stderr.status("Loading model"):

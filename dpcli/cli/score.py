@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import typer
+
 from dpcli.cli.options import (
     Adapter,
     BatchSize,
@@ -13,6 +15,7 @@ from dpcli.cli.options import (
     HeadRatio,
     Ignore,
     Json,
+    MaxParams,
     ModelArgument,
     Output,
     Plot,
@@ -26,6 +29,7 @@ from dpcli.cli.options import (
 
 
 def score(
+    context: typer.Context,
     model: ModelArgument,
     criterion: Criterion = "diff-taylor",
     data: Data = None,
@@ -44,15 +48,18 @@ def score(
     adapter: Adapter = None,
     config: Config = None,
     scheduler: Scheduler = None,
+    max_params: MaxParams = None,
     json_output: Json = False,
 ) -> None:
     """Compute channel importance (and the per-timestep loss curve with its cutoff); save it for dp prune."""
     from dpcli.cli import render as out
-    from dpcli.cli.common import lock_output, scan_progress
+    from dpcli.cli.common import limit_params, lock_output, scan_progress
     from dpcli.cli.render.score import render_score
     from dpcli.jobs.score import ScoreSettings, score_model
     from dpcli.loading import load_model
     from dpcli.pruning import PruneOptions
+
+    limit_params(context, max_params)
 
     target = Path(output) if output else None
     if target is not None and target.is_dir():
@@ -61,7 +68,7 @@ def score(
 
         raise BadInput(out_error)
     if target is not None:
-        lock_output(target)
+        lock_output(context, target)
     settings = ScoreSettings(
         criterion=criterion,
         data=data,
