@@ -12,6 +12,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -33,11 +34,11 @@ def write_failure(exc: OSError, target: Path) -> WriteFailed:
     """The one-line error for an OSError raised while writing ``target``."""
     if exc.errno in _DISK_FULL:
         return WriteFailed(
-            f"no space left on the device of {target} (errno {errno.errorcode[exc.errno]}): "
-            f"{target} was left as it was; free some space and run again"
+            f"no space left on the device writing {target} ({errno.errorcode[exc.errno]}): "
+            "it was left as it was; free some space and run again"
         )
     reason = exc.strerror or str(exc) or type(exc).__name__
-    return WriteFailed(f"cannot write {target}: {reason}; {target} was left as it was")
+    return WriteFailed(f"cannot write {target} ({reason}): it was left as it was")
 
 
 def read_json(path: Path) -> Any:
@@ -174,10 +175,32 @@ def output_lock(target: Path, on_note: Callable[[str], None] | None = None) -> I
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        if stale:
+            _remove_abandoned_writes(Path(target), on_note)
         yield
     finally:
         path.unlink(missing_ok=True)  # while still holding it: a waiter that opened it sees it is gone
         os.close(fd)
+
+
+def _remove_abandoned_writes(target: Path, on_note: Callable[[str], None] | None) -> None:
+    """Remove what a killed writer of ``target`` left beside it: the temporary folder or file of a write
+    that never finished, and the old output of a replacement that was not cleaned up. A temporary folder
+    holding the run's checkpoints (a fine-tune killed while moving its result into place) is kept."""
+    target = Path(target).absolute()
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:\w{{8}}\.tmp|tmp(?:\.\w+)?|old-\d+)")
+    for path in target.parent.iterdir():
+        if not pattern.fullmatch(path.name):
+            continue
+        holds_checkpoints = path.is_dir() and (path / "checkpoints").is_dir()
+        if holds_checkpoints or (".old-" in path.name and not target.exists()):
+            if on_note is not None:
+                on_note(f"{path} is left from an interrupted write of {target}; check it, then remove it")
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _acquire(path: Path, target: Path) -> int:
