@@ -45,13 +45,16 @@ def build_unet(config: dict, seed: int | None = 0):
 
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise BadInput(f"config describes a {config.get('_class_name')}, not a UNet2DModel")
+    from dpcli.sizing import check_buildable
+
     with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
         try:
+            check_buildable(lambda: UNet2DModel.from_config(config), "the UNet2DModel of this config")
+            if seed is not None:
+                torch.manual_seed(seed)
             return UNet2DModel.from_config(config).eval()
-        except (TypeError, ValueError, KeyError, AssertionError) as exc:
-            raise BadInput(f"invalid UNet2DModel config: {exc}") from None
+        except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as exc:
+            raise BadInput(f"invalid UNet2DModel config: {str(exc).splitlines()[0]}") from None
 
 
 def _unet_keys(keys) -> bool:

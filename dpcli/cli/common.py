@@ -111,3 +111,21 @@ def data_spec(data, split=None, image_column=None, caption_column=None, label_co
                 raise BadInput(f"{flag} needs --data")
         return None
     return DataSpec(data, split, image_column, caption_column, label_column)
+
+
+def limit_params(context, max_params: int | None) -> None:
+    """Refuse models above ``max_params`` parameters until the command of ``context`` ends
+    (``dpcli.sizing``)."""
+    from dpcli.sizing import params_limit
+
+    context.with_resource(params_limit(max_params))
+
+
+def lock_output(context, target: Path) -> None:
+    """Hold the output lock of ``target`` until the command of ``context`` (its ``typer.Context``) ends
+    (``dpcli.io.files.output_lock``): a second dp writing the same output stops with exit code 2, even
+    with --force."""
+    from dpcli.cli import render as output
+    from dpcli.io.files import output_lock
+
+    context.with_resource(output_lock(target, on_note=output.warn))

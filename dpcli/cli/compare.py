@@ -11,6 +11,7 @@ from dpcli.cli.options import (
     Force,
     Json,
     LatencyBatch,
+    MaxParams,
     NoLatency,
     NumSamples,
     Output,
@@ -37,6 +38,7 @@ Reports = Annotated[
 
 
 def compare(
+    context: typer.Context,
     models: Models = None,
     report: Reports = None,
     num_samples: NumSamples = 8,
@@ -53,10 +55,12 @@ def compare(
     scheduler: Scheduler = None,
     output: Output = None,
     force: Force = False,
+    max_params: MaxParams = None,
     json_output: Json = False,
 ) -> None:
     """Models side by side: size, MACs, latency, speedup, per-block widths, SSIM/PSNR to the first, a grid."""
     from dpcli.cli import render as out
+    from dpcli.cli.common import limit_params, lock_output
     from dpcli.cli.render.compare import render_compare
     from dpcli.io.files import AtomicFolder, prepare_output
     from dpcli.jobs.compare import CompareSettings, write_compare_output
@@ -65,7 +69,10 @@ def compare(
     from dpcli.runtime import start_distributed
     from dpcli.sampling import SamplerSettings
 
+    limit_params(context, max_params)
+
     if output is not None:
+        lock_output(context, output)
         prepare_output(output, force)
     explicit = any(value is not None for value in (steps, spacing, sampler, seed))
     settings = CompareSettings(

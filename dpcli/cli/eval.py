@@ -17,6 +17,7 @@ from dpcli.cli.options import (
     Json,
     LabelColumn,
     LatencyBatch,
+    MaxParams,
     ModelArgument,
     NoLatency,
     NumSamples,
@@ -54,6 +55,7 @@ SaveStats = Annotated[
 
 
 def evaluate(
+    context: typer.Context,
     model: ModelArgument,
     reference: Reference = None,
     num_samples: NumSamples = 256,
@@ -80,11 +82,12 @@ def evaluate(
     adapter: Adapter = None,
     config: Config = None,
     scheduler: Scheduler = None,
+    max_params: MaxParams = None,
     json_output: Json = False,
 ) -> None:
     """Sample a model: latency, FID against --data, SSIM/PSNR to --reference from the same noise, a grid."""
     from dpcli.cli import render as out
-    from dpcli.cli.common import data_spec
+    from dpcli.cli.common import data_spec, limit_params, lock_output
     from dpcli.cli.render.eval import render_eval
     from dpcli.errors import BadInput
     from dpcli.io.files import AtomicFolder, prepare_output
@@ -93,8 +96,13 @@ def evaluate(
     from dpcli.runtime import start_distributed
     from dpcli.sampling import SamplerSettings
 
+    limit_params(context, max_params)
+
     if output is not None:
+        lock_output(context, output)
         prepare_output(output, force)
+    if save_stats is not None:
+        lock_output(context, save_stats)
     if save_stats is not None and save_stats.exists() and not force:
         raise BadInput(f"--save-stats {save_stats} exists (use --force to replace it)")
     settings = EvalSettings(

@@ -16,6 +16,7 @@ from dpcli.cli.options import (
     ImageColumn,
     Json,
     LabelColumn,
+    MaxParams,
     ModelArgument,
     Output,
     Seed,
@@ -104,6 +105,7 @@ Preview = Annotated[
 
 
 def finetune(
+    context: typer.Context,
     model: ModelArgument,
     steps: Steps,
     data: Data = None,
@@ -138,6 +140,7 @@ def finetune(
     force: Force = False,
     adapter: Adapter = None,
     config: Config = None,
+    max_params: MaxParams = None,
     json_output: Json = False,
 ) -> None:
     """Fine-tune (or train) a model with the DDPM loss: EMA, checkpoints, exact --resume, torchrun/DDP.
@@ -146,7 +149,7 @@ def finetune(
     `torchrun --nproc-per-node N -m dpcli finetune ...`. Ctrl-C writes a checkpoint, then stops.
     """
     from dpcli.cli import render as out
-    from dpcli.cli.common import data_spec, default_output
+    from dpcli.cli.common import data_spec, default_output, limit_params, lock_output
     from dpcli.cli.render.finetune import render_finetune
     from dpcli.errors import BadInput
     from dpcli.io.files import prepare_output
@@ -156,6 +159,8 @@ def finetune(
     from dpcli.jobs.finetune.settings import FinetuneSettings
     from dpcli.loading import load_model
     from dpcli.runtime import start_distributed
+
+    limit_params(context, max_params)
 
     if not data:
         raise BadInput("--data is required: an image folder, a dataset, tar shards or builtin:digits")
@@ -186,6 +191,7 @@ def finetune(
         cache_latents=str(cache_latents) if cache_latents else None,
     )
     target = Path(output) if output else default_output(model, "finetuned")
+    lock_output(context, target)
     validate(settings, target, resume)
     for name, spec in (("MODEL", model), ("--teacher", teacher)):
         if spec and Path(spec).exists() and Path(spec).resolve() == target.resolve():
@@ -227,6 +233,7 @@ def finetune(
                 resume=resume,
                 dist=dist,
                 on_step=on_step,
+                on_warning=out.warn,
             )
         if dist.is_main:
             with out.stderr.status("Saving"):

@@ -4,10 +4,11 @@ from typing import Annotated
 
 import typer
 
-from dpcli.cli.options import Adapter, Config, Json, ModelArgument, Scheduler
+from dpcli.cli.options import Adapter, Config, Json, MaxParams, ModelArgument, Scheduler
 
 
 def inspect(
+    context: typer.Context,
     model: ModelArgument,
     depth: Annotated[
         int | None,
@@ -16,13 +17,17 @@ def inspect(
     adapter: Adapter = None,
     config: Config = None,
     scheduler: Scheduler = None,
+    max_params: MaxParams = None,
     json_output: Json = False,
 ) -> None:
     """Show what is in a model: params, MACs, resolution, scheduler, and a per-layer table."""
     from dpcli.cli import render as output
+    from dpcli.cli.common import limit_params
     from dpcli.cli.render.inspect import render_inspect
     from dpcli.inspection import inspect_model
     from dpcli.loading import load_model
+
+    limit_params(context, max_params)
 
     with output.stderr.status("Loading model and counting MACs"):
         loaded = load_model(model, adapter=adapter, config=config, scheduler=scheduler)

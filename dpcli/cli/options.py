@@ -30,6 +30,15 @@ Seed = Annotated[int, typer.Option("--seed", help="Random seed: data order, nois
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="Never prompt; fail if something is missing.")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite a non-empty output folder.")]
+MaxParams = Annotated[
+    int | None,
+    typer.Option(
+        "--max-params",
+        min=1,
+        help="Refuse a model with more parameters than this before allocating it (for configs from "
+        "outside; env DPCLI_MAX_PARAMS). Models too large for the memory available are always refused.",
+    ),
+]
 Data = Annotated[
     str | None,
     typer.Option(

@@ -20,6 +20,7 @@ from dpcli.cli.options import (
     ImageColumn,
     Json,
     LabelColumn,
+    MaxParams,
     ModelArgument,
     Output,
     Prompt,
@@ -46,6 +47,7 @@ Tolerance = Annotated[
 
 
 def prune(
+    context: typer.Context,
     model: ModelArgument,
     criterion: Criterion = None,
     ratio: Ratio = None,
@@ -75,6 +77,7 @@ def prune(
     adapter: Adapter = None,
     config: Config = None,
     scheduler: Scheduler = None,
+    max_params: MaxParams = None,
     json_output: Json = False,
 ) -> None:
     """Prune a model to --ratio / --target-macs / --target-params with a criterion; save it safely."""
@@ -87,6 +90,8 @@ def prune(
         data_spec,
         default_output,
         interactive,
+        limit_params,
+        lock_output,
         scan_progress,
     )
     from dpcli.cli.render.prune import render_prune
@@ -97,6 +102,8 @@ def prune(
     from dpcli.loading import load_model
     from dpcli.plugins import get_registry
     from dpcli.pruning import PruneOptions
+
+    limit_params(context, max_params)
 
     can_ask = interactive() and not yes and not json_output
     if criterion is None and scores is None:
@@ -130,6 +137,7 @@ def prune(
     else:
         check_threshold(threshold)  # recorded with the scores, but a value out of range is still a mistake
     target = Path(output) if output else default_output(model, "pruned")
+    lock_output(context, target)
     prepare_output(target, force)
 
     with out.stderr.status("Loading model"):

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import typer
+
 from dpcli.cli.options import (
     Adapter,
     BatchSize,
@@ -16,6 +18,7 @@ from dpcli.cli.options import (
     ImageColumn,
     Json,
     LabelColumn,
+    MaxParams,
     ModelArgument,
     Output,
     Plot,
@@ -31,6 +34,7 @@ from dpcli.cli.options import (
 
 
 def score(
+    context: typer.Context,
     model: ModelArgument,
     criterion: Criterion = "diff-taylor",
     data: Data = None,
@@ -54,15 +58,18 @@ def score(
     adapter: Adapter = None,
     config: Config = None,
     scheduler: Scheduler = None,
+    max_params: MaxParams = None,
     json_output: Json = False,
 ) -> None:
     """Compute channel importance (and the per-timestep loss curve with its cutoff); save it for dp prune."""
     from dpcli.cli import render as out
-    from dpcli.cli.common import data_spec, scan_progress
+    from dpcli.cli.common import data_spec, limit_params, lock_output, scan_progress
     from dpcli.cli.render.score import render_score
     from dpcli.jobs.score import ScoreSettings, score_model
     from dpcli.loading import load_model
     from dpcli.pruning import PruneOptions
+
+    limit_params(context, max_params)
 
     target = Path(output) if output else None
     if target is not None and target.is_dir():
@@ -70,6 +77,8 @@ def score(
         from dpcli.errors import BadInput
 
         raise BadInput(out_error)
+    if target is not None:
+        lock_output(context, target)
     settings = ScoreSettings(
         criterion=criterion,
         data=data_spec(data, split, image_column, caption_column, label_column),

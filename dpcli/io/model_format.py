@@ -32,6 +32,7 @@ from dpcli.io.diffusers_files import (
 )
 from dpcli.io.files import read_json
 from dpcli.io.weights import load_tensor_file
+from dpcli.sizing import check_fits
 
 FORMAT = "dpcli-model"
 FORMAT_VERSION = 1
@@ -100,12 +101,32 @@ def _resize_parameter(module: torch.nn.Module, attribute: str, shape: tuple[int,
     )
 
 
+def _check_widths(name: str, spec: dict) -> None:
+    """Every saved width a positive whole number, and groups that divide the channels they group."""
+    if "heads" in spec:
+        keys = ["heads"]
+    else:
+        keys = ["in_channels", "out_channels"] + (["groups"] if "groups" in spec else [])
+    for key in keys:
+        value = spec.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BadInput(f"saved shapes: {name} has {key} {value!r}, expected a whole number >= 1")
+    groups = spec.get("groups")
+    if groups and (spec["in_channels"] % groups or spec["out_channels"] % groups):
+        raise BadInput(
+            f"saved shapes: {name} has {spec['in_channels']} -> {spec['out_channels']} channels in "
+            f"{groups} groups, which do not divide them"
+        )
+
+
 def apply_shapes(model: torch.nn.Module, shapes: dict[str, dict]) -> None:
     """Give each module the saved widths (parameters re-allocated, attributes updated); values come later."""
     modules = dict(model.named_modules())
     unknown = [name for name in shapes if name not in modules]
     if unknown:
         raise BadInput(f"saved shapes name modules the model does not have (e.g. {unknown[0]})")
+    for name, spec in shapes.items():
+        _check_widths(name, spec)
     for name, spec in shapes.items():
         module = modules[name]
         if "heads" in spec:
@@ -246,6 +267,10 @@ def load_saved_model(
     info = read_metadata(folder)
     if info is None:
         raise BadInput(f"{folder}/{METADATA_FILE} is not dpcli model metadata")
+    with torch.device("meta"):  # shapes only: a corrupt or hostile dpcli.json is refused before allocating
+        shapes_only = build(info["base"]["config"])
+        apply_shapes(shapes_only, info["modules"])
+    check_fits(shapes_only, f"the model in {folder}")
     model = build(info["base"]["config"])
     apply_shapes(model, info["modules"])
     if fix is not None:

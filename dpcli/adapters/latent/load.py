@@ -134,12 +134,16 @@ def build_random(class_name: str, config: dict, seed: int = 0):
     """A diffusers model from its config with seeded random weights."""
     import diffusers
 
+    from dpcli.sizing import check_buildable
+
+    model_class = getattr(diffusers, class_name)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
         try:
-            return getattr(diffusers, class_name).from_config(config).eval()
-        except (TypeError, ValueError, KeyError, AssertionError) as exc:
-            raise BadInput(f"invalid {class_name} config: {exc}") from None
+            check_buildable(lambda: model_class.from_config(config), f"the {class_name} of this config")
+            torch.manual_seed(seed)
+            return model_class.from_config(config).eval()
+        except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as exc:
+            raise BadInput(f"invalid {class_name} config: {str(exc).splitlines()[0]}") from None
 
 
 def instantiate(class_name: str, config: dict, state_dict: dict, origin: str, shapes: dict | None = None):

@@ -3,7 +3,10 @@
 Checkpoints are folders ``OUT/checkpoints/step-NNNNNNNN/`` written under a temporary name and renamed:
 ``model.safetensors`` (raw weights), ``ema.safetensors``, ``state.safetensors`` (optimizer tensors, RNG
 states, loss and lr history) and ``state.json`` (step, data position, settings, optimizer hyper-parameters,
-LR schedule and grad-scaler state). Nothing is pickled.
+LR schedule and grad-scaler state, and the size and SHA-256 of each tensor file). ``state.json`` is written
+last, so a checkpoint without it is incomplete; one whose files do not match their recorded hashes is
+corrupt (a disk or file system that lost data, a truncated copy) and ``--resume`` falls back to the newest
+checkpoint that is intact. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dpcli.errors import BadInput, BadSetting
 from dpcli.io.files import AtomicFolder
 
 CHECKPOINT_FORMAT = "dpcli-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: state.json records the SHA-256 of every file
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -47,6 +50,8 @@ _RESUME_KEYS = (
     "caption_dropout",
 )
 _CHECKPOINT_NAME = "step-{:08d}"
+_TENSOR_FILES = ("model.safetensors", "ema.safetensors", "state.safetensors")
+_HASH_CHUNK = 1 << 24
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -63,18 +68,93 @@ def checkpoint_root(output: Path) -> Path:
     return Path(output) / CHECKPOINT_DIR
 
 
-def latest_checkpoint(output: Path) -> Path | None:
-    """The complete checkpoint with the highest step under OUT/checkpoints (temp folders are ignored)."""
+def checkpoints_newest_first(output: Path) -> list[Path]:
+    """The checkpoint folders under OUT/checkpoints that hold a state.json, highest step first
+    (temporary folders of a write that did not finish are ignored)."""
     root = checkpoint_root(output)
     if not root.is_dir():
-        return None
+        return []
     found = []
     for folder in root.iterdir():
         name = folder.name
         if folder.is_dir() and name.startswith("step-") and name[5:].isdigit():
             if (folder / "state.json").is_file():
                 found.append((int(name[5:]), folder))
-    return max(found)[1] if found else None
+    return [folder for _, folder in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The checkpoint with the highest step under OUT/checkpoints (not verified: see
+    ``newest_valid_checkpoint``)."""
+    found = checkpoints_newest_first(output)
+    return found[0] if found else None
+
+
+def remove_unfinished_checkpoints(output: Path) -> None:
+    """Remove the temporary folders of checkpoint writes that never finished (a killed run's); only
+    the one writer of OUT (it holds the output lock) calls this."""
+    root = checkpoint_root(output)
+    if root.is_dir():
+        for folder in root.glob(".step-*.tmp"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(folder: Path) -> dict:
+    """The state of checkpoint ``folder`` once its files are checked against the sizes and SHA-256
+    recorded in its state.json; a BadInput saying what is wrong otherwise. Checkpoints of format 1 (no
+    hashes) are checked by reading their safetensors headers."""
+    state = read_checkpoint_state(folder)
+    recorded = state.get("files")
+    if recorded is None:
+        from safetensors import safe_open
+
+        for name in _TENSOR_FILES:
+            try:
+                with safe_open(str(folder / name), framework="pt"):
+                    pass
+            except Exception as exc:  # safetensors raises its own error types for a damaged header
+                raise BadInput(f"checkpoint {folder}: {name} is unreadable ({exc})") from None
+        return state
+    for name in _TENSOR_FILES:
+        path = folder / name
+        expected = recorded.get(name)
+        if expected is None:
+            raise BadInput(f"checkpoint {folder}: state.json records no hash for {name}")
+        if not path.is_file():
+            raise BadInput(f"checkpoint {folder}: {name} is missing")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise BadInput(f"checkpoint {folder}: {name} has {size} bytes, {expected['bytes']} were written")
+        if file_sha256(path) != expected["sha256"]:
+            raise BadInput(f"checkpoint {folder}: {name} does not match its SHA-256 (the file is corrupt)")
+    return state
+
+
+def newest_valid_checkpoint(output: Path) -> tuple[Path, dict, list[str]]:
+    """The newest checkpoint under OUT/checkpoints whose files are intact, its state, and one line for
+    each newer checkpoint that was skipped and why. BadSetting (exit 2) when none is intact."""
+    skipped = []
+    for folder in checkpoints_newest_first(output):
+        try:
+            return folder, verify_checkpoint(folder), skipped
+        except BadInput as exc:
+            skipped.append(str(exc))
+    if not skipped:
+        raise BadSetting("resume", "{resume}: no checkpoint in {folder}", folder=checkpoint_root(output))
+    raise BadSetting(
+        "resume",
+        "{resume}: no intact checkpoint in {folder} ({why}); start over with {force}",
+        folder=checkpoint_root(output),
+        why="; ".join(skipped),
+    )
 
 
 def _jsonable(value):
@@ -151,6 +231,10 @@ def save_checkpoint(
         tensors["history.loss"] = torch.tensor(train.losses, dtype=torch.float64)
         tensors["history.lr"] = torch.tensor(train.lrs, dtype=torch.float64)
         save_file(tensors, str(temporary / "state.safetensors"))
+        files = {
+            name: {"bytes": (temporary / name).stat().st_size, "sha256": file_sha256(temporary / name)}
+            for name in _TENSOR_FILES
+        }
         state = {
             "format": CHECKPOINT_FORMAT,
             "format_version": CHECKPOINT_VERSION,
@@ -161,6 +245,7 @@ def save_checkpoint(
             "optimizer_param_groups": param_groups,
             "lr_schedule": _jsonable(lr_schedule.state_dict()),
             "grad_scaler": _jsonable(scaler.state_dict()),
+            "files": files,
             **record,
         }
         (temporary / "state.json").write_text(json.dumps(state, indent=2))

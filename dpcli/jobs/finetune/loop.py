@@ -36,7 +36,7 @@ from dpcli.adapters.base import BatchContext, LoadedModel
 from dpcli.data import ImageTransform, training_batches
 from dpcli.data.loader import mixed_seed
 from dpcli.errors import BadInput, BadSetting, DpError
-from dpcli.io.files import AtomicFolder
+from dpcli.io.files import AtomicFolder, WriteFailed
 from dpcli.jobs.finetune.checkpoints import (
     CHECKPOINT_DIR,
     TrainState,
@@ -44,7 +44,8 @@ from dpcli.jobs.finetune.checkpoints import (
     checkpoint_root,
     latest_checkpoint,
     load_checkpoint,
-    read_checkpoint_state,
+    newest_valid_checkpoint,
+    remove_unfinished_checkpoints,
     save_checkpoint,
     weights_fingerprint,
 )
@@ -237,11 +238,13 @@ def finetune(
     resume: bool = False,
     dist: Distributed | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
     """Train ``loaded.model`` in place on ``source`` (a ``dpcli.data.Source``; None: open
     ``settings.data``), read through the streaming data layer; checkpoints go to OUT/checkpoints.
 
-    Returns the report, the EMA model and the loss history; raises
+    ``resume`` continues from the newest intact checkpoint; each newer one that is corrupt is skipped
+    with a line through ``on_warning``. Returns the report, the EMA model and the loss history; raises
     :class:`Interrupted` after writing a checkpoint when stopped with Ctrl-C or SIGTERM.
     """
     from timm.utils import ModelEmaV3
@@ -281,8 +284,10 @@ def finetune(
     output = Path(output)
     checkpoint = None
     if resume:
-        checkpoint = latest_checkpoint(output)
-        saved_state = read_checkpoint_state(checkpoint)
+        checkpoint, saved_state, skipped = newest_valid_checkpoint(output)
+        for why in skipped:
+            if on_warning is not None and dist.is_main:
+                on_warning(f"skipped a damaged checkpoint: {why}; resuming from {checkpoint.name}")
         check_resumable(saved_state, checkpoint, record)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -300,6 +305,8 @@ def finetune(
         load_checkpoint(checkpoint, saved_state, model, ema, optimizer, lr_schedule, scaler, train, settings)
     elif dist.is_main and checkpoint_root(output).exists():
         shutil.rmtree(checkpoint_root(output))  # a fresh run (--force): stale checkpoints must not resume
+    if dist.is_main:
+        remove_unfinished_checkpoints(output)
     dist.barrier()
 
     trained = model
@@ -402,17 +409,20 @@ def finetune(
             due = settings.checkpoint_every and train.step % settings.checkpoint_every == 0
             if due or stop_now or train.step == settings.steps:
                 if dist.is_main:
-                    save_checkpoint(
-                        output,
-                        train,
-                        model,
-                        ema,
-                        optimizer,
-                        lr_schedule,
-                        scaler,
-                        record,
-                        settings.keep_checkpoints,
-                    )
+                    try:
+                        save_checkpoint(
+                            output,
+                            train,
+                            model,
+                            ema,
+                            optimizer,
+                            lr_schedule,
+                            scaler,
+                            record,
+                            settings.keep_checkpoints,
+                        )
+                    except WriteFailed as exc:
+                        raise WriteFailed(f"{exc} with --resume") from exc
                 dist.barrier()
             if stop_now:
                 interrupted = True
@@ -570,7 +580,7 @@ def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, pr
     raw = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
     ema_view = dataclasses.replace(loaded, model=result.ema_model.eval())
     metadata = {"history": [history_entry(result.report)], "extra_weights": {"raw.safetensors": raw}}
-    with AtomicFolder(output, force=True) as folder:
+    with _resumable_on_failure(), AtomicFolder(output, force=True) as folder:
         loaded.adapter_object.save(ema_view, folder, metadata)
         plot_training(result.losses, result.lrs, folder / "loss.png", title=f"dp finetune {loaded.source}")
         if preview:
@@ -580,6 +590,15 @@ def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, pr
         if checkpoints.is_dir():
             os.replace(checkpoints, folder / CHECKPOINT_DIR)
     return output
+
+
+@contextlib.contextmanager
+def _resumable_on_failure():
+    """A failed write of the final model leaves the checkpoints in OUT: say how to finish the run."""
+    try:
+        yield
+    except WriteFailed as exc:
+        raise WriteFailed(f"{exc} with --resume") from exc
 
 
 # Previews ---------------------------------------------------------------------------------------
