@@ -200,7 +200,10 @@ def plan_budget_scan(loaded: LoadedModel, adapter, settings: ScoreSettings, thre
         stride=BUDGET_STRIDES[0],
         gradients=False,
     )
-    plan = plan_scan(settings.scan_budget, pilot.cutoff, available)
+    # A pilot that ran to the last timestep says the scan will too; one that stopped at t stops the real
+    # scan (finer stride, more images) at about t, a little earlier at most.
+    estimated_cutoff = pilot.cutoff if pilot.stopped_early else pilot.timesteps - 1
+    plan = plan_scan(settings.scan_budget, estimated_cutoff, available)
     plan.pilot_samples = pilot.samples_computed
     return plan
 
