@@ -22,7 +22,7 @@ def plot_losses(scan, path: Path, title: str = "") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
-    steps = list(range(len(scan.losses)))
+    steps = scan.scanned_timesteps
     axis.plot(steps, scan.losses, marker="." if len(steps) < 60 else None, label="loss L_t")
     axis.axvline(scan.cutoff, color="tab:red", linestyle="--", label=f"cutoff t={scan.cutoff}")
     if scan.threshold > 0:

@@ -136,14 +136,60 @@ def collect_scores(
 
 def prune_in_place(
     loaded: LoadedModel, adapter, scores: dict[str, torch.Tensor], ratio: float, options: PruneOptions
-) -> None:
-    """Remove channels from ``loaded.model`` at ``ratio`` per layer, ranked by ``scores``; fix attributes."""
-    names = module_names(loaded.model)
+) -> dict[str, dict[str, list[int]]]:
+    """Remove channels from ``loaded.model`` at ``ratio`` per layer, ranked by ``scores``; fix attributes.
+
+    Returns the kept channels of every module pruning changed (see ``kept_channels``)."""
+    from torch_pruning._helpers import to_plain_idxs
+
+    from dpcli.io.model_format import layer_widths
+
+    model = loaded.model
+    names = module_names(model)
+    widths = {name: layer_widths(module) for name, module in model.named_modules()}
     pruner = build_pruner(loaded, adapter, SavedImportance(scores, names), ratio, options)
+    removed: dict[str, dict[str, set[int]]] = {}
     for group in pruner.step(interactive=True):
+        # Every (module, side) belongs to one group and is pruned once, so each item's indices are
+        # positions in that module's original width.
+        for dependency, indices in group.items:
+            name = names.get(dependency.target.module)  # None for a bare nn.Parameter
+            if name is not None:
+                out = pruner.DG.is_out_channel_pruning_fn(dependency.handler)
+                side = "out" if out or "in_channels" not in widths[name] else "in"
+                if isinstance(dependency.target.module, _NORMS):
+                    side = "out"  # one width: the channels
+                removed.setdefault(name, {}).setdefault(side, set()).update(to_plain_idxs(indices))
         group.prune()
     adapter.fix_pruned_modules(loaded, pruner)
-    loaded.model.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
+    return kept_channels(model, widths, removed)
+
+
+_NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.modules.batchnorm._BatchNorm)
+
+
+def kept_channels(
+    model: torch.nn.Module, widths: dict[str, dict], removed: dict[str, dict[str, set[int]]]
+) -> dict[str, dict[str, list[int]]]:
+    """``{module: {"out": kept output channels, "in": kept input channels, "heads": kept heads}}`` for the
+    modules whose widths pruning changed, as indices into the widths before pruning (``widths``)."""
+    kept: dict[str, dict[str, list[int]]] = {}
+    for name, sides in sorted(removed.items()):
+        for side, indices in sorted(sides.items()):
+            width = widths[name][f"{side}_channels"]
+            if indices:
+                kept.setdefault(name, {})[side] = [i for i in range(width) if i not in indices]
+    for name, module in model.named_modules():
+        heads_before = widths.get(name, {}).get("heads")
+        query = kept.get(f"{name}.to_q", {}).get("out")
+        if heads_before and query is not None and int(module.heads) != heads_before:
+            head_dim = widths[f"{name}.to_q"]["out_channels"] // heads_before
+            heads = sorted({i // head_dim for i in query})
+            if len(heads) != int(module.heads):
+                raise DpError(f"{name}: the kept query channels do not match its {module.heads} heads")
+            kept[name] = {"heads": heads}
+    return kept
 
 
 @dataclass
@@ -165,15 +211,15 @@ def prune_to_target(
     target_params: float | None = None,
     tolerance: float = 0.05,
     on_trial: Callable[[Trial], None] | None = None,
-) -> tuple[float, list[Trial]]:
+) -> tuple[float, list[Trial], dict[str, dict[str, list[int]]]]:
     """Prune ``loaded`` in place at ``ratio``, or at the ratio whose result is closest to a target fraction.
 
     GroupNorm groups quantise what a ratio gives, so a target is searched by bisection on the ratio over
-    copies of the model. Returns the ratio used and the trials made. ``measure`` gives (params, macs).
+    copies of the model. Returns the ratio used, the trials made and the kept channels (``kept_channels``).
+    ``measure`` gives (params, macs).
     """
     if ratio is not None:
-        prune_in_place(loaded, adapter, scores, ratio, options)
-        return ratio, []
+        return ratio, [], prune_in_place(loaded, adapter, scores, ratio, options)
     index = 1 if target_macs is not None else 0
     target = target_macs if target_macs is not None else target_params
     trials: dict[float, Trial] = {}
@@ -224,8 +270,8 @@ def prune_to_target(
             f"target {what} {target:.3f} cannot be reached within {tolerance:.0%}: the closest is "
             f"{achieved:.3f} (ratio {best.ratio}); reachable fractions seen: {reachable}"
         )
-    prune_in_place(loaded, adapter, scores, best.ratio, options)
-    return best.ratio, sorted(trials.values(), key=lambda t: t.ratio)
+    kept = prune_in_place(loaded, adapter, scores, best.ratio, options)
+    return best.ratio, sorted(trials.values(), key=lambda t: t.ratio), kept
 
 
 def output_shape(loaded: LoadedModel, adapter) -> tuple[int, ...]:

@@ -240,3 +240,52 @@ def test_input_model_is_not_modified(dp, tmp_path, tiny_unet_folder):
         == 0
     )
     assert {p.name: p.read_bytes() for p in tiny_unet_folder.iterdir()} == before
+
+
+def expected_pruned(original: torch.Tensor, kept: dict) -> torch.Tensor:
+    """The original tensor at the recorded kept indices: rows = out channels, columns = in channels."""
+    result = original
+    if "out" in kept:
+        result = result.index_select(0, torch.tensor(kept["out"]))
+    if "in" in kept and result.dim() > 1:
+        result = result.index_select(1, torch.tensor(kept["in"]))
+    return result
+
+
+@pytest.mark.parametrize("criterion", ["diff-taylor", "magnitude"])
+def test_kept_channels_are_recorded_and_match_the_saved_weights(dp, tmp_path, image_folder, criterion):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "mh"
+    base = make_unet({**TINY_CONFIG, "attention_head_dim": 8})
+    base.save_pretrained(folder)
+    out = tmp_path / "out"
+    extra = (
+        ["--data", image_folder, "--calib-size", "4", "--timesteps", "8"]
+        if criterion == "diff-taylor"
+        else []
+    )
+    result = dp(
+        "prune", folder, "--criterion", criterion, "--ratio", "0.5", "--head-ratio", "0.25", "-o", out, *extra
+    )
+    assert result.exit_code == 0, result.stderr
+    info = json.loads((out / "dpcli.json").read_text())
+    kept = info["pruning"]["kept_channels"]
+    original = base.state_dict()
+    saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    changed = set()
+    for name, tensor in saved.items():
+        module = name.rsplit(".", 1)[0]
+        if tensor.shape != original[name].shape:
+            changed.add(module)
+            assert module in kept, f"{module} changed shape but its kept channels are not recorded"
+        assert torch.equal(expected_pruned(original[name], kept.get(module, {})), tensor), name
+    assert "conv_in" in changed and "out" not in kept["conv_out"], "the output conv keeps its 3 channels"
+    attention = "down_blocks.1.attentions.0"
+    assert kept[attention]["heads"] == sorted(kept[attention]["heads"])
+    assert len(kept[attention]["heads"]) == info["modules"][attention]["heads"] == 6
+    for module, sides in kept.items():
+        for side, indices in sides.items():
+            if side != "heads":
+                width = info["modules"][module][f"{side}_channels"]
+                assert len(indices) == width and len(set(indices)) == width, (module, side)

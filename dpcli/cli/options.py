@@ -94,7 +94,30 @@ TargetParams = Annotated[
     float | None, typer.Option("--target-params", help="Keep this fraction of the parameters (searched).")
 ]
 CalibSize = Annotated[
-    int, typer.Option("--calib-size", min=1, help="Calibration images used at every timestep.")
+    int | None,
+    typer.Option(
+        "--calib-size",
+        min=1,
+        help="Calibration images used at every timestep (default 32).",
+        show_default=False,
+    ),
+]
+TimestepStride = Annotated[
+    int | None,
+    typer.Option(
+        "--timestep-stride",
+        min=1,
+        help="Scan only t = 0, K, 2K, ... (gradients scaled by K); 1 = every timestep (default, the reference).",
+        show_default=False,
+    ),
+]
+ScanBudget = Annotated[
+    int | None,
+    typer.Option(
+        "--scan-budget",
+        min=1,
+        help="Forward samples the scan may spend: dp picks --timestep-stride and --calib-size (and says which).",
+    ),
 ]
 Chunk = Annotated[
     int | None,

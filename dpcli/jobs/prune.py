@@ -67,6 +67,7 @@ class PruneReport:
     prune_seconds: float
     layers: list[dict]
     original_modules: dict = field(repr=False)
+    kept_channels: dict = field(repr=False, default_factory=dict)
 
     @property
     def macs_fraction(self) -> float:
@@ -117,7 +118,7 @@ def prune_model(
     original_modules = module_shapes(loaded.model)
     params_before, macs_before = measure(loaded)
     started = time.perf_counter()
-    ratio, trials = prune_to_target(
+    ratio, trials, kept = prune_to_target(
         loaded,
         adapter,
         scores.tensors,
@@ -174,6 +175,7 @@ def prune_model(
         prune_seconds=time.perf_counter() - started,
         layers=layers,
         original_modules=original_modules,
+        kept_channels=kept,
     )
 
 
@@ -191,6 +193,9 @@ def pruned_metadata(
         "ignore": options.ignore,
         "round_to": options.round_to,
         "head_ratio": options.head_ratio,
+        # indices into the widths of the model that was pruned, per changed module (kept out/in channels,
+        # kept attention heads): weights after = weights before at these indices
+        "kept_channels": report.kept_channels,
     }
     sizes = {k: getattr(report, k) for k in ("params_before", "params_after", "macs_before", "macs_after")}
     return {

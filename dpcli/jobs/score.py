@@ -30,7 +30,7 @@ class ScoreSettings:
     criterion: str
     data: DataSpec | str | None = None
     threshold: float | None = None
-    calib_size: int = 32
+    calib_size: int | None = None  # DEFAULT_CALIB_SIZE, unless scan_budget chooses
     batch_size: int = 256
     chunk: int | None = None
     timesteps: int | None = None
@@ -38,15 +38,35 @@ class ScoreSettings:
     options: PruneOptions = field(default_factory=PruneOptions)
     prompt: str | None = None
     workers: int | None = None  # DataLoader workers decoding the calibration images (None: the default)
+    timestep_stride: int | None = None  # 1 (every timestep, the reference), unless scan_budget chooses
+    scan_budget: int | None = None
 
     def validate(self) -> None:
-        """Fail before the model is loaded: an unknown criterion, a scan threshold outside [0, 1]."""
+        """Fail before the model is loaded: an unknown criterion, a scan threshold outside [0, 1], a stride
+        or budget below 1."""
         from dpcli.plugins import get_registry
 
         criterion = get_registry().criterion(self.criterion)
         # the threshold given, even to a criterion that ignores it, and the one the criterion scans with
         check_threshold(self.threshold)
         check_threshold(criterion.scan_threshold(self.threshold))
+        if self.timestep_stride is not None and self.timestep_stride < 1:
+            raise BadSetting(
+                "timestep_stride", "{timestep_stride} must be at least 1", got=self.timestep_stride
+            )
+        if self.calib_size is not None and self.calib_size < 1:
+            raise BadSetting("calib_size", "{calib_size} must be at least 1", got=self.calib_size)
+        if self.scan_budget is not None:
+            if self.scan_budget < 1:
+                raise BadSetting("scan_budget", "{scan_budget} must be at least 1", got=self.scan_budget)
+            if self.timestep_stride is not None or self.calib_size is not None:
+                raise BadSetting(
+                    "scan_budget",
+                    "{scan_budget} chooses {timestep_stride} and {calib_size}: give the budget or those",
+                )
+
+
+DEFAULT_CALIB_SIZE = 32
 
 
 def check_threshold(threshold: float | None) -> None:
@@ -85,6 +105,112 @@ def default_chunk(calib_size: int, batch_size: int) -> int:
     return max(1, min(batch_size, SAMPLES_PER_PASS) // max(1, calib_size))
 
 
+# --scan-budget: how dp spends N forward samples (benchmarks/scan_budget.py, docs/benchmarks.md "Scan
+# budget"). Agreement with a large-calibration scan depends far more on the calibration images than on
+# scanning every timestep, until the stride reaches 32: so the budget goes to calibration images first, at
+# the coarsest stride that kept agreement (16), and to finer strides only once the images reach
+# BUDGET_MAX_CALIB (or the data runs out).
+BUDGET_STRIDES = (16, 8, 4, 2, 1)
+BUDGET_MIN_CALIB = 8
+BUDGET_MAX_CALIB = 256
+# The cost of a scan is (cutoff / stride + 1) × calibration images, and the cutoff is not known before: a
+# forward-only pilot scan of PILOT_IMAGES images at stride BUDGET_STRIDES[0] estimates it.
+PILOT_IMAGES = 16
+
+
+@dataclass
+class ScanPlan:
+    """What ``--scan-budget`` chose: stride and calibration size, from the pilot's cutoff estimate."""
+
+    scan_budget: int
+    timestep_stride: int
+    calib_size: int
+    estimated_cutoff: int
+    estimated_samples: int
+    pilot_samples: int = 0
+
+    def to_json(self) -> dict:
+        return dict(vars(self))
+
+
+def plan_scan(budget: int, estimated_cutoff: int, available: int | None = None) -> ScanPlan:
+    """Stride and calibration size for a scan of about ``budget`` forward samples (the rule above).
+
+    ``estimated_cutoff`` is the expected last scanned timestep; ``available`` caps the calibration size
+    (the images in the data). A budget below ``BUDGET_MIN_CALIB`` images at the coarsest stride is an error.
+    """
+    most = min(BUDGET_MAX_CALIB, available) if available else BUDGET_MAX_CALIB
+
+    def scanned(stride: int) -> int:
+        return estimated_cutoff // stride + 1
+
+    coarsest = BUDGET_STRIDES[0]
+    least = min(BUDGET_MIN_CALIB, most) * scanned(coarsest)
+    if budget < least:
+        raise BadSetting(
+            "scan_budget",
+            "{scan_budget} is too small for this model and threshold: at least {least} forward samples "
+            "({images} images × {steps} timesteps at stride {stride}, cutoff about t = {cutoff})",
+            got=budget,
+            least=least,
+            images=min(BUDGET_MIN_CALIB, most),
+            steps=scanned(coarsest),
+            stride=coarsest,
+            cutoff=estimated_cutoff,
+        )
+    calib = budget // scanned(coarsest)
+    stride = coarsest
+    if calib > most:
+        calib = most
+        stride = next(k for k in reversed(BUDGET_STRIDES) if calib * scanned(k) <= budget)
+    return ScanPlan(budget, stride, calib, estimated_cutoff, calib * scanned(stride))
+
+
+def _calibration(loaded: LoadedModel, adapter, settings: ScoreSettings, size: int, fit: bool = False):
+    """The calibration batch of ``size`` images; with ``fit``, as many as the data has if it has fewer.
+
+    Returns ``(x0, conditioning, available)``: ``available`` is the data's image count when it was
+    smaller than ``size`` (else None)."""
+    from dpcli.data import open_source
+
+    source = open_source(settings.data)
+    available = len(source) if fit and len(source) < size else None
+    x0, conditioning = calibration_batch(
+        loaded,
+        adapter,
+        source,
+        available or size,
+        settings.seed,
+        prompt=settings.prompt,
+        workers=settings.workers,
+    )
+    return x0, conditioning, available
+
+
+def plan_budget_scan(loaded: LoadedModel, adapter, settings: ScoreSettings, threshold: float) -> ScanPlan:
+    """Run the forward-only pilot scan and choose stride and calibration size for ``settings.scan_budget``."""
+    x0, conditioning, available = _calibration(loaded, adapter, settings, PILOT_IMAGES, fit=True)
+    pilot = accumulate_gradients(
+        loaded,
+        adapter,
+        x0,
+        calibration_noise(x0, settings.seed),
+        threshold,
+        timesteps=settings.timesteps,
+        chunk=default_chunk(x0.shape[0], settings.batch_size),
+        batch_size=settings.batch_size,
+        conditioning=conditioning,
+        stride=BUDGET_STRIDES[0],
+        gradients=False,
+    )
+    # A pilot that ran to the last timestep says the scan will too; one that stopped at t stops the real
+    # scan (finer stride, more images) at about t, a little earlier at most.
+    estimated_cutoff = pilot.cutoff if pilot.stopped_early else pilot.timesteps - 1
+    plan = plan_scan(settings.scan_budget, estimated_cutoff, available)
+    plan.pilot_samples = pilot.samples_computed
+    return plan
+
+
 def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=None) -> Scores:
     """Score ``loaded`` with a criterion: the timestep scan first when the criterion needs gradients."""
     from dpcli.plugins import get_registry
@@ -94,7 +220,9 @@ def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=Non
     adapter = loaded.adapter_object
     threshold = criterion.scan_threshold(settings.threshold)
     started = time.perf_counter()
-    scan = None
+    scan = plan = None
+    calib_size = settings.calib_size or DEFAULT_CALIB_SIZE
+    stride = settings.timestep_stride or 1
     if criterion.needs_gradients:
         if not settings.data:
             raise BadSetting(
@@ -102,15 +230,10 @@ def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=Non
                 "criterion '{name}' needs calibration data: pass {data} FOLDER or builtin:digits",
                 name=criterion.name,
             )
-        x0, conditioning = calibration_batch(
-            loaded,
-            adapter,
-            settings.data,
-            settings.calib_size,
-            settings.seed,
-            prompt=settings.prompt,
-            workers=settings.workers,
-        )
+        if settings.scan_budget is not None:
+            plan = plan_budget_scan(loaded, adapter, settings, threshold)
+            calib_size, stride = plan.calib_size, plan.timestep_stride
+        x0, conditioning, _ = _calibration(loaded, adapter, settings, calib_size, fit=plan is not None)
         noise = calibration_noise(x0, settings.seed)
         chunk = settings.chunk or default_chunk(x0.shape[0], settings.batch_size)
         scan = accumulate_gradients(
@@ -125,6 +248,7 @@ def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=Non
             conditioning=conditioning,
             on_progress=on_progress,
             squared=bool(getattr(criterion, "squared_gradients", False)),
+            stride=stride,
         )
     tensors = collect_scores(loaded, adapter, criterion, threshold, settings.seed, settings.options)
     loaded.model.zero_grad(set_to_none=True)
@@ -132,10 +256,12 @@ def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=Non
         "criterion": criterion.name,
         "threshold": threshold if criterion.uses_threshold else None,
         "data": str(settings.data) if criterion.needs_data and settings.data else None,
-        "calib_size": settings.calib_size if criterion.needs_data else None,
+        "calib_size": (scan.calib_size if scan else calib_size) if criterion.needs_data else None,
         "seed": settings.seed,
         "timesteps": scan.timesteps if scan else None,
         "chunk": scan.chunk if scan else None,
+        "timestep_stride": scan.stride if scan else None,
+        "scan_budget": plan.to_json() if plan else None,
         "ignore": settings.options.ignore,
         "round_to": settings.options.round_to,
         "head_ratio": settings.options.head_ratio,
@@ -178,6 +304,9 @@ class ScoreReport:
             "timesteps_scanned": len(scan.losses) if scan else 0,
             "timesteps_total": scan.timesteps if scan else None,
             "forward_passes": scan.forward_passes if scan else 0,
+            "samples": scan.samples_computed if scan else 0,
+            "timestep_stride": scan.stride if scan else None,
+            "scan_budget": self.scores.settings.get("scan_budget"),
             "chunk": scan.chunk if scan else None,
             "calib_size": scan.calib_size if scan else None,
             "seconds": self.scores.seconds,
@@ -252,5 +381,6 @@ def load_scores(path: Path, loaded: LoadedModel) -> Scores:
             chunk=settings.get("chunk") or 1,
             calib_size=settings.get("calib_size") or 0,
             seconds=0.0,
+            stride=settings.get("timestep_stride") or 1,
         )
     return Scores(settings["criterion"], tensors, scan, settings, metadata["model_signature"], 0.0)
