@@ -213,6 +213,8 @@ def test_bad_data_is_named(dp, tmp_path, tiny_unet_folder):
             "0.3",
             "--data",
             data,
+            "--calib-size",
+            "1",  # only the chosen calibration images are decoded
             "-o",
             tmp_path / "out",
         )

@@ -120,7 +120,7 @@ class AtomicFolder:
 
 # The output lock -------------------------------------------------------------------------------
 
-# A file system that cannot lock (some Lustre or SMB mounts) answers flock with one of these.
+# A file system that cannot lock (some Lustre or SMB mounts) answers lockf with one of these.
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
@@ -149,7 +149,7 @@ def output_lock(target: Path, on_note: Callable[[str], None] | None = None) -> I
     """Hold the exclusive lock of the output ``target`` for the block: a second writer of the same output
     gets a BadInput (exit 2) naming the holder's PID, whatever ``--force`` says.
 
-    The lock is ``flock`` on ``.NAME.lock`` beside the output, holding ``PID HOST``. The kernel (or the
+    The lock is a POSIX lock (``lockf``) on ``.NAME.lock`` beside the output, holding ``PID HOST``. The kernel (or the
     NFS lock manager) releases it when its process dies, however it dies, so a lock file left by a killed
     run is taken over, with a note through ``on_note``. On a file system without locks the run goes on
     unlocked, with a note. In a torchrun job only global rank 0 writes outputs, and only it locks.
@@ -204,12 +204,20 @@ def _remove_abandoned_writes(target: Path, on_note: Callable[[str], None] | None
 
 
 def _acquire(path: Path, target: Path) -> int:
-    """An open descriptor of ``path`` holding its exclusive flock, or BadInput when another holds it."""
+    """An open descriptor of ``path`` holding its exclusive lock, or BadInput when another holds it.
+
+    A POSIX record lock (``lockf``), not ``flock``: child processes forked while it is held (DataLoader
+    workers) do not inherit it, so a SIGKILLed run's lock is gone at once, not when its last worker exits.
+    (Closing any descriptor of the lock file in the holding process would release it: nothing else opens it.)
+    """
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise
             holder = _describe(_holder(fd))
             os.close(fd)
             raise BadInput(
