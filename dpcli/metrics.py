@@ -321,3 +321,89 @@ def ssim_psnr(images: torch.Tensor, reference: torch.Tensor) -> dict:
         "ssim_per_image": ssim.tolist(),
         "psnr_per_image": psnr.tolist(),
     }
+
+
+# CLIP score -----------------------------------------------------------------------------------
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # torchmetrics' default CLIPScore model
+
+
+def find_clip_model(spec: str | None) -> Path | None:
+    """The folder of a CLIP model: ``spec`` as a local folder, or a Hub id in the local Hugging Face cache.
+    Never downloads. ``spec`` None means the default model, which is simply absent (None) when not cached;
+    a ``spec`` given but found nowhere is a BadSetting."""
+    if spec is not None:
+        folder = Path(spec).expanduser()
+        if folder.is_dir():
+            return folder
+        if folder.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+            raise BadSetting("clip_model", "{clip_model} {path}: not a CLIP model folder", path=spec)
+    cached = _cached_snapshot(spec or DEFAULT_CLIP_MODEL)
+    if cached is None and spec is not None:
+        raise BadSetting(
+            "clip_model",
+            "{clip_model} {path}: not a folder, and not in the local Hugging Face cache (dp never downloads "
+            "models; copy a CLIP model folder with config.json and model.safetensors here)",
+            path=spec,
+        )
+    return cached
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, invalid id: all the same here
+        return None
+
+
+class ClipScorer:
+    """torchmetrics' CLIPScore (100 × cosine similarity of CLIP image and text embeddings, floored at 0,
+    averaged) with a CLIP model read from a local folder: safetensors weights only, nothing downloaded."""
+
+    def __init__(self, folder: Path, device: str | torch.device = "cpu"):
+        try:
+            import transformers
+        except ImportError:
+            raise BadInput("CLIP score needs the 'transformers' package (pip install transformers)") from None
+        from torchmetrics.multimodal.clip_score import CLIPScore
+
+        transformers.utils.logging.set_verbosity_error()
+        try:
+            model = transformers.CLIPModel.from_pretrained(
+                str(folder), local_files_only=True, use_safetensors=True
+            )
+            processor = transformers.CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError, TypeError) as exc:
+            raise BadInput(
+                f"{folder} is not a usable CLIP model folder (config.json, model.safetensors and a processor "
+                f"with its tokenizer): {str(exc).splitlines()[0]}"
+            ) from None
+        self.folder = Path(folder)
+        self.image_size = _processor_size(processor)
+        self.metric = CLIPScore(model_name_or_path=lambda: (model.eval(), processor), sync_on_compute=False)
+        self.metric = self.metric.to(device)
+        self.device = torch.device(device)
+
+    def update(self, images: torch.Tensor, texts: list[str], on_batch: Callable[[int], None] | None = None):
+        """Add uint8 images ``[N, C, H, W]`` with the prompt each was sampled from."""
+        if len(images) != len(texts):
+            raise ValueError("one text per image")
+        with torch.inference_mode():
+            for start in range(0, len(images), _BATCH):
+                batch = images[start : start + _BATCH].to(self.device)
+                batch = batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch[:, :3]
+                self.metric.update(list(batch), list(texts[start : start + _BATCH]))
+                if on_batch is not None:
+                    on_batch(len(batch))
+
+    def compute(self) -> float:
+        return float(self.metric.compute())
+
+
+def _processor_size(processor) -> list[int] | None:
+    crop = getattr(processor.image_processor, "crop_size", None)
+    if isinstance(crop, dict) and "height" in crop:
+        return [int(crop["height"]), int(crop["width"])]
+    return None

@@ -78,6 +78,21 @@ class BatchContext:
     prompt: str | None = None
 
 
+@dataclass(frozen=True)
+class ConditioningSpec:
+    """What a model is conditioned on when it samples (``ModelAdapter.conditioning_spec``).
+
+    ``kind``: ``none``, ``text`` (prompts) or ``class`` (class labels ``0..num_classes-1``).
+    ``default_guidance_scale``: the classifier-free guidance scale its diffusers pipeline samples with
+    (7.5 for StableDiffusionPipeline; 1, no guidance, otherwise). ``guidance``: whether it has an
+    unconditional input (the empty prompt, a null class), without which guidance is impossible."""
+
+    kind: str = "none"
+    num_classes: int | None = None
+    default_guidance_scale: float = 1.0
+    guidance: bool = False
+
+
 class ModelAdapter:
     """Base class for adapters. Subclasses set ``name``/``description`` and override what they support."""
 
@@ -111,6 +126,12 @@ class ModelAdapter:
     def noise_shape(self, loaded: LoadedModel) -> tuple[int, ...]:
         """Shape of one sample the denoiser works on (C, H, W): pixels, or latents for latent models."""
         return (loaded.in_channels, loaded.sample_size, loaded.sample_size)
+
+    def conditioning_spec(self, loaded: LoadedModel) -> ConditioningSpec:
+        """What ``loaded`` is conditioned on when sampling (default: nothing). dp eval / dp compare check
+        --prompt, --class-label and --guidance-scale against it, and pass ``prompt``, ``negative_prompt``
+        and ``class_labels`` (one per sample) to ``sampling_conditioning`` accordingly."""
+        return ConditioningSpec()
 
     def sampling_conditioning(self, loaded: LoadedModel, batch_size: int, generator=None, **options):
         """Conditioning for ``batch_size`` samples (None for unconditional models). Latent adapters return

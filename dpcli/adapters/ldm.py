@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpcli.adapters.base import BatchContext, LoadedModel, ModelAdapter, ModelSource
+from dpcli.adapters.base import BatchContext, ConditioningSpec, LoadedModel, ModelAdapter, ModelSource
 from dpcli.hookspecs import hookimpl
 
 
@@ -44,6 +44,11 @@ class LatentDiffusionAdapter(ModelAdapter):
         from dpcli.adapters.latent.hooks import predict
 
         return predict(loaded, sample, timesteps, conditioning)
+
+    def conditioning_spec(self, loaded: LoadedModel) -> ConditioningSpec:
+        from dpcli.adapters.latent.facts import conditioning_spec
+
+        return conditioning_spec(loaded)
 
     def sampling_conditioning(self, loaded: LoadedModel, batch_size: int, generator=None, **options):
         from dpcli.adapters.latent.hooks import sampling_conditioning

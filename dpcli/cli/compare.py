@@ -7,16 +7,21 @@ import typer
 
 from dpcli.cli.options import (
     BatchSize,
+    ClassLabels,
     Device,
     Force,
+    GuidanceScale,
     Json,
     LatencyBatch,
+    NegativePrompt,
     NoLatency,
     NumSamples,
     Output,
     Precision,
+    PromptsFile,
     Repeats,
     SamplerName,
+    SamplingPrompts,
     SamplingSteps,
     Scheduler,
     Spacing,
@@ -35,6 +40,15 @@ Reports = Annotated[
     ),
 ]
 
+MixedProtocols = Annotated[
+    bool,
+    typer.Option(
+        "--mixed-protocols",
+        help="Compare --report files evaluated under different protocols (sample count, steps, guidance, "
+        "prompts, reference data, ...) instead of refusing; each difference is flagged.",
+    ),
+]
+
 
 def compare(
     models: Models = None,
@@ -44,6 +58,12 @@ def compare(
     spacing: Spacing = None,
     sampler: SamplerName = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed of the sampling noise.")] = None,
+    prompt: SamplingPrompts = None,
+    prompts: PromptsFile = None,
+    negative_prompt: NegativePrompt = None,
+    guidance_scale: GuidanceScale = None,
+    class_label: ClassLabels = None,
+    mixed_protocols: MixedProtocols = False,
     batch_size: BatchSize = 64,
     latency_batch: LatencyBatch = 64,
     repeats: Repeats = 5,
@@ -55,19 +75,28 @@ def compare(
     force: Force = False,
     json_output: Json = False,
 ) -> None:
-    """Models side by side: size, MACs, latency, speedup, per-block widths, SSIM/PSNR to the first, a grid."""
+    """Models side by side: size, MACs, latency, speedup, per-block widths, SSIM/PSNR to the first from the
+    same noise, prompts and labels, a grid captioned with what each column was asked for."""
     from dpcli.cli import render as out
     from dpcli.cli.render.compare import render_compare
     from dpcli.io.files import AtomicFolder, prepare_output
     from dpcli.jobs.compare import CompareSettings, write_compare_output
     from dpcli.jobs.compare import compare as run_compare
     from dpcli.jobs.evaluate import LatencySettings
+    from dpcli.prompts import ConditioningRequest
     from dpcli.runtime import start_distributed
     from dpcli.sampling import SamplerSettings
 
     if output is not None:
         prepare_output(output, force)
-    explicit = any(value is not None for value in (steps, spacing, sampler, seed))
+    request = ConditioningRequest(
+        prompts=list(prompt or []),
+        prompts_file=prompts,
+        negative_prompt=negative_prompt,
+        guidance_scale=guidance_scale,
+        class_labels=list(class_label or []),
+    )
+    explicit = any(value is not None for value in (steps, spacing, sampler, seed)) or not request.is_empty
     settings = CompareSettings(
         models=list(models or []),
         reports=list(report or []),
@@ -83,6 +112,8 @@ def compare(
         latency=None if no_latency else LatencySettings(batch=latency_batch, repeats=repeats),
         device=device,
         scheduler=scheduler,
+        conditioning=request,
+        mixed_protocols=mixed_protocols,
     )
     dist = start_distributed()
     rank = dist.rank

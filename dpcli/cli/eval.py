@@ -8,19 +8,24 @@ import typer
 from dpcli.cli.options import (
     Adapter,
     BatchSize,
+    ClassLabels,
     Config,
     Data,
     Device,
     Force,
+    GuidanceScale,
     Json,
     LatencyBatch,
     ModelArgument,
+    NegativePrompt,
     NoLatency,
     NumSamples,
     Output,
     Precision,
+    PromptsFile,
     Repeats,
     SamplerName,
+    SamplingPrompts,
     SamplingSteps,
     Scheduler,
     Seed,
@@ -44,6 +49,14 @@ InceptionWeights = Annotated[
         help="torch-fidelity's Inception-v3 weights file (default: the torch hub cache; never downloaded).",
     ),
 ]
+ClipModel = Annotated[
+    str | None,
+    typer.Option(
+        "--clip-model",
+        help="Text models: CLIP model for the CLIP score, a local folder or a Hub id in the Hugging Face cache "
+        "(default openai/clip-vit-large-patch14 when cached; never downloaded).",
+    ),
+]
 SaveStats = Annotated[
     Path | None, typer.Option("--save-stats", help="Write the FID statistics of --data to this file.")
 ]
@@ -57,6 +70,12 @@ def evaluate(
     spacing: Spacing = "uniform",
     sampler: SamplerName = "ddim",
     seed: Seed = 0,
+    prompt: SamplingPrompts = None,
+    prompts: PromptsFile = None,
+    negative_prompt: NegativePrompt = None,
+    guidance_scale: GuidanceScale = None,
+    class_label: ClassLabels = None,
+    clip_model: ClipModel = None,
     batch_size: BatchSize = 64,
     data: Data = None,
     fid_stats: FidStatsFile = None,
@@ -74,13 +93,15 @@ def evaluate(
     scheduler: Scheduler = None,
     json_output: Json = False,
 ) -> None:
-    """Sample a model: latency, FID against --data, SSIM/PSNR to --reference from the same noise, a grid."""
+    """Sample a model: latency, FID against --data, CLIP score for text models, SSIM/PSNR to --reference from
+    the same noise and prompts, a grid; the report records the protocol that makes the numbers reproducible."""
     from dpcli.cli import render as out
     from dpcli.cli.render.eval import render_eval
     from dpcli.errors import BadInput
     from dpcli.io.files import AtomicFolder, prepare_output
     from dpcli.jobs.evaluate import EvalSettings, LatencySettings, write_eval_output
     from dpcli.jobs.evaluate import evaluate as run_eval
+    from dpcli.prompts import ConditioningRequest
     from dpcli.runtime import start_distributed
     from dpcli.sampling import SamplerSettings
 
@@ -109,6 +130,14 @@ def evaluate(
         adapter=adapter,
         config=config,
         scheduler=scheduler,
+        conditioning=ConditioningRequest(
+            prompts=list(prompt or []),
+            prompts_file=prompts,
+            negative_prompt=negative_prompt,
+            guidance_scale=guidance_scale,
+            class_labels=list(class_label or []),
+        ),
+        clip_model=clip_model,
     )
     dist = start_distributed()
     rank = dist.rank
