@@ -64,8 +64,9 @@ class PromptSet:
 
 
 def read_prompts_file(path: Path) -> PromptSet:
-    """The prompts of a prompt file (see the module docstring for the formats)."""
-    path = Path(path).expanduser()
+    """The prompts of a prompt file (see the module docstring for the formats); its path is made absolute,
+    so reports name it wherever they are read."""
+    path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise BadSetting("prompts", "{prompts} {path}: file not found", path=path)
     if path.suffix.lower() == ".json":

@@ -302,3 +302,19 @@ def test_reports_with_different_protocols_are_refused(dp, tiny_unet_folder, tmp_
     mixed = dp("compare", "--report", tmp_path / "a", "--report", tmp_path / "b", "--mixed-protocols")
     assert mixed.exit_code == 0, mixed.stderr
     assert "PROTOCOL DIFFERS" in mixed.stdout and "steps 2 vs 3" in mixed.stdout
+
+
+def test_a_live_model_samples_with_the_prompts_of_a_report(dp, models, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na green field\n")
+    report = tmp_path / "report"
+    made = dp("eval", models["sd"], *FAST, "--prompts", prompts, "--guidance-scale", "3", "-o", report)
+    assert made.exit_code == 0, made.stderr
+    result = dp("compare", models["sd"], "--report", report, "--num-samples", "4", "--no-latency", "--json")
+    assert result.exit_code == 0, result.stderr
+    live, reported = result.json["models"]
+    assert result.json["sampling"]["guidance_scale"] == 3.0 and reported["ssim"] == pytest.approx(1.0)
+    assert result.json["conditioning"]["prompts"]["file"] == str(prompts)
+    prompts.write_text("something else\n")
+    changed = dp("compare", models["sd"], "--report", report, "--num-samples", "4", "--no-latency")
+    assert changed.exit_code == 2 and "changed since the report was made" in changed.stderr
