@@ -249,6 +249,7 @@ def test_options_that_mean_nothing_for_a_model_are_refused(dp, models, tiny_unet
         (models["sd"], ["--prompt", "x", "--prompts", tmp_path / "p.txt"], "not both"),
         (models["sd"], ["--prompts", tmp_path / "p.txt"], "file not found"),
         (models["sd"], ["--guidance-scale", "-2"], "--guidance-scale must be a number >= 0"),
+        (models["sd"], ["--clip-model", models["clip"]], "--clip-model scores images against their prompts"),
     ]
     for model, args, message in cases:
         for command in ("eval", "compare"):

@@ -213,9 +213,13 @@ def plan_clip(conditions: Conditions, clip_model: str | None, source: str) -> tu
                 source=source,
             )
         return None, "CLIP score is for text-conditional models"
-    folder = find_clip_model(clip_model)
     if not conditions.has_prompts:
+        if clip_model is not None:
+            raise BadSetting(
+                "clip_model", "{clip_model} scores images against their prompts: pass {prompt} or {prompts}"
+            )
         return None, "sampled with the empty prompt: pass --prompt or --prompts for a CLIP score"
+    folder = find_clip_model(clip_model)
     if folder is None:
         return None, (
             "no CLIP model: pass --clip-model (a local folder, or a Hub id in the Hugging Face cache; "
