@@ -33,8 +33,9 @@ def _version(package: str) -> str | None:
 
 
 def data_fingerprint(data: str) -> str:
-    """A digest of reference data: the built-in file's bytes, or for a folder the sorted list of its image
-    files with their sizes (cheap for 30k images; it catches added, removed, renamed or re-encoded files)."""
+    """A digest of reference data: the built-in file's bytes, a single file's bytes, or for a folder the
+    sorted list of its image files with their sizes (cheap for 30k images; it catches added, removed,
+    renamed or re-encoded files); for other sources (datasets by name) a digest of the name only."""
     from dpcli.data import list_images
 
     if data == "builtin:digits":
@@ -42,6 +43,8 @@ def data_fingerprint(data: str) -> str:
     path = Path(data).expanduser()
     if path.is_file():
         return sha256_of_file(path)
+    if not path.is_dir():  # another kind of source (a dataset name): its name is all that is known here
+        return hashlib.sha256(data.encode()).hexdigest()
     digest = hashlib.sha256()
     for file in list_images(path):
         digest.update(f"{file.relative_to(path).as_posix()}\t{file.stat().st_size}\n".encode())
