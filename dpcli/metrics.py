@@ -321,3 +321,124 @@ def ssim_psnr(images: torch.Tensor, reference: torch.Tensor) -> dict:
         "ssim_per_image": ssim.tolist(),
         "psnr_per_image": psnr.tolist(),
     }
+
+
+# CLIP score -----------------------------------------------------------------------------------
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # torchmetrics' default CLIPScore model
+
+
+def find_clip_model(spec: str | None) -> Path | None:
+    """The folder of a CLIP model: ``spec`` as a local folder, or a Hub id in the local Hugging Face cache.
+    Never downloads. ``spec`` None means the default model, which is simply absent (None) when not cached;
+    a ``spec`` given but found nowhere is a BadSetting."""
+    if spec is not None:
+        folder = Path(spec).expanduser()
+        if folder.is_dir():
+            return folder
+        if folder.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+            raise BadSetting("clip_model", "{clip_model} {path}: not a CLIP model folder", path=spec)
+    cached = _cached_snapshot(spec or DEFAULT_CLIP_MODEL)
+    if cached is None and spec is not None:
+        raise BadSetting(
+            "clip_model",
+            "{clip_model} {path}: not a folder, and not in the local Hugging Face cache (dp never downloads "
+            "models; copy a CLIP model folder with config.json and model.safetensors here)",
+            path=spec,
+        )
+    return cached
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, invalid id: all the same here
+        return None
+
+
+class ClipScorer:
+    """CLIP score as torchmetrics' ``CLIPScore`` defines it: the mean over images of 100 × the cosine
+    similarity of the CLIP embeddings of the image and of its prompt, floored at 0. Computed here with the
+    transformers CLIP model directly (torchmetrics 1.9's CLIPScore breaks on transformers 5, whose
+    ``get_image_features`` returns an output object); the model is read from a local folder, safetensors
+    weights only, nothing downloaded. Prompts longer than the text encoder's positions are truncated."""
+
+    def __init__(self, folder: Path, device: str | torch.device = "cpu"):
+        try:
+            import transformers
+        except ImportError:
+            raise BadInput("CLIP score needs the 'transformers' package (pip install transformers)") from None
+
+        transformers.utils.logging.set_verbosity_error()
+        try:
+            model = transformers.CLIPModel.from_pretrained(
+                str(folder), local_files_only=True, use_safetensors=True
+            )
+            processor = transformers.CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError, TypeError) as exc:
+            raise BadInput(
+                f"{folder} is not a usable CLIP model folder (config.json, model.safetensors and a processor "
+                f"with its tokenizer): {str(exc).splitlines()[0]}"
+            ) from None
+        self.folder = Path(folder)
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        self.processor = processor
+        self.image_size = _processor_size(processor)
+        self.max_tokens = int(model.config.text_config.max_position_embeddings)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, images: torch.Tensor, texts: list[str], on_batch: Callable[[int], None] | None = None):
+        """Add uint8 images ``[N, C, H, W]`` with the prompt each was sampled from."""
+        if len(images) != len(texts):
+            raise ValueError("one text per image")
+        with torch.inference_mode():
+            for start in range(0, len(images), _BATCH):
+                batch = images[start : start + _BATCH]
+                batch = batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch[:, :3]
+                prompts = list(texts[start : start + _BATCH])
+                pixels = self.processor(images=list(batch.cpu()), return_tensors="pt")["pixel_values"]
+                tokens = self.processor(
+                    text=prompts,
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_tokens,
+                )
+                image_features = _embedding(
+                    self.model.get_image_features(pixel_values=pixels.to(self.device))
+                )
+                text_features = _embedding(
+                    self.model.get_text_features(
+                        input_ids=tokens["input_ids"].to(self.device),
+                        attention_mask=tokens["attention_mask"].to(self.device),
+                    )
+                )
+                cosine = torch.nn.functional.cosine_similarity(
+                    image_features.float(), text_features.float(), dim=-1
+                )
+                self.total += float(100 * cosine.sum())
+                self.count += len(batch)
+                if on_batch is not None:
+                    on_batch(len(batch))
+
+    def compute(self) -> float:
+        if self.count == 0:
+            raise BadInput("CLIP score needs at least one image")
+        return max(0.0, self.total / self.count)
+
+
+def _embedding(output) -> torch.Tensor:
+    """The projected embedding: transformers < 5 returns it as a tensor, 5 as ``pooler_output``."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _processor_size(processor) -> list[int] | None:
+    """The size the CLIP processor crops images to (a dict, or transformers 5's SizeDict)."""
+    crop = getattr(processor.image_processor, "crop_size", None)
+    height = crop.get("height") if isinstance(crop, dict) else getattr(crop, "height", None)
+    width = crop.get("width") if isinstance(crop, dict) else getattr(crop, "width", None)
+    return [int(height), int(width)] if height and width else None

@@ -90,10 +90,15 @@ def grid_rows(images: torch.Tensor, columns: int | None = None) -> list[torch.Te
     return [images[start : start + columns] for start in range(0, len(images), columns)]
 
 
-def save_image_grid(rows, path: Path, pad: int = 2, min_cell: int = 64) -> dict:
+CAPTION_LINES = 4  # at most this many lines of caption above a column
+
+
+def save_image_grid(rows, path: Path, pad: int = 2, min_cell: int = 64, captions: list | None = None) -> dict:
     """A PNG grid: one row per entry of ``rows`` (uint8 tensors [n, C, H, W]), image j of every row in
     column j. Small images are enlarged (nearest neighbour) to at least ``min_cell`` pixels; rows with
-    fewer images leave their cells blank. Returns the path and the layout (rows, columns, cell, pad)."""
+    fewer images leave their cells blank. ``captions`` (one per column, e.g. the prompt or class each
+    column was sampled with) are written above the columns, wrapped to the cell width. Returns the path and
+    the layout (rows, columns, cell, pad, the captions and the height of the caption band)."""
     import numpy as np
     from PIL import Image
 
@@ -104,16 +109,77 @@ def save_image_grid(rows, path: Path, pad: int = 2, min_cell: int = 64) -> dict:
     height, width = (max(heights), max(widths)) if heights else (1, 1)
     scale = max(1, -(-min_cell // max(height, width)))
     cell_h, cell_w = height * scale, width * scale
+    captions = [str(c) if c is not None else "" for c in captions[:columns]] if captions else None
+    wrapped = [_wrap(caption, cell_w) for caption in captions] if captions else []
+    line_height = _font().getbbox("Ag")[3] + 2
+    band = max((len(lines) for lines in wrapped), default=0) * line_height + (pad if wrapped else 0)
     canvas = np.full(
-        (len(rows) * (cell_h + pad) + pad, max(columns, 1) * (cell_w + pad) + pad, 3), 255, dtype=np.uint8
+        (band + len(rows) * (cell_h + pad) + pad, max(columns, 1) * (cell_w + pad) + pad, 3),
+        255,
+        dtype=np.uint8,
     )
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             pixels = image.cpu().numpy()
             pixels = np.repeat(pixels, 3, axis=0) if pixels.shape[0] == 1 else pixels[:3]
             pixels = pixels.transpose(1, 2, 0).repeat(scale, axis=0).repeat(scale, axis=1)
-            top, left = pad + r * (cell_h + pad), pad + c * (cell_w + pad)
+            top, left = band + pad + r * (cell_h + pad), pad + c * (cell_w + pad)
             canvas[top : top + pixels.shape[0], left : left + pixels.shape[1]] = pixels
+    picture = Image.fromarray(canvas)
+    if wrapped:
+        from PIL import ImageDraw
+
+        draw = ImageDraw.Draw(picture)
+        for c, lines in enumerate(wrapped):
+            for number, line in enumerate(lines):
+                draw.text(
+                    (pad + c * (cell_w + pad), pad + number * line_height), line, fill=(0, 0, 0), font=_font()
+                )
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
-    return {"path": str(path), "rows": len(rows), "columns": columns, "cell": [cell_h, cell_w], "pad": pad}
+    picture.save(path)
+    return {
+        "path": str(path),
+        "rows": len(rows),
+        "columns": columns,
+        "cell": [cell_h, cell_w],
+        "pad": pad,
+        "captions": captions,
+        "caption_height": band,
+    }
+
+
+def _font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default()
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` in lines that fit ``width`` pixels (words split where they must), at most CAPTION_LINES;
+    a cut caption ends in "..."."""
+    font = _font()
+    fits = lambda line: font.getlength(line) <= width  # noqa: E731
+    lines, current = [], ""
+    for word in text.split():
+        candidate = f"{current} {word}".strip()
+        if fits(candidate):
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        while not fits(word) and len(word) > 1:
+            cut = 1
+            while cut < len(word) and fits(word[: cut + 1]):
+                cut += 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        current = word
+    if current:
+        lines.append(current)
+    if len(lines) > CAPTION_LINES:
+        lines = lines[:CAPTION_LINES]
+        last = lines[-1]
+        while last and not fits(last + "..."):
+            last = last[:-1]
+        lines[-1] = last + "..."
+    return lines

@@ -54,7 +54,25 @@ class SamplerSettings:
     batch_size: int = 64
     precision: str = "auto"
     guidance_scale: float = 1.0
-    options: dict = field(default_factory=dict)  # adapter options for sampling_conditioning (e.g. a prompt)
+    # Conditioning by sample index: sample i gets prompts[i % P] and class_labels[i % L] (see dpcli.prompts).
+    prompts: list[str] | None = None
+    negative_prompt: str | None = None
+    class_labels: list[int] | None = None  # None for a class-conditional model: every class in turn
+    options: dict = field(default_factory=dict)  # further adapter options for sampling_conditioning
+
+    def conditions_digest(self) -> str | None:
+        """A digest of the per-index conditioning (None when there is none): equal digests, equal inputs."""
+        if self.prompts is None and self.negative_prompt is None and self.class_labels is None:
+            return None
+        from dpcli.prompts import sha256_of_json
+
+        return sha256_of_json(
+            {
+                "prompts": self.prompts,
+                "negative_prompt": self.negative_prompt,
+                "class_labels": self.class_labels,
+            }
+        )
 
     def validate(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -178,6 +196,7 @@ class Sampler:
         if self.channels_last:
             loaded.model.to(memory_format=torch.channels_last)
         self.noise_shape = tuple(self.adapter.noise_shape(loaded))
+        self.conditioning_spec = self.adapter.conditioning_spec(loaded)
 
     @property
     def precision_name(self) -> str:
@@ -188,10 +207,21 @@ class Sampler:
         return self.timesteps[position + 1] if position + 1 < len(self.timesteps) else -1
 
     def conditioning(self, indices: Sequence[int]):
-        generators = [sample_generator(self.settings.seed, i, _CONDITIONING) for i in indices]
-        return self.adapter.sampling_conditioning(
-            self.loaded, len(indices), generators, **self.settings.options
-        )
+        """The adapter's conditioning for ``indices``: prompt ``i mod P``, class label ``i mod L`` (every class
+        in turn when no labels were given), the same whatever the batch or process."""
+        settings = self.settings
+        options = dict(settings.options)
+        if settings.prompts:
+            options["prompt"] = [settings.prompts[i % len(settings.prompts)] for i in indices]
+        if settings.negative_prompt is not None:
+            options["negative_prompt"] = settings.negative_prompt
+        labels = settings.class_labels
+        if not labels and self.conditioning_spec.kind == "class":
+            labels = list(range(int(self.conditioning_spec.num_classes)))
+        if labels:
+            options["class_labels"] = [int(labels[i % len(labels)]) for i in indices]
+        generators = [sample_generator(settings.seed, i, _CONDITIONING) for i in indices]
+        return self.adapter.sampling_conditioning(self.loaded, len(indices), generators, **options)
 
     def predict(self, sample: torch.Tensor, timestep: int, conditioning) -> torch.Tensor:
         """The adapter's prediction (noise, v or x0) for the batch at ``timestep``, as float32."""
@@ -317,6 +347,8 @@ class Samples:
             "timesteps": list(self.timesteps),
             "model_evaluations": len(self.timesteps),
             "seed": self.settings.seed,
+            "guidance_scale": self.settings.guidance_scale,
+            "conditions_sha256": self.settings.conditions_digest(),
             "num_samples": len(self.indices),
             "batch_size": self.settings.batch_size,
             "device": self.device,

@@ -26,6 +26,9 @@ MODEL_KEYS = {
     "psnr",
     "consistency_note",
     "fid",
+    "clip_score",
+    "protocol",
+    "protocol_note",
 }
 
 
@@ -49,6 +52,7 @@ def test_three_models_side_by_side_with_one_grid_row_each(dp, tmp_path, tiny_une
         "baseline",
         "num_samples",
         "sampling",
+        "conditioning",
         "models",
         "output",
         "grid",

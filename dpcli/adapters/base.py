@@ -83,6 +83,21 @@ class BatchContext:
     latents: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class ConditioningSpec:
+    """What a model is conditioned on when it samples (``ModelAdapter.conditioning_spec``).
+
+    ``kind``: ``none``, ``text`` (prompts) or ``class`` (class labels ``0..num_classes-1``).
+    ``default_guidance_scale``: the classifier-free guidance scale its diffusers pipeline samples with
+    (7.5 for StableDiffusionPipeline; 1, no guidance, otherwise). ``guidance``: whether it has an
+    unconditional input (the empty prompt, a null class), without which guidance is impossible."""
+
+    kind: str = "none"
+    num_classes: int | None = None
+    default_guidance_scale: float = 1.0
+    guidance: bool = False
+
+
 class ModelAdapter:
     """Base class for adapters. Subclasses set ``name``/``description`` and override what they support."""
 
@@ -117,6 +132,12 @@ class ModelAdapter:
         """Shape of one sample the denoiser works on (C, H, W): pixels, or latents for latent models."""
         return (loaded.in_channels, loaded.sample_size, loaded.sample_size)
 
+    def conditioning_spec(self, loaded: LoadedModel) -> ConditioningSpec:
+        """What ``loaded`` is conditioned on when sampling (default: nothing). dp eval / dp compare check
+        --prompt, --class-label and --guidance-scale against it, and pass ``prompt``, ``negative_prompt``
+        and ``class_labels`` (one per sample) to ``sampling_conditioning`` accordingly."""
+        return ConditioningSpec()
+
     def sampling_conditioning(self, loaded: LoadedModel, batch_size: int, generator=None, **options):
         """Conditioning for ``batch_size`` samples (None for unconditional models). Latent adapters return
         e.g. class labels or prompt embeddings here; ``options`` carries command options such as a prompt."""
@@ -149,13 +170,15 @@ class ModelAdapter:
         parameter = next(loaded.model.parameters())
         return images.to(parameter.device, parameter.dtype), None
 
-    def conditioning_kind(self, loaded: LoadedModel) -> str | None:
-        """What the model is conditioned on: ``"text"``, ``"class"``, or None (unconditional)."""
-        return None
-
     def check_data(self, loaded: LoadedModel, source, prompt: str | None = None) -> None:
-        """Refuse, before any work, a data source (``dpcli.data.Source``) that cannot condition the model:
-        a class-conditional model needs a label for every example, a text model captions for all or none."""
+        """Refuse, before any work, a data source (``dpcli.data.Source``) that cannot condition the model
+        (``conditioning_spec``): a class model needs a label in range for every example, a text model
+        without ``prompt`` captions for all examples or none."""
+        spec = self.conditioning_spec(loaded)
+        if spec.kind == "class":
+            source.check_labels(int(spec.num_classes))
+        elif spec.kind == "text" and prompt is None:
+            source.check_captions()
 
     def encode_images(self, loaded: LoadedModel, images):
         """Images in [-1, 1] as the samples the denoiser works on. Pixel models: None (nothing to encode,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpcli.adapters.base import BatchContext, LoadedModel, ModelAdapter, ModelSource
+from dpcli.adapters.base import BatchContext, ConditioningSpec, LoadedModel, ModelAdapter, ModelSource
 from dpcli.hookspecs import hookimpl
 
 
@@ -44,6 +44,11 @@ class LatentDiffusionAdapter(ModelAdapter):
         from dpcli.adapters.latent.hooks import predict
 
         return predict(loaded, sample, timesteps, conditioning)
+
+    def conditioning_spec(self, loaded: LoadedModel) -> ConditioningSpec:
+        from dpcli.adapters.latent.facts import conditioning_spec
+
+        return conditioning_spec(loaded)
 
     def sampling_conditioning(self, loaded: LoadedModel, batch_size: int, generator=None, **options):
         from dpcli.adapters.latent.hooks import sampling_conditioning
@@ -75,14 +80,11 @@ class LatentDiffusionAdapter(ModelAdapter):
 
         return prepare_batch(loaded, images, context)
 
-    def conditioning_kind(self, loaded: LoadedModel) -> str | None:
-        kind = loaded.extras.get("conditioning")
-        return {"text": "text", "class": "class", "class-context": "class"}.get(kind)
-
     def check_data(self, loaded: LoadedModel, source, prompt: str | None = None) -> None:
-        from dpcli.adapters.latent.hooks import check_data
+        from dpcli.adapters.latent.hooks import refuse_missing_conditioning
 
-        check_data(loaded, source, prompt)
+        refuse_missing_conditioning(loaded)
+        super().check_data(loaded, source, prompt)
 
     def encode_images(self, loaded: LoadedModel, images):
         from dpcli.adapters.latent.hooks import encode_images

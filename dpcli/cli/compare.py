@@ -7,17 +7,22 @@ import typer
 
 from dpcli.cli.options import (
     BatchSize,
+    ClassLabels,
     Device,
     Force,
+    GuidanceScale,
     Json,
     LatencyBatch,
     MaxParams,
+    NegativePrompt,
     NoLatency,
     NumSamples,
     Output,
     Precision,
+    PromptsFile,
     Repeats,
     SamplerName,
+    SamplingPrompts,
     SamplingSteps,
     Scheduler,
     Spacing,
@@ -36,6 +41,15 @@ Reports = Annotated[
     ),
 ]
 
+MixedProtocols = Annotated[
+    bool,
+    typer.Option(
+        "--mixed-protocols",
+        help="Compare --report files evaluated under different protocols (sample count, steps, guidance, "
+        "prompts, reference data, ...) instead of refusing; each difference is flagged.",
+    ),
+]
+
 
 def compare(
     context: typer.Context,
@@ -46,6 +60,12 @@ def compare(
     spacing: Spacing = None,
     sampler: SamplerName = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed of the sampling noise.")] = None,
+    prompt: SamplingPrompts = None,
+    prompts: PromptsFile = None,
+    negative_prompt: NegativePrompt = None,
+    guidance_scale: GuidanceScale = None,
+    class_label: ClassLabels = None,
+    mixed_protocols: MixedProtocols = False,
     batch_size: BatchSize = 64,
     latency_batch: LatencyBatch = 64,
     repeats: Repeats = 5,
@@ -58,7 +78,8 @@ def compare(
     max_params: MaxParams = None,
     json_output: Json = False,
 ) -> None:
-    """Models side by side: size, MACs, latency, speedup, per-block widths, SSIM/PSNR to the first, a grid."""
+    """Models side by side: size, MACs, latency, speedup, per-block widths, SSIM/PSNR to the first from the
+    same noise, prompts and labels, a grid captioned with what each column was asked for."""
     from dpcli.cli import render as out
     from dpcli.cli.common import limit_params, lock_output
     from dpcli.cli.render.compare import render_compare
@@ -66,6 +87,7 @@ def compare(
     from dpcli.jobs.compare import CompareSettings, write_compare_output
     from dpcli.jobs.compare import compare as run_compare
     from dpcli.jobs.evaluate import LatencySettings
+    from dpcli.prompts import ConditioningRequest
     from dpcli.runtime import start_distributed
     from dpcli.sampling import SamplerSettings
 
@@ -74,7 +96,14 @@ def compare(
     if output is not None:
         lock_output(context, output)
         prepare_output(output, force)
-    explicit = any(value is not None for value in (steps, spacing, sampler, seed))
+    request = ConditioningRequest(
+        prompts=list(prompt or []),
+        prompts_file=prompts,
+        negative_prompt=negative_prompt,
+        guidance_scale=guidance_scale,
+        class_labels=list(class_label or []),
+    )
+    explicit = any(value is not None for value in (steps, spacing, sampler, seed)) or not request.is_empty
     settings = CompareSettings(
         models=list(models or []),
         reports=list(report or []),
@@ -90,6 +119,8 @@ def compare(
         latency=None if no_latency else LatencySettings(batch=latency_batch, repeats=repeats),
         device=device,
         scheduler=scheduler,
+        conditioning=request,
+        mixed_protocols=mixed_protocols,
     )
     dist = start_distributed()
     rank = dist.rank

@@ -9,22 +9,27 @@ from dpcli.cli.options import (
     Adapter,
     BatchSize,
     CaptionColumn,
+    ClassLabels,
     Config,
     Data,
     Device,
     Force,
+    GuidanceScale,
     ImageColumn,
     Json,
     LabelColumn,
     LatencyBatch,
     MaxParams,
     ModelArgument,
+    NegativePrompt,
     NoLatency,
     NumSamples,
     Output,
     Precision,
+    PromptsFile,
     Repeats,
     SamplerName,
+    SamplingPrompts,
     SamplingSteps,
     Scheduler,
     Seed,
@@ -49,6 +54,14 @@ InceptionWeights = Annotated[
         help="torch-fidelity's Inception-v3 weights file (default: the torch hub cache; never downloaded).",
     ),
 ]
+ClipModel = Annotated[
+    str | None,
+    typer.Option(
+        "--clip-model",
+        help="Text models: CLIP model for the CLIP score, a local folder or a Hub id in the Hugging Face cache "
+        "(default openai/clip-vit-large-patch14 when cached; never downloaded).",
+    ),
+]
 SaveStats = Annotated[
     Path | None, typer.Option("--save-stats", help="Write the FID statistics of --data to this file.")
 ]
@@ -63,6 +76,12 @@ def evaluate(
     spacing: Spacing = "uniform",
     sampler: SamplerName = "ddim",
     seed: Seed = 0,
+    prompt: SamplingPrompts = None,
+    prompts: PromptsFile = None,
+    negative_prompt: NegativePrompt = None,
+    guidance_scale: GuidanceScale = None,
+    class_label: ClassLabels = None,
+    clip_model: ClipModel = None,
     batch_size: BatchSize = 64,
     data: Data = None,
     split: Split = None,
@@ -85,7 +104,8 @@ def evaluate(
     max_params: MaxParams = None,
     json_output: Json = False,
 ) -> None:
-    """Sample a model: latency, FID against --data, SSIM/PSNR to --reference from the same noise, a grid."""
+    """Sample a model: latency, FID against --data, CLIP score for text models, SSIM/PSNR to --reference from
+    the same noise and prompts, a grid; the report records the protocol that makes the numbers reproducible."""
     from dpcli.cli import render as out
     from dpcli.cli.common import data_spec, limit_params, lock_output
     from dpcli.cli.render.eval import render_eval
@@ -93,6 +113,7 @@ def evaluate(
     from dpcli.io.files import AtomicFolder, prepare_output
     from dpcli.jobs.evaluate import EvalSettings, LatencySettings, write_eval_output
     from dpcli.jobs.evaluate import evaluate as run_eval
+    from dpcli.prompts import ConditioningRequest
     from dpcli.runtime import start_distributed
     from dpcli.sampling import SamplerSettings
 
@@ -126,6 +147,14 @@ def evaluate(
         adapter=adapter,
         config=config,
         scheduler=scheduler,
+        conditioning=ConditioningRequest(
+            prompts=list(prompt or []),
+            prompts_file=prompts,
+            negative_prompt=negative_prompt,
+            guidance_scale=guidance_scale,
+            class_labels=list(class_label or []),
+        ),
+        clip_model=clip_model,
     )
     dist = start_distributed()
     rank = dist.rank

@@ -184,3 +184,41 @@ Repeats = Annotated[
     int, typer.Option("--repeats", min=1, help="Timed repeats per latency figure (the median is reported).")
 ]
 NoLatency = Annotated[bool, typer.Option("--no-latency", help="Skip the latency measurement.")]
+SamplingPrompts = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--prompt",
+        help="Text-conditional models: sample with this prompt (repeatable; sample i gets prompt i mod P; "
+        "default the empty prompt).",
+    ),
+]
+PromptsFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--prompts",
+        help="Text-conditional models: prompts from a file (one per line; metadata.jsonl or captions.txt as "
+        "dp score reads them; a COCO captions .json); sample i gets prompt i mod P.",
+    ),
+]
+NegativePrompt = Annotated[
+    str | None,
+    typer.Option(
+        "--negative-prompt", help="Text models under guidance: the unconditional prompt (default empty)."
+    ),
+]
+GuidanceScale = Annotated[
+    float | None,
+    typer.Option(
+        "--guidance-scale",
+        help="Classifier-free guidance scale (default: as the model's diffusers pipeline, 7.5 for Stable "
+        "Diffusion, 1 otherwise; 1 turns guidance off).",
+    ),
+]
+ClassLabels = Annotated[
+    list[int] | None,
+    typer.Option(
+        "--class-label",
+        help="Class-conditional models: sample this class (repeatable; sample i gets label i mod L; default "
+        "every class in turn).",
+    ),
+]

@@ -20,11 +20,15 @@ from dpcli.jobs.evaluate import (
     measure_latency,
     model_summary,
     read_eval_report,
+    resolve_sampling_conditions,
     sample_model,
+    with_conditions,
 )
+from dpcli.jobs.protocol import describe_difference, protocol_differences
 from dpcli.metrics import (
     ssim_psnr,
 )
+from dpcli.prompts import ConditioningRequest, Conditions, conditions_from_record
 from dpcli.runtime import is_main_process
 from dpcli.sampling import SamplerSettings
 
@@ -38,6 +42,8 @@ class CompareSettings:
     latency: LatencySettings | None = field(default_factory=LatencySettings)
     device: str | None = None
     scheduler: Path | None = None  # replaces the scheduler of every model sampled here
+    conditioning: ConditioningRequest = field(default_factory=ConditioningRequest)
+    mixed_protocols: bool = False  # compare reports evaluated under different protocols (flagged per row)
 
 
 @dataclass
@@ -50,6 +56,9 @@ class Entry:
     images: torch.Tensor | None
     report_path: str | None = None
     fid: float | None = None
+    clip_score: float | None = None
+    protocol: dict | None = None
+    protocol_note: str | None = None
 
 
 def sampling_from_report(report: dict, base: SamplerSettings) -> SamplerSettings:
@@ -62,9 +71,57 @@ def sampling_from_report(report: dict, base: SamplerSettings) -> SamplerSettings
         seed=int(recorded.get("seed", base.seed)),
         batch_size=base.batch_size,
         precision=base.precision,
-        guidance_scale=base.guidance_scale,
+        guidance_scale=float(recorded.get("guidance_scale", base.guidance_scale)),
         options=dict(base.options),
     )
+
+
+def request_from(conditions: Conditions) -> ConditioningRequest:
+    """A request that resolves to ``conditions`` (to check that a model can sample with a report's)."""
+    return ConditioningRequest(
+        prompts=list(conditions.prompts or []),
+        negative_prompt=conditions.negative_prompt,
+        guidance_scale=conditions.guidance_scale if conditions.kind != "none" else None,
+        class_labels=list(conditions.class_labels or []),
+    )
+
+
+def check_protocols(read: list, mixed: bool) -> list[str | None]:
+    """A note per report on its protocol against the first report's; refuses (BadSetting) reports whose
+    protocols differ in anything but versions, unless ``mixed``."""
+    first_file = first = None
+    notes: list[str | None] = []
+    for report, _, file in read:
+        protocol = report.get("protocol")
+        if protocol is None:
+            notes.append("no protocol recorded (a report of an older dp): its numbers cannot be checked")
+            continue
+        if first is None:
+            first_file, first = file, protocol
+            notes.append(None)
+            continue
+        different, versions = protocol_differences(first, protocol)
+        if different and not mixed:
+            raise BadSetting(
+                "reports",
+                "{reports} {a} and {b} were evaluated under different protocols ({what}): their FID and CLIP "
+                "scores are not comparable; pass {mixed_protocols} to compare them anyway",
+                a=first_file,
+                b=file,
+                what="; ".join(describe_difference(key, first, protocol) for key in different),
+            )
+        parts = []
+        if different:
+            parts.append(
+                "PROTOCOL DIFFERS from the first report: "
+                + "; ".join(describe_difference(key, first, protocol) for key in different)
+            )
+        if versions:
+            parts.append(
+                "other versions: " + "; ".join(describe_difference(k, first, protocol) for k in versions)
+            )
+        notes.append(". ".join(parts) or None)
+    return notes
 
 
 @dataclass
@@ -74,6 +131,7 @@ class CompareReport:
 
     fields: dict
     grid_rows: list
+    grid_captions: list | None = None
 
     def to_json(self) -> dict:
         return self.fields
@@ -101,20 +159,30 @@ def compare(
     if settings.latency is not None:
         settings.latency.validate()
     read = [read_eval_report(path) for path in settings.reports]
+    protocol_notes = check_protocols(read, settings.mixed_protocols)
     sampling = settings.sampling
+    reported = None  # the conditions of the first report, when live models sample with its settings
     if read and not explicit_sampling:
         sampling = sampling_from_report(read[0][0], sampling)
+        if settings.models:
+            reported = conditions_from_record(read[0][0].get("protocol"))
     sampling.validate()
 
     entries: list[Entry] = []
     first_loaded = None
+    conditions = reported
     for spec in settings.models:
         status(f"Loading {spec}")
         loaded = load_model(spec, scheduler=settings.scheduler)
+        request = settings.conditioning if reported is None else request_from(reported)
         if first_loaded is None:
             first_loaded = loaded
+            resolved = resolve_sampling_conditions(loaded, request)
+            conditions = reported or resolved
+            sampling = with_conditions(sampling, conditions)
         else:
             check_same_noise(first_loaded, loaded, what="model")
+            resolve_sampling_conditions(first_loaded, request, [loaded])
         summary = model_summary(loaded)
         sampler, samples = sample_model(loaded, sampling, settings.num_samples, settings.device, progress)
         if not is_main_process():
@@ -125,7 +193,7 @@ def compare(
         loaded.model.to("cpu")
     if not is_main_process():
         return None
-    for report, images, file in read:
+    for (report, images, file), note in zip(read, protocol_notes, strict=True):
         summary = {k: report.get(k) for k in ("model", "adapter", "params", "macs", "blocks", "image_shape")}
         entries.append(
             Entry(
@@ -135,13 +203,18 @@ def compare(
                 images,
                 str(file),
                 report.get("fid"),
+                report.get("clip_score"),
+                report.get("protocol"),
+                note,
             )
         )
-    return compare_entries(entries, settings.num_samples)
+    if conditions is None and read:
+        conditions = conditions_from_record(read[0][0].get("protocol"), for_sampling=False)
+    return compare_entries(entries, settings.num_samples, conditions)
 
 
 def _same_noise(a: Entry, b: Entry) -> bool:
-    keys = ("sampler", "seed", "timesteps")
+    keys = ("sampler", "seed", "timesteps", "guidance_scale", "conditions_sha256")
     return all(a.sampling.get(k) == b.sampling.get(k) for k in keys) and a.summary.get(
         "image_shape"
     ) == b.summary.get("image_shape")
@@ -153,8 +226,11 @@ def _ratio(numerator, denominator) -> float | None:
     return numerator / denominator
 
 
-def compare_entries(entries: list[Entry], num_samples: int) -> CompareReport:
-    """Side-by-side numbers relative to the first entry, and the grid rows (same indices per column)."""
+def compare_entries(
+    entries: list[Entry], num_samples: int, conditions: Conditions | None = None
+) -> CompareReport:
+    """Side-by-side numbers relative to the first entry, and the grid rows (same indices per column), each
+    column captioned with its prompt or class when ``conditions`` has them."""
     first = entries[0]
     rows = []
     models = []
@@ -181,13 +257,17 @@ def compare_entries(entries: list[Entry], num_samples: int) -> CompareReport:
             "psnr": None,
             "consistency_note": None,
             "fid": entry.fid,
+            "clip_score": entry.clip_score,
+            "protocol": entry.protocol,
+            "protocol_note": entry.protocol_note,
         }
         if position > 0:
             if first.images is None or entry.images is None:
                 row["consistency_note"] = "no samples to pair (report without samples.safetensors)"
             elif not _same_noise(first, entry):
                 row["consistency_note"] = (
-                    "sampled with other settings (seed, sampler or timesteps) than the first"
+                    "sampled with other settings (seed, sampler, timesteps, guidance, prompts or labels) "
+                    "than the first"
                 )
             else:
                 count = min(len(first.images), len(entry.images), num_samples)
@@ -204,11 +284,16 @@ def compare_entries(entries: list[Entry], num_samples: int) -> CompareReport:
         "baseline": first.summary.get("model"),
         "num_samples": num_samples,
         "sampling": first.sampling,
+        "conditioning": conditions.record() if conditions is not None else None,
         "models": models,
         "output": None,
         "grid": None,
     }
-    return CompareReport(fields, rows)
+    columns = max((len(row) for row in rows), default=0)
+    captions = None
+    if conditions is not None and conditions.period:
+        captions = [conditions.caption(index) for index in range(columns)]
+    return CompareReport(fields, rows, captions)
 
 
 def write_compare_output(result: CompareReport, folder: Path, final: Path | None = None) -> CompareReport:
@@ -217,7 +302,7 @@ def write_compare_output(result: CompareReport, folder: Path, final: Path | None
 
     folder = Path(folder)
     final = Path(final) if final is not None else folder
-    grid = save_image_grid(result.grid_rows, folder / GRID_FILE)
+    grid = save_image_grid(result.grid_rows, folder / GRID_FILE, captions=result.grid_captions)
     result.fields["grid"] = {**grid, "path": str(final / GRID_FILE)}
     result.fields["output"] = str(final)
     (folder / "compare.json").write_text(json.dumps(result.to_json(), indent=2, allow_nan=False))

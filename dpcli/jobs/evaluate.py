@@ -23,16 +23,19 @@ from dpcli.io.files import read_json
 from dpcli.metrics import (
     DIGITS,
     INCEPTION,
+    ClipScorer,
     FidComputer,
     FidStats,
     data_as_uint8,
     extractor_features,
+    find_clip_model,
     find_inception_weights,
     load_stats,
     missing_inception_message,
     save_stats,
     ssim_psnr,
 )
+from dpcli.prompts import ConditioningRequest, Conditions, resolve_conditions
 from dpcli.runtime import is_main_process
 from dpcli.sampling import Sampler, SamplerSettings, Samples, generate, steps_for_rank
 
@@ -41,6 +44,7 @@ GRID_FILE = "grid.png"
 SAMPLES_FILE = "samples.safetensors"
 REPORT_FORMAT = "dpcli-eval"
 GRID_SAMPLES = 64  # at most this many images in dp eval's grid
+GRID_CONDITIONS = 8  # at most this many prompts or classes (one per column) in dp eval's grid
 
 
 def _no_progress(description: str, total: int):
@@ -142,6 +146,108 @@ def sample_model(
     with progress(f"Sampling {label or loaded.source}", steps_for_rank(sampler, num_samples)) as advance:
         samples = generate(sampler, num_samples, on_step=advance)
     return sampler, samples
+
+
+# Conditioning ---------------------------------------------------------------------------------
+
+
+def resolve_sampling_conditions(
+    loaded: LoadedModel, request: ConditioningRequest, others: list[LoadedModel] = ()
+) -> Conditions:
+    """The prompts, labels and guidance ``loaded`` (and every model in ``others``, sampled from the same
+    inputs) will sample with; options a model cannot take are refused before any sampling."""
+    conditions = resolve_conditions(request, loaded.adapter_object.conditioning_spec(loaded), loaded.source)
+    for other in others:
+        theirs = resolve_conditions(request, other.adapter_object.conditioning_spec(other), other.source)
+        if theirs.kind != conditions.kind:
+            raise BadInput(
+                f"{other.source} is conditioned on {theirs.kind} but {loaded.source} on {conditions.kind}: they "
+                "cannot be sampled from the same inputs"
+            )
+    return conditions
+
+
+def with_conditions(sampling: SamplerSettings, conditions: Conditions) -> SamplerSettings:
+    """``sampling`` with the resolved guidance scale, prompts, negative prompt and class labels."""
+    from dataclasses import replace
+
+    return replace(
+        sampling,
+        guidance_scale=conditions.guidance_scale,
+        prompts=conditions.prompts,
+        negative_prompt=conditions.negative_prompt,
+        class_labels=conditions.class_labels,
+    )
+
+
+def conditional_grid(images: torch.Tensor, conditions: Conditions) -> tuple[list, list | None]:
+    """Grid rows and column captions: one column per prompt or class (the first GRID_CONDITIONS), holding
+    the samples made with it (sample ``r * P + j`` in row r, column j); a square grid when unconditional."""
+    from dpcli.plots import grid_rows
+
+    period = conditions.period
+    if not period:
+        return grid_rows(images[:GRID_SAMPLES]), None
+    columns = min(period, GRID_CONDITIONS, len(images))
+    rows = []
+    for row in range(max(1, GRID_SAMPLES // columns)):
+        indices = [row * period + j for j in range(columns) if row * period + j < len(images)]
+        if not indices:
+            break
+        rows.append(images[indices])
+    return rows, [conditions.caption(j) for j in range(columns)]
+
+
+# CLIP score -----------------------------------------------------------------------------------
+
+
+def plan_clip(conditions: Conditions, clip_model: str | None, source: str) -> tuple[Path | None, str | None]:
+    """The CLIP model folder to score with, or None and why not. Text models only; a --clip-model that
+    cannot be found locally is a BadSetting, the default one simply absent."""
+    from dpcli.errors import BadSetting
+
+    if conditions.kind != "text":
+        if clip_model is not None:
+            raise BadSetting(
+                "clip_model",
+                "{clip_model} scores text-conditional models; {source} is not one",
+                source=source,
+            )
+        return None, "CLIP score is for text-conditional models"
+    if not conditions.has_prompts:
+        if clip_model is not None:
+            raise BadSetting(
+                "clip_model", "{clip_model} scores images against their prompts: pass {prompt} or {prompts}"
+            )
+        return None, "sampled with the empty prompt: pass --prompt or --prompts for a CLIP score"
+    folder = find_clip_model(clip_model)
+    if folder is None:
+        return None, (
+            "no CLIP model: pass --clip-model (a local folder, or a Hub id in the Hugging Face cache; "
+            "dp never downloads)"
+        )
+    return folder, None
+
+
+def compute_clip_score(
+    folder: Path, samples: Samples, conditions: Conditions, progress: Progress = _no_progress, device="cpu"
+) -> tuple[float, dict]:
+    """CLIP score of each sample against the prompt it was sampled with, averaged."""
+    scorer = ClipScorer(folder, device=device)
+    texts = [conditions.caption(index) for index in samples.indices]
+    with progress("CLIP score", len(samples.images)) as advance:
+        scorer.update(samples.images, texts, on_batch=advance)
+    value = scorer.compute()
+    return value, {
+        "model": str(folder),
+        "image_size": scorer.image_size,
+        "samples": len(texts),
+        "unavailable": None,
+    }
+
+
+def clip_unavailable(reason: str) -> dict:
+    return {"model": None, "image_size": None, "samples": None, "unavailable": reason}
 
 
 # FID ------------------------------------------------------------------------------------------
@@ -279,6 +385,8 @@ class EvalSettings:
     adapter: str | None = None
     config: Path | None = None
     scheduler: Path | None = None  # replaces the scheduler of the model and of the reference
+    conditioning: ConditioningRequest = field(default_factory=ConditioningRequest)
+    clip_model: str | None = None  # a CLIP folder or cached Hub id (default: DEFAULT_CLIP_MODEL if cached)
 
 
 def check_same_noise(model: LoadedModel, reference: LoadedModel, what: str = "reference") -> None:
@@ -306,6 +414,7 @@ class EvalReport:
     fields: dict
     samples: Samples
     grid_rows: list
+    grid_captions: list | None = None
 
     def to_json(self) -> dict:
         return self.fields
@@ -337,16 +446,19 @@ def evaluate(settings: EvalSettings, progress: Progress = _no_progress, status=N
         status(f"Loading {settings.reference}")
         reference = load_model(settings.reference, scheduler=settings.scheduler)
         check_same_noise(loaded, reference)
+    conditions = resolve_sampling_conditions(
+        loaded, settings.conditioning, [reference] if reference is not None else []
+    )
+    clip_folder, clip_reason = plan_clip(conditions, settings.clip_model, loaded.source)
+    sampling = with_conditions(settings.sampling, conditions)
     summary = model_summary(loaded)
     reference_summary = model_summary(reference) if reference is not None else None
 
-    sampler, samples = sample_model(
-        loaded, settings.sampling, settings.num_samples, settings.device, progress
-    )
+    sampler, samples = sample_model(loaded, sampling, settings.num_samples, settings.device, progress)
     reference_samples = None
     if reference is not None:
         _, reference_samples = sample_model(
-            reference, settings.sampling, settings.num_samples, settings.device, progress, "reference"
+            reference, sampling, settings.num_samples, settings.device, progress, "reference"
         )
     if not is_main_process():
         return None
@@ -364,15 +476,29 @@ def evaluate(settings: EvalSettings, progress: Progress = _no_progress, status=N
         fid, fid_info = compute_fid(plan, loaded, samples, progress, device=sampler.device)
     else:
         fid, fid_info = None, fid_unavailable("no reference images: pass --data D or --fid-stats FILE")
+    if clip_folder is not None:
+        clip, clip_info = compute_clip_score(
+            clip_folder, samples, conditions, progress, device=sampler.device
+        )
+    else:
+        clip, clip_info = None, clip_unavailable(clip_reason)
+    from dpcli.jobs.protocol import build_protocol
+
+    image_shape = list(samples.images.shape[1:])
+    protocol = build_protocol(
+        sampling, settings.num_samples, conditions, image_shape, plan, clip_folder, settings.clip_model
+    )
     fields = {
         "format": REPORT_FORMAT,
         "dpcli_version": __version__,
         **summary,
-        "image_shape": list(samples.images.shape[1:]),
+        "image_shape": image_shape,
         "sampling": samples.describe(),
         "latency": latency,
         "fid": fid,
         "fid_info": fid_info,
+        "clip_score": clip,
+        "clip_info": clip_info,
         "reference": reference_summary,
         "ssim": consistency["ssim"],
         "psnr": consistency["psnr"],
@@ -380,10 +506,10 @@ def evaluate(settings: EvalSettings, progress: Progress = _no_progress, status=N
         "output": None,
         "files": None,
         "grid": None,
+        "protocol": protocol,
     }
-    from dpcli.plots import grid_rows
-
-    return EvalReport(fields, samples, grid_rows(samples.images[:GRID_SAMPLES]))
+    rows, captions = conditional_grid(samples.images, conditions)
+    return EvalReport(fields, samples, rows, captions)
 
 
 def write_eval_output(report: EvalReport, folder: Path, final: Path | None = None) -> EvalReport:
@@ -395,7 +521,7 @@ def write_eval_output(report: EvalReport, folder: Path, final: Path | None = Non
     final = Path(final) if final is not None else folder
     fields = report.fields
     write_samples(report.samples, folder / SAMPLES_FILE, fields["model"])
-    grid = save_image_grid(report.grid_rows, folder / GRID_FILE)
+    grid = save_image_grid(report.grid_rows, folder / GRID_FILE, captions=report.grid_captions)
     fields["files"] = {"report": REPORT_FILE, "grid": GRID_FILE, "samples": SAMPLES_FILE}
     fields["grid"] = {**grid, "path": str(final / GRID_FILE)}
     fields["output"] = str(final)

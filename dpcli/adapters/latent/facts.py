@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dpcli.adapters.base import LoadedModel
+from dpcli.adapters.base import ConditioningSpec, LoadedModel
 from dpcli.errors import BadInput
 
 
@@ -47,6 +47,25 @@ def latent_facts(loaded: LoadedModel) -> dict:
             vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
         )
     return facts
+
+
+# diffusers' StableDiffusionPipeline samples with classifier-free guidance 7.5 unless told otherwise.
+TEXT_GUIDANCE_SCALE = 7.5
+
+
+def conditioning_spec(loaded: LoadedModel) -> ConditioningSpec:
+    """Text models: prompts, guidance 7.5 by default (the empty prompt is the unconditional input).
+    Class models: labels; guidance only where a null class exists (the CompVis class embedder's last
+    class), off by default as no diffusers pipeline samples these with guidance."""
+    extras = loaded.extras
+    kind = extras["conditioning"]
+    if kind == "text":
+        return ConditioningSpec("text", None, TEXT_GUIDANCE_SCALE, True)
+    if kind in ("class", "class-context"):
+        return ConditioningSpec(
+            "class", int(extras["num_classes"]), 1.0, extras.get("null_class") is not None
+        )
+    return ConditioningSpec()
 
 
 def describe(loaded: LoadedModel) -> str:

@@ -137,7 +137,7 @@ def _conditioning_for(
     return None
 
 
-def _refuse_missing(loaded: LoadedModel) -> None:
+def refuse_missing_conditioning(loaded: LoadedModel) -> None:
     if loaded.extras["conditioning"] == "missing":
         raise BadInput(
             f"the UNet of {loaded.source} expects a cross-attention context, but no text encoder or class "
@@ -148,7 +148,7 @@ def _refuse_missing(loaded: LoadedModel) -> None:
 def prepare_batch(loaded: LoadedModel, images, context):
     """Encode the images (unless ``context.latents`` holds them); conditioning from ``context.prompt``,
     the rows' captions or their class labels."""
-    _refuse_missing(loaded)
+    refuse_missing_conditioning(loaded)
     kind = loaded.extras["conditioning"]
     prompt = context.prompt
     if prompt is not None and kind != "text":
@@ -172,16 +172,6 @@ def prepare_batch(loaded: LoadedModel, images, context):
     return latents.to(parameter.device, parameter.dtype), _conditioning_for(loaded, labels, prompts)
 
 
-def check_data(loaded: LoadedModel, source, prompt=None) -> None:
-    """Class models need a label in range for every example; text models captions for all or none."""
-    _refuse_missing(loaded)
-    kind = loaded.extras["conditioning"]
-    if kind in ("class", "class-context"):
-        source.check_labels(int(loaded.extras["num_classes"]))
-    elif kind == "text" and prompt is None:
-        source.check_captions()
-
-
 def sampling_conditioning(
     loaded: LoadedModel,
     batch_size: int,
@@ -197,7 +187,7 @@ def sampling_conditioning(
     (default empty). Class models: ``class_labels`` (an int, or one per sample; default random from
     ``generator``); the unconditional class is used for guidance where the model has one.
     """
-    _refuse_missing(loaded)
+    refuse_missing_conditioning(loaded)
     kind = loaded.extras["conditioning"]
     if kind != "text" and (prompt is not None or negative_prompt is not None):
         raise BadInput(f"prompts apply to text-conditional models; {loaded.source} is not one")

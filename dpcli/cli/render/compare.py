@@ -55,6 +55,11 @@ def render_compare(result: dict) -> None:
     add("PSNR to 1st", ["baseline" if m["baseline"] else fmt_psnr(m["psnr"]) for m in models])
     if any(m.get("fid") is not None for m in models):
         add("FID (from report)", [f"{m['fid']:.3f}" if m.get("fid") is not None else "-" for m in models])
+    if any(m.get("clip_score") is not None for m in models):
+        add(
+            "CLIP score (from report)",
+            [f"{m['clip_score']:.3f}" if m.get("clip_score") is not None else "-" for m in models],
+        )
     names = []
     for model in models:
         for block in model.get("blocks") or []:
@@ -72,10 +77,15 @@ def render_compare(result: dict) -> None:
             stdout.print(
                 f"[dim]{index + 1}. {escape(model['model'] or '?')}: {escape(model['consistency_note'])}[/]"
             )
+        note = model.get("protocol_note")
+        if note:
+            style = "bold red" if "PROTOCOL DIFFERS" in note else "dim"
+            stdout.print(f"[{style}]{index + 1}. {escape(model['model'] or '?')}: {escape(note)}[/]")
     if result.get("grid"):
         grid = result["grid"]
         stdout.print(
-            f"grid: [bold]{escape(grid['path'])}[/] (one row per model, the same sample index in each column)"
+            f"grid: [bold]{escape(grid['path'])}[/] (one row per model, the same sample index in each column"
+            + (", captioned with its prompt or class)" if grid.get("captions") else ")")
         )
     else:
         stdout.print("[dim]pass --output DIR to write the comparison and its image grid[/]")

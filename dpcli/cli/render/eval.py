@@ -24,6 +24,30 @@ def _sampling_text(sampling: dict) -> str:
     )
 
 
+def _conditioning_text(protocol: dict) -> str | None:
+    kind = protocol.get("conditioning")
+    if kind in (None, "none"):
+        return None
+    guidance = protocol.get("guidance_scale")
+    scale = "no guidance" if guidance == 1 else f"guidance {guidance:g}"
+    if kind == "class":
+        labels = protocol.get("class_labels") or []
+        return (
+            f"{len(labels)} class label(s) in turn ({', '.join(map(str, labels[:8]))}"
+            + (", ...)" if len(labels) > 8 else ")")
+            + f", {scale}"
+        )
+    prompts = protocol.get("prompts")
+    if not prompts:
+        text = "the empty prompt"
+    elif prompts.get("file"):
+        text = f"{prompts['count']} prompt(s) from {prompts['file']} (sha256 {prompts['file_sha256'][:12]})"
+    else:
+        text = f"{prompts['count']} prompt(s)"
+    negative = protocol.get("negative_prompt")
+    return text + (f", negative prompt {negative!r}" if negative else "") + f", {scale}"
+
+
 def _latency_text(latency: dict | None) -> str:
     if not latency:
         return "not measured"
@@ -40,6 +64,12 @@ def render_eval(report: dict) -> None:
         ("params", f"{fmt_int(report['params'])} ({fmt_count(report['params'])})"),
         ("MACs", f"{fmt_count(report['macs'], 'MAC')} per forward at batch 1"),
         ("sampling", _sampling_text(sampling)),
+    ]
+    protocol = report.get("protocol") or {}
+    conditioning = _conditioning_text(protocol)
+    if conditioning:
+        rows.append(("conditioning", conditioning))
+    rows += [
         ("latency", _latency_text(report["latency"])),
         (
             "throughput",
@@ -58,6 +88,17 @@ def render_eval(report: dict) -> None:
         )
     else:
         rows.append(("FID", f"unavailable: {info['unavailable']}"))
+    if protocol.get("conditioning") == "text":
+        clip = report["clip_info"]
+        if report.get("clip_score") is not None:
+            rows.append(
+                (
+                    "CLIP score",
+                    f"{report['clip_score']:.3f} ({clip['samples']} samples, CLIP {clip['model']})",
+                )
+            )
+        else:
+            rows.append(("CLIP score", f"unavailable: {clip['unavailable']}"))
     reference = report.get("reference")
     if reference:
         rows.append(
@@ -69,6 +110,13 @@ def render_eval(report: dict) -> None:
         )
         rows.append(("SSIM", f"{report['ssim']:.4f} to the reference, same noise, paired by index"))
         rows.append(("PSNR", fmt_psnr(report["psnr"])))
+    if protocol:
+        rows.append(
+            (
+                "protocol",
+                f"recorded in the report (dp {protocol.get('dpcli_version')}, torch {protocol.get('torch_version')})",
+            )
+        )
     if report.get("stats_file"):
         rows.append(("FID stats", f"written to {report['stats_file']}"))
     if report.get("output"):

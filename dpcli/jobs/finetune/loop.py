@@ -85,7 +85,7 @@ def open_training_data(loaded: LoadedModel, settings: FinetuneSettings):
 
 def caption_dropout(loaded: LoadedModel, settings: FinetuneSettings) -> float:
     """The caption dropout of this run: as set, or the default for text models; refused for other models."""
-    text = loaded.adapter_object.conditioning_kind(loaded) == "text"
+    text = loaded.adapter_object.conditioning_spec(loaded).kind == "text"
     if settings.caption_dropout is None:
         return DEFAULT_CAPTION_DROPOUT if text else 0.0
     if settings.caption_dropout > 0 and not text:
