@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpcli.adapters.base import ConditioningSpec
+from dpcli.data.folder import caption_entries
 from dpcli.errors import BadInput, BadSetting
 from dpcli.io.files import read_json
 
-CAPTION_KEYS = ("text", "caption", "prompt")  # as dpcli.conditioning reads metadata.jsonl
 INLINE_RECORD_LIMIT = 64  # prompts up to this many are written into reports in full
 
 
@@ -73,50 +73,16 @@ def read_prompts_file(path: Path) -> PromptSet:
         prompts = _coco_captions(path, read_json(path))
     else:
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            if path.suffix.lower() == ".jsonl" or path.name == "captions.txt":
+                prompts = [text for _, text in caption_entries(path, names=False)]
+            else:
+                lines = path.read_text(encoding="utf-8").splitlines()
+                prompts = [line.strip() for line in lines if line.strip()]
         except (OSError, UnicodeDecodeError) as exc:
             raise BadInput(f"{path}: unreadable prompt file ({exc})") from None
-        if path.suffix.lower() == ".jsonl":
-            prompts = _jsonl_prompts(path, lines)
-        elif path.name == "captions.txt":
-            prompts = _caption_listing(path, lines)
-        else:
-            prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise BadSetting("prompts", "{prompts} {path} holds no prompts", path=path)
     return PromptSet(prompts, path, sha256_of_file(path))
-
-
-def _jsonl_prompts(path: Path, lines: list[str]) -> list[str]:
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            raise BadInput(f"{path}:{number}: not valid JSON") from None
-        text = (
-            next((entry[key] for key in CAPTION_KEYS if key in entry), None)
-            if isinstance(entry, dict)
-            else None
-        )
-        if not isinstance(text, str):
-            raise BadInput(f'{path}:{number}: expected an object with "text" (or "caption", "prompt")')
-        prompts.append(text.strip())
-    return prompts
-
-
-def _caption_listing(path: Path, lines: list[str]) -> list[str]:
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        _, tab, text = line.partition("\t")
-        if not tab:
-            raise BadInput(f"{path}:{number}: expected FILE<TAB>CAPTION")
-        prompts.append(text.strip())
-    return prompts
 
 
 def _coco_captions(path: Path, document) -> list[str]:

@@ -89,6 +89,16 @@ class Source:
             "sub-folder per class, a dataset with a label column, or shards with .cls members"
         )
 
+    def fingerprint(self) -> str:
+        """A SHA-256 that changes when the examples may have (reports record it beside the source's
+        name). Default: a digest of every example's id and version."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for index in range(len(self)):
+            digest.update("{}\t{}\n".format(*self.identity(index)).encode())
+        return digest.hexdigest()
+
     def describe(self) -> str:
         """One line for logs: what the source is and how many examples it holds."""
         return f"{self.kind} {self.spec}: {len(self):,} examples"

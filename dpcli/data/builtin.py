@@ -63,5 +63,10 @@ class DigitsSource(Source):
         if num_classes < 10:
             raise label_out_of_range(9, num_classes, "builtin:digits")
 
+    def fingerprint(self) -> str:
+        import hashlib
+
+        return hashlib.sha256((_RESOURCES / "digits.npz").read_bytes()).hexdigest()
+
     def describe(self) -> str:
         return f"builtin:digits: {len(self):,} images (8x8, 10 classes)"

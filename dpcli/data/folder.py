@@ -138,6 +138,16 @@ class ImageFolderSource(Source):
             if not 0 <= label < num_classes:
                 raise label_out_of_range(label, num_classes, f"sub-folder {self.root / name}")
 
+    def fingerprint(self) -> str:
+        """The sorted image paths with their sizes: cheap for 100k images, and it catches added, removed,
+        renamed or re-encoded files, but not a copy (mtimes are left out on purpose)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name in self.files:
+            digest.update(f"{name}\t{(self.root / name).stat().st_size}\n".encode())
+        return digest.hexdigest()
+
     def describe(self) -> str:
         return f"image folder {self.spec}: {len(self):,} images"
 
@@ -182,29 +192,44 @@ def _find_captions(root: Path, files: list[str], sidecars: set[str]) -> list:
     return found
 
 
-def _caption_table(folder: Path) -> dict[str, str]:
-    table: dict[str, str] = {}
-    metadata = folder / "metadata.jsonl"
-    if metadata.is_file():
-        for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+def caption_entries(file: Path, names: bool = True) -> list[tuple[str | None, str]]:
+    """``(file name, caption)`` pairs of a ``metadata.jsonl`` (one JSON object a line with ``text``,
+    ``caption`` or ``prompt``, and ``file_name`` unless ``names`` is False: then the name is None) or of a
+    ``captions.txt`` (``FILE<TAB>CAPTION`` a line). A malformed line is a BadInput naming it."""
+    entries: list[tuple[str | None, str]] = []
+    for number, line in enumerate(Path(file).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if file.suffix.lower() == ".jsonl":
             try:
                 entry = json.loads(line)
             except ValueError:
-                raise BadInput(f"{metadata}:{number}: not valid JSON") from None
+                raise BadInput(f"{file}:{number}: not valid JSON") from None
             name = entry.get("file_name") if isinstance(entry, dict) else None
-            text = next((entry[key] for key in CAPTION_KEYS if key in entry), None) if name else None
-            if not isinstance(name, str) or not isinstance(text, str):
-                raise BadInput(f'{metadata}:{number}: expected {{"file_name": ..., "text": ...}}')
-            table[Path(name).as_posix()] = text.strip()
-    listing = folder / "captions.txt"
-    if listing.is_file():
-        for number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+            text = (
+                next((entry[key] for key in CAPTION_KEYS if key in entry), None)
+                if isinstance(entry, dict)
+                else None
+            )
+            if not isinstance(text, str) or (names and not isinstance(name, str)):
+                expected = (
+                    '{"file_name": ..., "text": ...}'
+                    if names
+                    else 'an object with "text" (or "caption", "prompt")'
+                )
+                raise BadInput(f"{file}:{number}: expected {expected}")
+            entries.append((Path(name).as_posix() if names else None, text.strip()))
+        else:
             name, tab, text = line.partition("\t")
             if not tab:
-                raise BadInput(f"{listing}:{number}: expected FILE<TAB>CAPTION")
-            table[Path(name.strip()).as_posix()] = text.strip()
+                raise BadInput(f"{file}:{number}: expected FILE<TAB>CAPTION")
+            entries.append((Path(name.strip()).as_posix(), text.strip()))
+    return entries
+
+
+def _caption_table(folder: Path) -> dict[str, str]:
+    table: dict[str, str] = {}
+    for listing in (folder / "metadata.jsonl", folder / "captions.txt"):
+        if listing.is_file():
+            table.update(caption_entries(listing))
     return table

@@ -30,7 +30,7 @@ class HuggingFaceSource(Source):
     def __init__(self, spec: DataSpec):
         self.spec = spec.source
         self.split, dataset = _load(spec)
-        self.fingerprint = getattr(dataset, "_fingerprint", "") or ""
+        self.fingerprint_of_dataset = getattr(dataset, "_fingerprint", "") or ""
         columns = list(dataset.column_names)
         features = dataset.features
         self.image_column = _column(spec.image_column, "image", columns, self.spec) or _guess_image(features)
@@ -57,7 +57,7 @@ class HuggingFaceSource(Source):
         return self._length
 
     def identity(self, index: int) -> tuple[str, str]:
-        return f"{self.spec}/{self.split}/{index}", self.fingerprint
+        return f"{self.spec}/{self.split}/{index}", self.fingerprint_of_dataset
 
     def example(self, index: int) -> Example:
         value = self._images[index][self.image_column]
@@ -91,6 +91,14 @@ class HuggingFaceSource(Source):
         for label in (low, high):
             if not 0 <= label < num_classes:
                 raise label_out_of_range(label, num_classes, f"column {self.label_column!r} of {self.spec}")
+
+    def fingerprint(self) -> str:
+        """The dataset's own fingerprint (``datasets`` derives it from its files and transforms), split,
+        image column and row count."""
+        import hashlib
+
+        key = f"{self.fingerprint_of_dataset}\t{self.split}\t{self.image_column}\t{len(self)}"
+        return hashlib.sha256(key.encode()).hexdigest()
 
     def describe(self) -> str:
         return f"Hugging Face dataset {self.spec} [{self.split}]: {len(self):,} rows"

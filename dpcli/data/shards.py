@@ -130,6 +130,16 @@ class TarShardSource(Source):
                 wrong.label, num_classes, f"sample {wrong.key} in {self.shards[wrong.shard]}"
             )
 
+    def fingerprint(self) -> str:
+        """Shard names and sizes and the sample count."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for shard in self.shards:
+            digest.update(f"{shard.name}\t{shard.stat().st_size}\n".encode())
+        digest.update(str(len(self)).encode())
+        return digest.hexdigest()
+
     def describe(self) -> str:
         return f"tar shards {self.spec}: {len(self.shards)} shards, {len(self):,} samples"
 

@@ -10,7 +10,6 @@ count or guidance change).
 
 from __future__ import annotations
 
-import hashlib
 from importlib import metadata
 from pathlib import Path
 
@@ -32,23 +31,12 @@ def _version(package: str) -> str | None:
         return None
 
 
-def data_fingerprint(data: str) -> str:
-    """A digest of reference data: the built-in file's bytes, a single file's bytes, or for a folder the
-    sorted list of its image files with their sizes (cheap for 30k images; it catches added, removed,
-    renamed or re-encoded files); for other sources (datasets by name) a digest of the name only."""
-    from dpcli.data import list_images
+def data_fingerprint(data) -> str:
+    """A digest of reference data (``dpcli.data.Source.fingerprint``: for a folder the sorted image files
+    with their sizes, for a dataset its own fingerprint and split, for shards their names and sizes)."""
+    from dpcli.data import Source, open_source
 
-    if data == "builtin:digits":
-        return sha256_of_file(Path(__file__).resolve().parent.parent / "resources" / "digits.npz")
-    path = Path(data).expanduser()
-    if path.is_file():
-        return sha256_of_file(path)
-    if not path.is_dir():  # another kind of source (a dataset name): its name is all that is known here
-        return hashlib.sha256(data.encode()).hexdigest()
-    digest = hashlib.sha256()
-    for file in list_images(path):
-        digest.update(f"{file.relative_to(path).as_posix()}\t{file.stat().st_size}\n".encode())
-    return digest.hexdigest()
+    return (data if isinstance(data, Source) else open_source(data)).fingerprint()
 
 
 def build_protocol(
@@ -91,12 +79,12 @@ def build_protocol(
             feature_network=fid_plan.extractor,
             feature_weights_sha256=sha256_of_file(weights),
             feature_input_size=[size, size],
-            reference_data=fid_plan.data,
+            reference_data=str(fid_plan.data) if fid_plan.data is not None else None,
             reference_stats=str(fid_plan.stats.source) if fid_plan.stats is not None else None,
             reference_sha256=(
                 sha256_of_file(Path(fid_plan.stats.source))
                 if fid_plan.stats is not None
-                else data_fingerprint(fid_plan.data)
+                else data_fingerprint(fid_plan.source if fid_plan.source is not None else fid_plan.data)
             ),
         )
     if clip_folder is not None:
