@@ -82,13 +82,14 @@ def source_kind(text: str) -> str:
         glob.has_magic(text) and text.endswith(DATASET_FILE_SUFFIXES)
     ):
         return "hf"
-    if path.is_dir():
+    if path.is_dir():  # decided from the top level alone: a folder of a million images is listed once, later
         if any((path / name).is_file() for name in ("dataset_dict.json", "state.json", "dataset_info.json")):
             return "hf"
-        if not list_images(path):
-            if any(path.glob("*.tar")):
+        suffixes = {entry.suffix.lower() for entry in path.iterdir() if entry.is_file()}
+        if not suffixes & set(IMAGE_SUFFIXES):
+            if ".tar" in suffixes:
                 return "shards"
-            if any(p.suffix in DATASET_FILE_SUFFIXES for p in path.iterdir()):
+            if suffixes & set(DATASET_FILE_SUFFIXES):
                 return "hf"
     return "folder"
 

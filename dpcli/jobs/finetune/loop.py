@@ -127,13 +127,9 @@ def prepare_training_batch(loaded: LoadedModel, batch, cache=None):
     return adapter.prepare_batch(loaded, batch.pixels if latents is None else None, context)
 
 
-def open_latent_cache(loaded: LoadedModel, settings: FinetuneSettings):
-    """The ``--cache-latents`` folder for this model's autoencoder and this run's transform."""
-    from dpcli.data.latent_cache import LatentCache
-
-    adapter = loaded.adapter_object
-    autoencoder = adapter.autoencoder(loaded)
-    if autoencoder is None:
+def check_cacheable(loaded: LoadedModel, settings: FinetuneSettings) -> None:
+    """``--cache-latents`` needs a latent model and deterministic crops."""
+    if loaded.adapter_object.autoencoder(loaded) is None:
         raise BadSetting(
             "cache_latents",
             "{cache_latents}: {model} works on pixels, there are no latents to cache",
@@ -145,6 +141,14 @@ def open_latent_cache(loaded: LoadedModel, settings: FinetuneSettings):
             "{cache_latents} keeps one latent per image and flip; with {crop} random every step crops anew "
             "(use {crop} center)",
         )
+
+
+def open_latent_cache(loaded: LoadedModel, settings: FinetuneSettings):
+    """The ``--cache-latents`` folder for this model's autoencoder and this run's transform."""
+    from dpcli.data.latent_cache import LatentCache
+
+    adapter = loaded.adapter_object
+    autoencoder = adapter.autoencoder(loaded)
     transform = ImageTransform(adapter.data_size(loaded), adapter.data_channels(loaded), crop=settings.crop)
     return LatentCache(Path(settings.cache_latents), weights_fingerprint(autoencoder), transform.key())
 
@@ -259,6 +263,8 @@ def finetune(
         raise BadSetting("precision", "{precision} fp16 needs a CUDA GPU (use bf16 or fp32 on the CPU)")
     source = open_training_data(loaded, settings) if source is None else source
     dropout = caption_dropout(loaded, settings)
+    if settings.cache_latents:
+        check_cacheable(loaded, settings)
     global_batch = settings.batch_size * dist.world_size * settings.grad_accum
     if global_batch > len(source):
         raise BadInput(
