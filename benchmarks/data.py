@@ -29,10 +29,11 @@ Usage: python benchmarks/data.py [--quick] [--sizes 4,1000,3000,10000] [--worker
    new/old is also given per round (the pair ran back to back, under similar load). The old commit is
    checked out into a temporary git worktree (`git worktree add --detach`), removed afterwards.
 
-Every subprocess runs with OMP_NUM_THREADS=1. --quick: 4, 1,000 and 3,000 images, 1 and 2 workers, one run
-each; the old commit on 1,000 images only; 480 images decoded per run; 2 rounds of 20 steps (~4 minutes on
-2 cores). Full: adds 10,000 images, 2 runs each, the old commit on 4, 1,000 and 3,000 images, 960 images
-decoded, 3 rounds (~9 minutes, plus generating the images once).
+Every subprocess runs with OMP_NUM_THREADS=1. --quick: 4, 1,000 and 3,000 images, 1 worker (the default on
+2 cores), one run each; the old commit on 1,000 images only; 480 images decoded per run; 2 rounds of 20
+steps (3-4 minutes on 2 shared cores). Full: adds 10,000 images and 2 workers, 2 runs each, the old commit
+on 4, 1,000 and 3,000 images, 960 images decoded, 3 rounds (~9 minutes on 2 idle cores, plus generating
+the images once, ~1.5 minutes).
 Writes benchmarks/results/data[-quick].{json,md,png}.
 """
 
@@ -344,7 +345,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dpcli-bench-data")
     args = parser.parse_args()
     if args.quick:
-        args.sizes, args.workers, args.decode_images, args.rounds = "4,1000,3000", "1,2", 480, 2
+        args.sizes, args.workers, args.decode_images, args.rounds = "4,1000,3000", "1", 480, 2
         args.old_sizes, args.repeats = "1000", 1
     sizes = sorted(int(s) for s in args.sizes.split(","))
     old_sizes = sorted(int(s) for s in args.old_sizes.split(",") if s and int(s) in sizes)
