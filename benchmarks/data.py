@@ -315,6 +315,29 @@ def decode_rates(folder: Path, images: int, workers_list: list[int], rounds: int
 # -- 3. steps/s before and after ---------------------------------------------------------------------------
 
 
+def digits_batch_cost(batches: int = 40) -> dict:
+    """CPU and wall ms per `training_batches` batch of 64 builtin:digits at the size `config:ddpm-digits`
+    trains on, 0 workers (the default for built-in data): the data path's share of a digits step."""
+    import torch
+
+    from dpcli.data import ImageTransform, open_source, training_batches
+    from dpcli.loading import load_model
+
+    torch.set_num_threads(1)
+    loaded = load_model("config:ddpm-digits")
+    adapter = loaded.adapter_object
+    transform = ImageTransform(adapter.data_size(loaded), adapter.data_channels(loaded))
+    source = open_source("builtin:digits")
+    for _ in training_batches(source, transform, seed=0, batch_size=64, steps=2, workers=0):
+        pass  # warm-up
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in training_batches(source, transform, seed=0, batch_size=64, steps=batches, workers=0):
+        pass
+    return {"size": transform.size, "cpu_ms": (time.process_time() - cpu) / batches * 1000,
+            "wall_ms": (time.perf_counter() - wall) / batches * 1000}
+
+
+
 def steps_rate(tree: Path, steps: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
     proc = subprocess.run([sys.executable, "-c", STEPS_CODE.format(steps=steps)], cwd=tree, env=env,
@@ -394,6 +417,7 @@ def main() -> None:
         decode = decode_rates(folders[1000], args.decode_images, [0, 1, 2], args.decode_rounds)
         results["decode"] = {str(w): r for w, r in decode.items()}
         print("decode images/s:", {w: round(r["images_per_second"]) for w, r in decode.items()}, flush=True)
+        results["digits_batch"] = digits_batch_cost()
 
         old_memory, rates, cpu_rates = {}, {"new": [], "old": []}, {"new": [], "old": []}
         if not args.skip_old:
@@ -484,7 +508,12 @@ def main() -> None:
         f"Alternating old, new ({args.rounds} rounds), one thread; steps per CPU-second: the same step stamps "
         "on the process's CPU clock (less sensitive to other jobs on the machine).\n\n"
         + markdown_table(["code", "steps/s (median)", "images/s", "all runs (steps/s)", "steps per CPU-s (median)",
-                          "all runs (per CPU-s)"], steps_rows) + "\n"
+                          "all runs (per CPU-s)"], steps_rows)
+        + f"\n\nThe new data path alone (`training_batches` on builtin:digits, batch 64 at "
+        f"{results['digits_batch']['size']} px, 0 workers): {results['digits_batch']['cpu_ms']:.1f} ms CPU "
+        f"({results['digits_batch']['wall_ms']:.1f} ms wall) per batch"
+        + (f", {results['digits_batch']['cpu_ms'] / 10 * results['steps_per_second']['new']['per_cpu_second_median']:.1f} "
+           "% of a step's CPU time.\n" if "new" in results["steps_per_second"] else ".\n")
     )
     print(markdown)
 
