@@ -26,8 +26,9 @@ from dpcli.data.base import Source
 from dpcli.data.transforms import ImageTransform
 from dpcli.errors import BadInput
 
-# DataLoader workers by default: decoding a 256-px JPEG takes ~3-5 ms on one core, and a worker beyond the
-# cores the model's own threads leave free only competes with them (benchmarks/data.py, docs/benchmarks.md).
+# DataLoader workers by default: a 256-px JPEG takes 1-2 ms to decode and transform on one core (2-3 ms
+# through a worker, which also ships the batch back), and a worker beyond the cores the model's own threads
+# leave free only competes with them (benchmarks/data.py, docs/benchmarks.md).
 MAX_DEFAULT_WORKERS = 8
 
 
