@@ -184,3 +184,26 @@ Repeats = Annotated[
     int, typer.Option("--repeats", min=1, help="Timed repeats per latency figure (the median is reported).")
 ]
 NoLatency = Annotated[bool, typer.Option("--no-latency", help="Skip the latency measurement.")]
+RunDevice = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="auto (this process's GPU when there is one, else the CPU), cpu, cuda (under torchrun: GPU "
+        "LOCAL_RANK), cuda:N or mps.",
+    ),
+]
+ScanPrecision = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="fp32, or bf16/fp16 autocast for the scan's forward (fp16 on GPU only); gradients stay fp32.",
+    ),
+]
+GradientCheckpointing = Annotated[
+    bool,
+    typer.Option(
+        "--gradient-checkpointing",
+        help="Recompute activations in the scan's backward instead of keeping them: less memory, about "
+        "a third more compute (diffusers UNets).",
+    ),
+]
