@@ -203,7 +203,7 @@ GradientCheckpointing = Annotated[
     bool,
     typer.Option(
         "--gradient-checkpointing",
-        help="Recompute activations in the scan's backward instead of keeping them: less memory, about "
-        "a third more compute (diffusers UNets).",
+        help="Recompute each block's activations in the scan's backward instead of keeping them: less "
+        "memory, more compute (diffusers UNets).",
     ),
 ]
