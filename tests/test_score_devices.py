@@ -278,3 +278,51 @@ def test_two_gloo_processes_prune_like_one(tmp_path):
         kept.append(json.loads((out / "dpcli.json").read_text())["pruning"]["kept_channels"])
     assert kept[0] == kept[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned-1", "pruned-2"]  # nothing half-written
+
+
+# On a CUDA GPU (skipped where there is none) ---------------------------------------------------------------
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_the_scan_on_cuda_matches_the_cpu(precision):
+    x0, noise = calibration()
+    adapter = get_registry().adapter("ddpm")
+    on_cpu = tiny_loaded()
+    reference = accumulate_gradients(on_cpu, adapter, x0, noise, 0.0, timesteps=8, chunk=4)
+    on_gpu = tiny_loaded()
+    on_gpu.model.to("cuda")
+    device = torch.device("cuda")
+    scan = accumulate_gradients(
+        on_gpu, adapter, x0.to(device), noise.to(device), 0.0, timesteps=8, chunk=4, precision=precision
+    )
+    assert scan.device.startswith("cuda") and scan.cutoff == reference.cutoff
+    # cuDNN/TF32 kernels round differently; 16-bit autocast keeps 8 (bf16) or 11 (fp16) mantissa bits
+    tolerance = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 5e-3}[precision]
+    assert scan.losses == pytest.approx(reference.losses, rel=tolerance)
+    gpu_grads = torch.cat([p.grad.flatten().cpu() for p in on_gpu.model.parameters()])
+    cpu_grads = torch.cat([p.grad.flatten() for p in on_cpu.model.parameters()])
+    assert all(p.grad.dtype == torch.float32 for p in on_gpu.model.parameters())
+    assert torch.nn.functional.cosine_similarity(gpu_grads, cpu_grads, dim=0) > 0.99
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_prune_on_cuda_writes_a_model_that_loads(dp, tmp_path, tiny_unet_folder, image_folder):
+    out = tmp_path / "pruned"
+    args = ["prune", str(tiny_unet_folder), "--data", str(image_folder), "--criterion", "diff-taylor"]
+    result = dp(
+        *args,
+        "--target-macs",
+        "0.6",
+        "--tolerance",
+        "0.3",
+        "--calib-size",
+        "4",
+        "--timesteps",
+        "6",
+        "--device",
+        "cuda",
+        "--json",
+        "-o",
+        str(out),
+    )
+    assert result.exit_code == 0, result.stderr
+    assert load_model(str(out)).model is not None
