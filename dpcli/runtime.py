@@ -90,11 +90,17 @@ def _parse_device(device: str, local_rank: int) -> torch.device:
     raise BadSetting("device", "{device} must be auto, cpu, cuda, cuda:N or mps", got=repr(device))
 
 
-def check_precision(precision: str, device: torch.device) -> None:
-    """``precision`` is fp32, bf16 or fp16 (autocast); fp16 needs a CUDA GPU."""
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise BadSetting("precision", "{precision} must be fp32, bf16 or fp16", got=repr(precision))
-    if precision == "fp16" and device.type != "cuda":
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def check_precision(precision: str, device: torch.device | None = None) -> None:
+    """``precision`` is fp32, bf16 or fp16 (autocast); fp16 needs a CUDA GPU (checked once ``device`` is
+    known)."""
+    if precision not in PRECISIONS:
+        raise BadSetting(
+            "precision", "{precision} must be one of " + ", ".join(PRECISIONS), got=repr(precision)
+        )
+    if precision == "fp16" and device is not None and device.type != "cuda":
         raise BadSetting("precision", "{precision} fp16 needs a CUDA GPU (use bf16 or fp32 on the CPU)")
 
 

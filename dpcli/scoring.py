@@ -215,8 +215,8 @@ def accumulate_gradients(
     device = next(model.parameters()).device
     job = dist if dist is not None and dist.enabled else None
     local = x0.shape[0]
-    images = int(_sum_over(job, torch.tensor([local]), device, "sum")) if job else local
-    largest = int(_sum_over(job, torch.tensor([local]), device, "max")) if job else local
+    images = int(_reduce(job, torch.tensor([local]), device, "sum")) if job else local
+    largest = int(_reduce(job, torch.tensor([local]), device, "max")) if job else local
     micro = min(local, batch_size)
     # Every process makes the same choice (from the largest share), so all pass through the same loop.
     chunk = max(1, min(chunk, batch_size // largest)) if largest <= batch_size and not squared else 1
@@ -256,7 +256,7 @@ def accumulate_gradients(
             if len(steps) > 1:
                 # Several timesteps per pass: this process's share is whole in it, so summed over the
                 # processes these losses are final and the cutoff is known before the backward.
-                values, summed = _sum_over(job, values, device, "sum"), True
+                values, summed = _reduce(job, values, device, "sum"), True
             if gradients:
                 # with one timestep per pass, that timestep is always included
                 included = _included_count(values.tolist(), loss_max, threshold) if len(steps) > 1 else 1
@@ -265,7 +265,7 @@ def accumulate_gradients(
             forward_passes += 1
             samples += len(steps) * batch
         if not summed:
-            chunk_losses = _sum_over(job, chunk_losses, device, "sum").cpu()
+            chunk_losses = _reduce(job, chunk_losses, device, "sum").cpu()
         if squares is not None:
             _sum_gradients(job, model, 1 / loss_scale)
             _add_squared_gradients(model, squares)
@@ -291,7 +291,7 @@ def accumulate_gradients(
     if gradients:
         _check_gradients(model, precision)
     if job:
-        samples = int(_sum_over(job, torch.tensor([samples]), device, "sum"))
+        samples = int(_reduce(job, torch.tensor([samples]), device, "sum"))
     return ScanResult(
         cutoff=cutoff,
         losses=losses,
@@ -317,7 +317,7 @@ def _scale_gradients(model: torch.nn.Module, factor: float) -> None:
             parameter.grad.mul_(factor)
 
 
-def _sum_over(job: Distributed | None, values: torch.Tensor, device: torch.device, op: str) -> torch.Tensor:
+def _reduce(job: Distributed | None, values: torch.Tensor, device: torch.device, op: str) -> torch.Tensor:
     """``values`` summed (``op`` "sum") or maximised ("max") over the processes of ``job``; as they are
     without one. The collective runs on ``device`` (NCCL needs GPU tensors)."""
     if job is None:

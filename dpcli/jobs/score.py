@@ -65,10 +65,7 @@ class ScoreSettings:
             raise BadSetting(
                 "timestep_stride", "{timestep_stride} must be at least 1", got=self.timestep_stride
             )
-        if self.precision not in PRECISIONS:
-            raise BadSetting(
-                "precision", "{precision} must be one of " + ", ".join(PRECISIONS), got=repr(self.precision)
-            )
+        check_precision(self.precision)
         if self.calib_size is not None and self.calib_size < 1:
             raise BadSetting("calib_size", "{calib_size} must be at least 1", got=self.calib_size)
         if self.scan_budget is not None:
@@ -82,7 +79,6 @@ class ScoreSettings:
 
 
 DEFAULT_CALIB_SIZE = 32
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def check_threshold(threshold: float | None) -> None:
