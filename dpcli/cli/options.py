@@ -124,7 +124,8 @@ Chunk = Annotated[
     typer.Option(
         "--chunk",
         min=1,
-        help="Timesteps packed into one forward pass (default: 64 samples per pass / calib-size).",
+        help="Timesteps packed into one forward pass (default: 64 samples per pass on a CPU, 256 on a GPU, "
+        "/ calib-size per process).",
     ),
 ]
 Timesteps = Annotated[
