@@ -8,7 +8,7 @@ DEMO_OUT ?= demo-output
 # Example third-party plugins: installed into the venv like any plugin, and tested by `make test`.
 PLUGINS := plugins/dpcli-obd plugins/dpcli-dit
 
-.PHONY: install demo test lint format completions bench bench-quick bench-table1 clean
+.PHONY: install demo test lint format completions bench bench-quick bench-table1 bench-gpu clean
 
 $(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,10 @@ bench: $(STAMP)
 
 bench-table1: $(STAMP)
 	$(PY) benchmarks/table1.py
+
+# bench-gpu: the GPU check (one CUDA GPU, under 5 minutes by estimate; exits 2 without CUDA).
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/gpu.py --quick
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -41,23 +41,77 @@ class Distributed:
 
 def start_distributed(device: str = "auto") -> Distributed:
     """Join the torchrun job described by the environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
-    ``MASTER_ADDR``/``MASTER_PORT``), or run as a single process. NCCL on GPU, gloo on CPU."""
+    ``MASTER_ADDR``/``MASTER_PORT``), or run as a single process. NCCL on GPU, gloo on CPU.
+
+    ``device``: ``auto`` (this rank's GPU when there is one, else the CPU), ``cpu``, ``cuda`` (GPU
+    ``LOCAL_RANK``), ``cuda:N`` (one named GPU: a single process only) or ``mps`` (Apple GPU: a single
+    process only)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device not in ("auto", "cpu", "cuda"):
-        raise BadSetting("device", "{device} must be auto, cpu or cuda", got=repr(device))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise BadSetting("device", "{device} cuda: no CUDA GPU is available")
-    chosen = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
+    chosen = _parse_device(device, local_rank)
+    if world_size > 1 and (device == "mps" or device.startswith("cuda:")):
+        raise BadSetting(
+            "device",
+            "{device} {name} names one device for every process: under torchrun use {device} cuda "
+            "(each process takes GPU LOCAL_RANK) or cpu",
+            name=device,
+        )
+    if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     state = Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)
     if world_size > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+        torch.distributed.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
         state.initialised_here = True
     return state
+
+
+def _parse_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise BadSetting("device", "{device} mps: no Apple GPU (MPS) is available")
+        return torch.device("mps")
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise BadSetting("device", "{device} {name}: no CUDA GPU is available", name=device)
+        index = local_rank if device == "cuda" else int(device[5:])
+        if index >= torch.cuda.device_count():
+            raise BadSetting(
+                "device",
+                "{device} {name}: this machine has {count} CUDA GPU(s)",
+                name=device,
+                count=torch.cuda.device_count(),
+            )
+        return torch.device("cuda", index)
+    raise BadSetting("device", "{device} must be auto, cpu, cuda, cuda:N or mps", got=repr(device))
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def check_precision(precision: str, device: torch.device | None = None) -> None:
+    """``precision`` is fp32, bf16 or fp16 (autocast); fp16 needs a CUDA GPU (checked once ``device`` is
+    known)."""
+    if precision not in PRECISIONS:
+        raise BadSetting(
+            "precision", "{precision} must be one of " + ", ".join(PRECISIONS), got=repr(precision)
+        )
+    if precision == "fp16" and device is not None and device.type != "cuda":
+        raise BadSetting("precision", "{precision} fp16 needs a CUDA GPU (use bf16 or fp32 on the CPU)")
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast to bf16/fp16 for ``precision``; nothing for fp32."""
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def world() -> tuple[int, int]:

@@ -13,6 +13,13 @@ Cheaper than the reference, at a small cost in agreement (benchmarks/scan_budget
 only t = 0, K, 2K, ...; the stopping rule sees the strided losses, the cutoff is a real timestep, and the
 gradients are multiplied by K (each scanned timestep stands for K) so scores keep the full scan's scale.
 Stride 1 is the reference, bit for bit.
+
+On a GPU and across processes (``dist``, torchrun): each process holds its share of the calibration images
+(``share_rows``) and the matching rows of the one noise tensor; every timestep's loss is summed over the
+processes before the stopping rule sees it, so all stop at the same timestep, and the gradients are summed
+once at the end. The sum is the same sum, in another order: equal to one process's to float rounding.
+``precision`` bf16/fp16 runs the forward under autocast; the loss and the accumulated gradients stay
+float32 (the parameters are float32).
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from dpcli.adapters.base import BatchContext, LoadedModel
 from dpcli.errors import BadInput, BadSetting, DpError
+from dpcli.runtime import Distributed, autocast
 
 
 @dataclass
@@ -43,6 +52,8 @@ class ScanResult:
     samples_computed: int = 0
     stopped_early: bool = field(default=False)
     stride: int = 1
+    device: str = "cpu"
+    world_size: int = 1  # processes that shared the calibration batch
 
     @property
     def scanned_timesteps(self) -> list[int]:
@@ -58,10 +69,12 @@ def calibration_batch(
     seed: int,
     prompt: str | None = None,
     workers: int | None = None,
+    rows: slice | None = None,
 ):
     """``calib_size`` examples drawn from ``data`` (a ``DataSpec``, its text, or an open ``Source``) with
     ``seed``, center-cropped and never flipped, prepared by the adapter (e.g. encoded to latents) with
-    their captions and class labels. Only the chosen examples are decoded.
+    their captions and class labels. Only the chosen examples are decoded; with ``rows`` (this process's
+    ``share_rows``), only those rows of the batch.
 
     Returns ``(x0, conditioning)``; conditioning is None or a dict of batch-first tensors.
     """
@@ -79,6 +92,8 @@ def calibration_batch(
         )
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(source), generator=generator)[:calib_size].tolist()
+    if rows is not None:
+        chosen = chosen[rows]
     transform = ImageTransform(adapter.data_size(loaded), adapter.data_channels(loaded))
     batches = list(example_batches(source, transform, chosen, batch_size=calib_size, workers=workers))
     batch = batches[0]
@@ -93,9 +108,38 @@ def calibration_batch(
     return adapter.prepare_batch(loaded, batch.pixels, context)
 
 
-def calibration_noise(x0: torch.Tensor, seed: int) -> torch.Tensor:
+def calibration_noise(
+    x0: torch.Tensor, seed: int, rows: slice | None = None, total: int | None = None
+) -> torch.Tensor:
+    """The noise of the calibration batch, drawn on the CPU (the same on every device). With ``rows``,
+    ``x0`` is that share of a batch of ``total`` images: the noise of the whole batch is drawn and those
+    rows returned, so a process's share gets the very noise one process would give its images."""
     generator = torch.Generator().manual_seed(seed + 1)
-    return torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+    shape = (total if rows is not None else x0.shape[0], *x0.shape[1:])
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if rows is not None:
+        noise = noise[rows]
+    return noise.to(x0.device, x0.dtype)
+
+
+def share_rows(total: int, rank: int, world_size: int) -> slice:
+    """The rows of a calibration batch of ``total`` images that process ``rank`` of ``world_size`` works
+    on: contiguous blocks whose sizes differ by at most one. Every process needs at least one image."""
+    if total < world_size:
+        raise BadSetting(
+            "calib_size",
+            "{calib_size} {size} is smaller than the number of processes ({world}): every process needs "
+            "at least one calibration image",
+            size=total,
+            world=world_size,
+        )
+    return slice(total * rank // world_size, total * (rank + 1) // world_size)
+
+
+# fp16 autocast: the scan's backward is scaled by this constant (the gradients are divided by it again),
+# so that small activation gradients do not underflow to zero in float16. A constant, not a dynamic
+# scaler: a scan cannot skip a timestep that overflowed; an overflow shows as a NaN/inf gradient error.
+FP16_LOSS_SCALE = 1024.0
 
 
 def loss_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -139,6 +183,8 @@ def accumulate_gradients(
     squared: bool = False,
     stride: int = 1,
     gradients: bool = True,
+    precision: str = "fp32",
+    dist: Distributed | None = None,
 ) -> ScanResult:
     """Run the scan on ``loaded.model`` in eval mode, leaving the summed gradients in ``.grad``.
 
@@ -153,6 +199,11 @@ def accumulate_gradients(
     :param stride: scan t = 0, stride, 2·stride, ... only; the gradients left are multiplied by ``stride``.
     :param gradients: False for a forward-only scan (no backward, ``.grad`` untouched): the loss curve and
         the cutoff alone, e.g. to estimate what a scan will cost.
+    :param precision: fp32, or bf16/fp16 autocast for the forward (gradients stay float32).
+    :param dist: the torchrun job (``dpcli.runtime.start_distributed``) whose processes each hold a share
+        of the calibration batch in ``x0``/``conditioning`` (see ``share_rows``) and the matching rows of
+        ``noise``; losses and gradients are summed over them, and every process ends with the gradients of
+        the whole batch. ``calib_size`` and ``samples_computed`` then count the whole job's.
     """
     model = loaded.model
     scheduler = loaded.scheduler
@@ -161,11 +212,16 @@ def accumulate_gradients(
     if stride < 1:
         raise BadSetting("timestep_stride", "{timestep_stride} must be at least 1", got=stride)
     schedule = list(range(0, total, stride))
-    images = x0.shape[0]
-    micro = min(images, batch_size)
-    chunk = max(1, min(chunk, batch_size // micro)) if images <= batch_size and not squared else 1
-    elements = x0[0].numel() * images  # mse averages over every element of the calibration batch
     device = next(model.parameters()).device
+    job = dist if dist is not None and dist.enabled else None
+    local = x0.shape[0]
+    images = int(_reduce(job, torch.tensor([local]), device, "sum")) if job else local
+    largest = int(_reduce(job, torch.tensor([local]), device, "max")) if job else local
+    micro = min(local, batch_size)
+    # Every process makes the same choice (from the largest share), so all pass through the same loop.
+    chunk = max(1, min(chunk, batch_size // largest)) if largest <= batch_size and not squared else 1
+    elements = x0[0].numel() * images  # mse averages over every element of the calibration batch
+    loss_scale = FP16_LOSS_SCALE if precision == "fp16" and gradients else 1.0
 
     model.eval()
     if gradients:
@@ -181,7 +237,8 @@ def accumulate_gradients(
     while start < len(schedule) and not stopped:
         steps = schedule[start : start + chunk]
         chunk_losses = torch.zeros(len(steps), dtype=torch.float64)
-        for first in range(0, images, micro):
+        summed = False
+        for first in range(0, local, micro):
             rows = slice(first, first + micro)
             clean, eps = x0[rows], noise[rows]
             batch = clean.shape[0]
@@ -191,19 +248,26 @@ def accumulate_gradients(
             noisy = scheduler.add_noise(clean_k, eps_k, t)
             target = loss_target(scheduler, clean_k, eps_k, t)
             with torch.set_grad_enabled(gradients):
-                prediction = adapter.predict(loaded, noisy, t, _repeat(conditioning, len(steps), rows))
+                with autocast(device, precision):
+                    prediction = adapter.predict(loaded, noisy, t, _repeat(conditioning, len(steps), rows))
                 errors = (prediction.float() - target.float()).pow(2).flatten(1).sum(1)
                 per_step = errors.view(len(steps), batch).sum(1) / elements
-            values = per_step.detach().double().cpu()
+            values = per_step.detach().double()
+            if len(steps) > 1:
+                # Several timesteps per pass: this process's share is whole in it, so summed over the
+                # processes these losses are final and the cutoff is known before the backward.
+                values, summed = _reduce(job, values, device, "sum"), True
             if gradients:
-                # With several timesteps per pass the calibration batch is whole, so the losses are final
-                # and the cutoff is known before the backward; with one timestep, it is always included.
+                # with one timestep per pass, that timestep is always included
                 included = _included_count(values.tolist(), loss_max, threshold) if len(steps) > 1 else 1
-                per_step[:included].sum().backward()
-            chunk_losses += values
+                (per_step[:included].sum() * loss_scale).backward()
+            chunk_losses += values.cpu()
             forward_passes += 1
             samples += len(steps) * batch
+        if not summed:
+            chunk_losses = _reduce(job, chunk_losses, device, "sum").cpu()
         if squares is not None:
+            _sum_gradients(job, model, 1 / loss_scale)
             _add_squared_gradients(model, squares)
         for step, loss in zip(steps, chunk_losses.tolist(), strict=False):
             if not math.isfinite(loss):
@@ -220,10 +284,14 @@ def accumulate_gradients(
     if squares is not None:
         for parameter in model.parameters():
             parameter.grad = squares.get(parameter)
+    if gradients and squares is None:
+        _sum_gradients(job, model, 1 / loss_scale)
     if gradients and stride > 1:
         _scale_gradients(model, stride)
     if gradients:
-        _check_gradients(model)
+        _check_gradients(model, precision)
+    if job:
+        samples = int(_reduce(job, torch.tensor([samples]), device, "sum"))
     return ScanResult(
         cutoff=cutoff,
         losses=losses,
@@ -236,6 +304,8 @@ def accumulate_gradients(
         samples_computed=samples,
         stopped_early=stopped,
         stride=stride,
+        device=str(device),
+        world_size=job.world_size if job else 1,
     )
 
 
@@ -247,10 +317,32 @@ def _scale_gradients(model: torch.nn.Module, factor: float) -> None:
             parameter.grad.mul_(factor)
 
 
-def _check_gradients(model: torch.nn.Module) -> None:
+def _reduce(job: Distributed | None, values: torch.Tensor, device: torch.device, op: str) -> torch.Tensor:
+    """``values`` summed (``op`` "sum") or maximised ("max") over the processes of ``job``; as they are
+    without one. The collective runs on ``device`` (NCCL needs GPU tensors)."""
+    if job is None:
+        return values
+    shared = values.to(device)
+    reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
+    torch.distributed.all_reduce(shared, op=reduce_op)
+    return shared
+
+
+def _sum_gradients(job: Distributed | None, model: torch.nn.Module, factor: float) -> None:
+    """Sum ``.grad`` over the processes of ``job`` (each holds its share's gradient), then × ``factor``."""
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            if job is not None:
+                torch.distributed.all_reduce(parameter.grad)
+            if factor != 1:
+                parameter.grad.mul_(factor)
+
+
+def _check_gradients(model: torch.nn.Module, precision: str = "fp32") -> None:
     for name, parameter in model.named_parameters():
         if parameter.grad is not None and not torch.isfinite(parameter.grad).all():
-            raise DpError(f"gradient of {name} contains NaN/inf: scores would be garbage")
+            hint = " (a float16 overflow: use bf16 or fp32 precision)" if precision == "fp16" else ""
+            raise DpError(f"gradient of {name} contains NaN/inf: scores would be garbage{hint}")
 
 
 def _add_squared_gradients(model: torch.nn.Module, squares: dict) -> None:
@@ -262,3 +354,33 @@ def _add_squared_gradients(model: torch.nn.Module, squares: dict) -> None:
             else:
                 squares[parameter] = parameter.grad.detach().pow(2)
             parameter.grad = None
+
+
+def place(loaded: LoadedModel, device: torch.device) -> None:
+    """Move the denoiser and every module it comes with (autoencoder, text encoder, class embedder) to
+    ``device``, so the calibration batch is encoded there too."""
+    loaded.model.to(device)
+    for component in loaded.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.to(device)
+
+
+@contextmanager
+def gradient_checkpointing(model: torch.nn.Module, enabled: bool):
+    """Recompute activations in the backward instead of keeping them (diffusers models'
+    ``enable_gradient_checkpointing``), switched off again on leaving: torch-pruning cannot see through
+    the checkpoint wrappers when it builds its dependency graph."""
+    if not enabled:
+        yield
+        return
+    if not getattr(model, "_supports_gradient_checkpointing", False):
+        raise BadSetting(
+            "gradient_checkpointing",
+            "{gradient_checkpointing}: the model ({kind}) does not support gradient checkpointing",
+            kind=type(model).__name__,
+        )
+    model.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        model.disable_gradient_checkpointing()

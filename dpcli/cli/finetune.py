@@ -23,6 +23,7 @@ from dpcli.cli.options import (
     Split,
     Workers,
 )
+from dpcli.cli.options import RunDevice as Device
 
 Steps = Annotated[
     int,
@@ -65,7 +66,6 @@ DistillWeight = Annotated[
 Precision = Annotated[
     str, typer.Option("--precision", help="fp32, or bf16/fp16 autocast (fp16 on GPU only).")
 ]
-Device = Annotated[str, typer.Option("--device", help="auto (GPU when there is one), cpu or cuda.")]
 Reinit = Annotated[
     bool,
     typer.Option("--reinit", help="Re-initialise all weights first: train the (pruned) shape from scratch."),

@@ -124,7 +124,8 @@ Chunk = Annotated[
     typer.Option(
         "--chunk",
         min=1,
-        help="Timesteps packed into one forward pass (default: 64 samples per pass / calib-size).",
+        help="Timesteps packed into one forward pass (default: 64 samples per pass on a CPU, 256 on a GPU, "
+        "/ calib-size per process).",
     ),
 ]
 Timesteps = Annotated[
@@ -220,5 +221,28 @@ ClassLabels = Annotated[
         "--class-label",
         help="Class-conditional models: sample this class (repeatable; sample i gets label i mod L; default "
         "every class in turn).",
+    ),
+]
+RunDevice = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="auto (this process's GPU when there is one, else the CPU), cpu, cuda (under torchrun: GPU "
+        "LOCAL_RANK), cuda:N or mps.",
+    ),
+]
+ScanPrecision = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="fp32, or bf16/fp16 autocast for the scan's forward (fp16 on GPU only); gradients stay fp32.",
+    ),
+]
+GradientCheckpointing = Annotated[
+    bool,
+    typer.Option(
+        "--gradient-checkpointing",
+        help="Recompute each block's activations in the scan's backward instead of keeping them: less "
+        "memory, more compute (diffusers UNets).",
     ),
 ]

@@ -15,6 +15,7 @@ from dpcli.cli.options import (
     Criterion,
     Data,
     Force,
+    GradientCheckpointing,
     HeadRatio,
     Ignore,
     ImageColumn,
@@ -26,7 +27,9 @@ from dpcli.cli.options import (
     Prompt,
     Ratio,
     RoundTo,
+    RunDevice,
     ScanBudget,
+    ScanPrecision,
     Scheduler,
     Seed,
     Split,
@@ -75,6 +78,9 @@ def prune(
     timestep_stride: TimestepStride = None,
     scan_budget: ScanBudget = None,
     prompt: Prompt = None,
+    device: RunDevice = "auto",
+    precision: ScanPrecision = "fp32",
+    gradient_checkpointing: GradientCheckpointing = False,
     tolerance: Tolerance = 0.05,
     yes: Yes = False,
     force: Force = False,
@@ -84,7 +90,12 @@ def prune(
     max_params: MaxParams = None,
     json_output: Json = False,
 ) -> None:
-    """Prune a model to --ratio / --target-macs / --target-params with a criterion; save it safely."""
+    """Prune a model to --ratio / --target-macs / --target-params with a criterion; save it safely.
+
+    Under torchrun the scoring scan is shared out over the processes; rank 0 alone prunes, writes and
+    prints (the other processes end after the scan)."""
+    import contextlib
+
     from dpcli.cli import render as out
     from dpcli.cli.common import (
         ask_criterion,
@@ -106,10 +117,14 @@ def prune(
     from dpcli.loading import load_model
     from dpcli.plugins import get_registry
     from dpcli.pruning import PruneOptions
+    from dpcli.runtime import check_precision, start_distributed
+    from dpcli.scoring import place
 
     limit_params(context, max_params)
 
-    can_ask = interactive() and not yes and not json_output
+    dist = start_distributed(device)
+    context.call_on_close(dist.close)
+    can_ask = interactive() and not yes and not json_output and not dist.enabled
     if criterion is None and scores is None:
         if not can_ask:
             raise BadInput("--criterion is required (or --scores FILE); see dp plugins for the choices")
@@ -138,16 +153,23 @@ def prune(
             options=options,
             prompt=prompt,
             workers=workers,
+            precision=precision,
+            gradient_checkpointing=gradient_checkpointing,
         )
         score_settings.validate()
     else:
         check_threshold(threshold)  # recorded with the scores, but a value out of range is still a mistake
+        if not dist.is_main:
+            return  # nothing to share: rank 0 prunes from the file
+    check_precision(precision, dist.device)
     target = Path(output) if output else default_output(model, "pruned")
-    lock_output(context, target)
-    prepare_output(target, force)
+    if dist.is_main:
+        lock_output(context, target)
+        prepare_output(target, force)
 
-    with out.stderr.status("Loading model"):
+    with out.stderr.status("Loading model") if dist.is_main else contextlib.nullcontext():
         loaded = load_model(model, adapter=adapter, config=config, scheduler=scheduler)
+    place(loaded, dist.device)  # the scan, the target search's trials and the pruning all run there
     if scores is not None:
         computed = load_scores(scores, loaded)
         if criterion is not None and criterion != computed.criterion:
@@ -162,8 +184,11 @@ def prune(
         params, macs = measure(loaded)
         confirm_plan(loaded, criterion or computed.criterion, settings, params, macs, target)
     if computed is None:
-        with scan_progress(loaded, score_settings) as on_progress:
-            computed = compute_scores(loaded, score_settings, on_progress=on_progress)
+        progress = scan_progress(loaded, score_settings) if dist.is_main else contextlib.nullcontext()
+        with progress as on_progress:
+            computed = compute_scores(loaded, score_settings, on_progress=on_progress, dist=dist)
+    if not dist.is_main:
+        return
     with out.stderr.status("Pruning") as status:
 
         def on_trial(trial):

@@ -13,6 +13,7 @@ from dpcli.cli.options import (
     Config,
     Criterion,
     Data,
+    GradientCheckpointing,
     HeadRatio,
     Ignore,
     ImageColumn,
@@ -24,7 +25,9 @@ from dpcli.cli.options import (
     Plot,
     Prompt,
     RoundTo,
+    RunDevice,
     ScanBudget,
+    ScanPrecision,
     Scheduler,
     Seed,
     Split,
@@ -53,6 +56,9 @@ def score(
     timestep_stride: TimestepStride = None,
     scan_budget: ScanBudget = None,
     prompt: Prompt = None,
+    device: RunDevice = "auto",
+    precision: ScanPrecision = "fp32",
+    gradient_checkpointing: GradientCheckpointing = False,
     seed: Seed = 0,
     ignore: Ignore = None,
     round_to: RoundTo = None,
@@ -65,24 +71,25 @@ def score(
     max_params: MaxParams = None,
     json_output: Json = False,
 ) -> None:
-    """Compute channel importance (and the per-timestep loss curve with its cutoff); save it for dp prune."""
+    """Compute channel importance (and the per-timestep loss curve with its cutoff); save it for dp prune.
+
+    Under torchrun the calibration images are shared out over the processes; rank 0 writes and prints."""
+    import contextlib
+
     from dpcli.cli import render as out
     from dpcli.cli.common import data_spec, limit_params, lock_output, scan_progress
     from dpcli.cli.render.score import render_score
+    from dpcli.errors import BadInput
     from dpcli.jobs.score import ScoreSettings, score_model
     from dpcli.loading import load_model
     from dpcli.pruning import PruneOptions
+    from dpcli.runtime import check_precision, start_distributed
 
     limit_params(context, max_params)
 
     target = Path(output) if output else None
     if target is not None and target.is_dir():
-        out_error = f"--output {target} is a folder; give a file name such as scores.safetensors"
-        from dpcli.errors import BadInput
-
-        raise BadInput(out_error)
-    if target is not None:
-        lock_output(context, target)
+        raise BadInput(f"--output {target} is a folder; give a file name such as scores.safetensors")
     settings = ScoreSettings(
         criterion=criterion,
         data=data_spec(data, split, image_column, caption_column, label_column),
@@ -96,14 +103,24 @@ def score(
         seed=seed,
         prompt=prompt,
         workers=workers,
+        precision=precision,
+        gradient_checkpointing=gradient_checkpointing,
         options=PruneOptions(ignore=list(ignore or []), round_to=round_to, head_ratio=head_ratio),
     )
     settings.validate()  # before the model is loaded
-    with out.stderr.status("Loading model"):
+    dist = start_distributed(device)
+    context.call_on_close(dist.close)
+    check_precision(precision, dist.device)
+    if target is not None and dist.is_main:
+        lock_output(context, target)
+    with out.stderr.status("Loading model") if dist.is_main else contextlib.nullcontext():
         loaded = load_model(model, adapter=adapter, config=config, scheduler=scheduler)
-    with scan_progress(loaded, settings) as on_progress:
-        report = score_model(loaded, settings, target, plot, on_progress=on_progress).to_json()
+    progress = scan_progress(loaded, settings) if dist.is_main else contextlib.nullcontext()
+    with progress as on_progress:
+        report = score_model(loaded, settings, target, plot, on_progress=on_progress, dist=dist)
+    if not dist.is_main:
+        return
     if json_output:
-        out.print_json(report)
+        out.print_json(report.to_json())
     else:
-        render_score(report)
+        render_score(report.to_json())

@@ -18,7 +18,16 @@ from dpcli.io.files import atomic_write
 from dpcli.io.model_format import model_signature
 from dpcli.io.weights import load_tensor_file
 from dpcli.pruning import PruneOptions, collect_scores
-from dpcli.scoring import ScanResult, accumulate_gradients, calibration_batch, calibration_noise
+from dpcli.runtime import Distributed, check_precision
+from dpcli.scoring import (
+    ScanResult,
+    accumulate_gradients,
+    calibration_batch,
+    calibration_noise,
+    gradient_checkpointing,
+    place,
+    share_rows,
+)
 
 SCORES_FORMAT = "dpcli-scores"
 
@@ -40,6 +49,8 @@ class ScoreSettings:
     workers: int | None = None  # DataLoader workers decoding the calibration images (None: the default)
     timestep_stride: int | None = None  # 1 (every timestep, the reference), unless scan_budget chooses
     scan_budget: int | None = None
+    precision: str = "fp32"  # or bf16 / fp16: autocast for the scan's forward
+    gradient_checkpointing: bool = False  # recompute activations in the scan's backward (less memory)
 
     def validate(self) -> None:
         """Fail before the model is loaded: an unknown criterion, a scan threshold outside [0, 1], a stride
@@ -54,6 +65,7 @@ class ScoreSettings:
             raise BadSetting(
                 "timestep_stride", "{timestep_stride} must be at least 1", got=self.timestep_stride
             )
+        check_precision(self.precision)
         if self.calib_size is not None and self.calib_size < 1:
             raise BadSetting("calib_size", "{calib_size} must be at least 1", got=self.calib_size)
         if self.scan_budget is not None:
@@ -95,14 +107,28 @@ class Scores:
         )
 
 
-# Packing timesteps stops paying at about this many samples per forward on a CPU: on 2 idle cores the
-# digits scan was fastest at 64 and slower at 128 and 256 (benchmarks/pruning.md, "default --chunk").
-SAMPLES_PER_PASS = 64
+# Packing timesteps stops paying at about this many samples per forward, per device type.
+# cpu: measured; on 2 idle cores the digits scan was fastest at 64 and slower at 128 and 256
+#   (benchmarks/pruning.md, "default --chunk").
+# cuda: NOT measured (no GPU was available where this was written; benchmarks/gpu.py --quick measures
+#   packed against unpacked on one). 256 is reasoning, not a measurement: a GPU needs hundreds of samples
+#   in flight to be busy (the reference scans 128 images per timestep on one GPU, so 256 is two of its
+#   timesteps per pass), and --batch-size (default 256) still caps a pass, which bounds its memory.
+# Anything else (mps) takes the CPU's figure.
+SAMPLES_PER_PASS = {"cpu": 64, "cuda": 256}
 
 
-def default_chunk(calib_size: int, batch_size: int) -> int:
-    """Timesteps per forward: about ``SAMPLES_PER_PASS`` samples, never more than ``batch_size``."""
-    return max(1, min(batch_size, SAMPLES_PER_PASS) // max(1, calib_size))
+def default_chunk(calib_size: int, batch_size: int, device_type: str = "cpu") -> int:
+    """Timesteps per forward: about ``SAMPLES_PER_PASS[device_type]`` samples (``calib_size`` being the
+    images one device holds), never more than ``batch_size``."""
+    samples = SAMPLES_PER_PASS.get(device_type, SAMPLES_PER_PASS["cpu"])
+    return max(1, min(batch_size, samples) // max(1, calib_size))
+
+
+def share_chunk(chunk: int | None, batch_size: int, images: int, dist: Distributed) -> int:
+    """``chunk``, or the default for the largest share of ``images`` calibration images one device holds."""
+    share = -(-images // dist.world_size)
+    return chunk or default_chunk(share, batch_size, dist.device.type)
 
 
 # --scan-budget: how dp spends N forward samples (benchmarks/scan_budget.py, docs/benchmarks.md "Scan
@@ -166,42 +192,56 @@ def plan_scan(budget: int, estimated_cutoff: int, available: int | None = None) 
     return ScanPlan(budget, stride, calib, estimated_cutoff, calib * scanned(stride))
 
 
-def _calibration(loaded: LoadedModel, adapter, settings: ScoreSettings, size: int, fit: bool = False):
-    """The calibration batch of ``size`` images; with ``fit``, as many as the data has if it has fewer.
+def _calibration(
+    loaded: LoadedModel, adapter, settings: ScoreSettings, size: int, dist: Distributed, fit: bool = False
+):
+    """This process's share of the calibration batch of ``size`` images (all of it in a single process)
+    and of its noise; with ``fit``, as many images as the data has if it has fewer.
 
-    Returns ``(x0, conditioning, available)``: ``available`` is the data's image count when it was
+    Returns ``(x0, noise, conditioning, available)``: ``available`` is the data's image count when it was
     smaller than ``size`` (else None)."""
     from dpcli.data import open_source
 
     source = open_source(settings.data)
     available = len(source) if fit and len(source) < size else None
+    total = available or size
+    rows = share_rows(total, dist.rank, dist.world_size) if dist.enabled else None
     x0, conditioning = calibration_batch(
         loaded,
         adapter,
         source,
-        available or size,
+        total,
         settings.seed,
         prompt=settings.prompt,
         workers=settings.workers,
+        rows=rows,
     )
-    return x0, conditioning, available
+    return x0, calibration_noise(x0, settings.seed, rows, total), conditioning, available
 
 
-def plan_budget_scan(loaded: LoadedModel, adapter, settings: ScoreSettings, threshold: float) -> ScanPlan:
-    """Run the forward-only pilot scan and choose stride and calibration size for ``settings.scan_budget``."""
-    x0, conditioning, available = _calibration(loaded, adapter, settings, PILOT_IMAGES, fit=True)
+def plan_budget_scan(
+    loaded: LoadedModel, adapter, settings: ScoreSettings, threshold: float, dist: Distributed | None = None
+) -> ScanPlan:
+    """Run the forward-only pilot scan and choose stride and calibration size for ``settings.scan_budget``.
+
+    Under torchrun the pilot's images are shared out too and its losses summed: every process plans the
+    same scan."""
+    dist = dist or Distributed(device=next(loaded.model.parameters()).device)
+    x0, noise, conditioning, available = _calibration(loaded, adapter, settings, PILOT_IMAGES, dist, fit=True)
     pilot = accumulate_gradients(
         loaded,
         adapter,
         x0,
-        calibration_noise(x0, settings.seed),
+        noise,
         threshold,
         timesteps=settings.timesteps,
-        chunk=default_chunk(x0.shape[0], settings.batch_size),
+        chunk=share_chunk(None, settings.batch_size, available or PILOT_IMAGES, dist),
         batch_size=settings.batch_size,
         conditioning=conditioning,
         stride=BUDGET_STRIDES[0],
         gradients=False,
+        precision=settings.precision,
+        dist=dist,
     )
     # A pilot that ran to the last timestep says the scan will too; one that stopped at t stops the real
     # scan (finer stride, more images) at about t, a little earlier at most.
@@ -211,13 +251,22 @@ def plan_budget_scan(loaded: LoadedModel, adapter, settings: ScoreSettings, thre
     return plan
 
 
-def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=None) -> Scores:
-    """Score ``loaded`` with a criterion: the timestep scan first when the criterion needs gradients."""
+def compute_scores(
+    loaded: LoadedModel, settings: ScoreSettings, on_progress=None, dist: Distributed | None = None
+) -> Scores:
+    """Score ``loaded`` with a criterion: the timestep scan first when the criterion needs gradients.
+
+    ``dist`` (``dpcli.runtime.start_distributed``) says on which device the model, the calibration batch
+    and the scan live, and under torchrun which share of the calibration images this process takes;
+    without it, everything stays on the device the model is on, in one process."""
     from dpcli.plugins import get_registry
 
     settings.validate()
     criterion = get_registry().criterion(settings.criterion)
     adapter = loaded.adapter_object
+    dist = dist or Distributed(device=next(loaded.model.parameters()).device)
+    check_precision(settings.precision, dist.device)
+    place(loaded, dist.device)
     threshold = criterion.scan_threshold(settings.threshold)
     started = time.perf_counter()
     scan = plan = None
@@ -231,25 +280,29 @@ def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=Non
                 name=criterion.name,
             )
         if settings.scan_budget is not None:
-            plan = plan_budget_scan(loaded, adapter, settings, threshold)
+            plan = plan_budget_scan(loaded, adapter, settings, threshold, dist)
             calib_size, stride = plan.calib_size, plan.timestep_stride
-        x0, conditioning, _ = _calibration(loaded, adapter, settings, calib_size, fit=plan is not None)
-        noise = calibration_noise(x0, settings.seed)
-        chunk = settings.chunk or default_chunk(x0.shape[0], settings.batch_size)
-        scan = accumulate_gradients(
-            loaded,
-            adapter,
-            x0,
-            noise,
-            threshold,
-            timesteps=settings.timesteps,
-            chunk=chunk,
-            batch_size=settings.batch_size,
-            conditioning=conditioning,
-            on_progress=on_progress,
-            squared=bool(getattr(criterion, "squared_gradients", False)),
-            stride=stride,
+        x0, noise, conditioning, available = _calibration(
+            loaded, adapter, settings, calib_size, dist, fit=plan is not None
         )
+        with gradient_checkpointing(loaded.model, settings.gradient_checkpointing):
+            scan = accumulate_gradients(
+                loaded,
+                adapter,
+                x0,
+                noise,
+                threshold,
+                timesteps=settings.timesteps,
+                chunk=share_chunk(settings.chunk, settings.batch_size, available or calib_size, dist),
+                batch_size=settings.batch_size,
+                conditioning=conditioning,
+                on_progress=on_progress,
+                squared=bool(getattr(criterion, "squared_gradients", False)),
+                stride=stride,
+                precision=settings.precision,
+                dist=dist,
+            )
+        del x0, noise, conditioning
     tensors = collect_scores(loaded, adapter, criterion, threshold, settings.seed, settings.options)
     loaded.model.zero_grad(set_to_none=True)
     recorded = {
@@ -262,6 +315,7 @@ def compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress=Non
         "chunk": scan.chunk if scan else None,
         "timestep_stride": scan.stride if scan else None,
         "scan_budget": plan.to_json() if plan else None,
+        "precision": settings.precision if scan else None,
         "ignore": settings.options.ignore,
         "round_to": settings.options.round_to,
         "head_ratio": settings.options.head_ratio,
@@ -309,6 +363,9 @@ class ScoreReport:
             "scan_budget": self.scores.settings.get("scan_budget"),
             "chunk": scan.chunk if scan else None,
             "calib_size": scan.calib_size if scan else None,
+            "device": scan.device if scan else None,
+            "world_size": scan.world_size if scan else None,
+            "precision": self.scores.settings.get("precision"),
             "seconds": self.scores.seconds,
             "scan_seconds": scan.seconds if scan else 0.0,
             "groups": len(self.scores.tensors),
@@ -324,15 +381,18 @@ def score_model(
     output: Path | None = None,
     plot: Path | None = None,
     on_progress=None,
+    dist: Distributed | None = None,
 ) -> ScoreReport:
-    """The score job: compute the scores, then write them to ``output`` and the loss curve to ``plot`` (PNG)."""
+    """The score job: compute the scores (on ``dist``'s device and processes, see ``compute_scores``), then
+    write them to ``output`` and the loss curve to ``plot`` (PNG): only the main process writes."""
     from dpcli.plots import plot_losses
 
-    scores = compute_scores(loaded, settings, on_progress=on_progress)
-    if output is not None:
-        save_scores(scores, output, loaded.source)
-    if plot is not None and scores.scan is not None:
-        plot_losses(scores.scan, plot, title=f"{loaded.source}: {settings.criterion}")
+    scores = compute_scores(loaded, settings, on_progress=on_progress, dist=dist)
+    if dist is None or dist.is_main:
+        if output is not None:
+            save_scores(scores, output, loaded.source)
+        if plot is not None and scores.scan is not None:
+            plot_losses(scores.scan, plot, title=f"{loaded.source}: {settings.criterion}")
     return ScoreReport(scores, output, plot)
 
 

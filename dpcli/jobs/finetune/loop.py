@@ -50,7 +50,7 @@ from dpcli.jobs.finetune.checkpoints import (
     weights_fingerprint,
 )
 from dpcli.jobs.finetune.settings import DEFAULT_CAPTION_DROPOUT, FinetuneSettings
-from dpcli.runtime import Distributed
+from dpcli.runtime import Distributed, autocast
 
 _SUMMARY_WINDOW = 100
 
@@ -216,13 +216,6 @@ class Interrupted(DpError):
     exit_code = 130
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def validate(settings: FinetuneSettings, output: Path, resume: bool = False) -> None:
     """Fail before anything is loaded or written: bad settings, or ``resume`` with no checkpoint in
     ``output``."""
@@ -370,13 +363,13 @@ def finetune(
                 last_micro = micro == settings.grad_accum - 1
                 sync = contextlib.nullcontext() if last_micro or not dist.enabled else trained.no_sync()
                 with sync:
-                    with _autocast(device, settings.precision):
+                    with autocast(device, settings.precision):
                         noisy = loaded.scheduler.add_noise(x0, eps, t)
                         prediction = adapter.predict(training_view, noisy, t, conditioning).float()
                     target = loss_target(loaded.scheduler, x0, eps, t).float()
                     loss = torch.nn.functional.mse_loss(prediction, target)
                     if teacher is not None and settings.distill_weight > 0:
-                        with torch.no_grad(), _autocast(device, settings.precision):
+                        with torch.no_grad(), autocast(device, settings.precision):
                             guide = teacher_adapter.predict(teacher, noisy, t, conditioning).float()
                         loss = loss + settings.distill_weight * torch.nn.functional.mse_loss(
                             prediction, guide
