@@ -138,22 +138,27 @@ class Scores:
 
     @property
     def criterion(self) -> str:
+        """The criterion that computed them."""
         return self.job.criterion
 
     @property
     def cutoff(self) -> int | None:
+        """The last timestep whose gradient was accumulated (None for criteria without a scan)."""
         return self.job.scan.cutoff if self.job.scan else None
 
     @property
     def losses(self) -> list[float]:
+        """The loss of each scanned timestep (index = position in the scan)."""
         return list(self.job.scan.losses) if self.job.scan else []
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
+        """One score tensor per prunable channel group."""
         return self.job.tensors
 
     @property
     def settings(self) -> dict:
+        """The settings the scores were computed with, as recorded in the scores file."""
         return self.job.settings
 
     def save(self, path: str | Path) -> Path:
@@ -164,6 +169,7 @@ class Scores:
         return Path(path)
 
     def to_json(self) -> dict:
+        """What ``dp score --json`` prints for these scores."""
         from dpcli.jobs.score import ScoreReport
 
         return ScoreReport(self.job).to_json()

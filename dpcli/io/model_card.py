@@ -98,7 +98,7 @@ def _pruning_text(info: dict) -> str:
     ]
     table = "| | |\n|---|---|\n" + "".join(f"| {key} | {value} |\n" for key, value in rows)
     return (
-        "Structural pruning with [dpcli](https://pypi.org/project/dpcli/) (Diff-Pruning, Fang et al., "
+        "Structural pruning with dpcli (Diff-Pruning, Fang et al., "
         "NeurIPS 2023): whole channels and attention heads were removed, so the model is smaller and "
         f"faster at the same resolution.\n\n{table}"
     )
