@@ -328,12 +328,8 @@ def prune(
             **score_options,
         )
     elif score_options:
-        raise BadSetting(
-            sorted(score_options)[0],
-            "{"
-            + sorted(score_options)[0]
-            + "} applies when prune computes the scores, not with given scores",
-        )
+        name = sorted(score_options)[0]
+        raise BadSetting(name, "{" + name + "} applies when prune computes the scores, not to given scores")
     if isinstance(scores, (str, Path)):
         scores = Scores(load_scores(Path(scores), model.loaded), model.source)
     if not isinstance(scores, Scores):
@@ -342,7 +338,10 @@ def prune(
         )
     if criterion is not None and criterion != scores.criterion:
         raise BadSetting(
-            "criterion", "{criterion} " + f"{criterion} differs from the scores' criterion {scores.criterion}"
+            "criterion",
+            "{criterion} {given} differs from the scores' criterion {recorded}",
+            given=criterion,
+            recorded=scores.criterion,
         )
     if scores.job.model_signature != model_signature(model.module):
         raise BadInput(f"the scores were computed for a model of another shape ({scores.model_source})")
@@ -523,7 +522,9 @@ def evaluate(
     if output is not None:
         prepare_output(Path(output), force)
     if save_stats is not None and Path(save_stats).exists() and not force:
-        raise BadSetting("save_stats", "{save_stats} " + f"{save_stats} exists (use {{force}} to replace it)")
+        raise BadSetting(
+            "save_stats", "{save_stats} {path} exists (use {force} to replace it)", path=save_stats
+        )
     settings = EvalSettings(
         model=model.source,
         reference=reference_model.source if reference_model is not None else None,
