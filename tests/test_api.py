@@ -154,3 +154,21 @@ def test_scores_save_and_prune_from_the_file(dp, tmp_path):
         tmp_path / "p",
     )
     assert pruned.record["sizes"]["params_after"] == cli.json["params_after"]
+
+
+def test_dp_finetune_and_the_api_refuse_the_same_outputs(dp, tmp_path):
+    model_folder = save_tiny_unet(tmp_path / "unet")
+    images = make_image_folder(tmp_path / "images")
+    itself = dp("finetune", model_folder, "--data", images, "--steps", "1", "-o", model_folder)
+    assert itself.exit_code == 2 and f"--output {model_folder} is the MODEL" in itself.stderr
+    with pytest.raises(BadSetting, match="is the model: inputs are never modified"):
+        dpcli.finetune(dpcli.load(model_folder), data=images, steps=1, output=model_folder)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000001"  # an earlier run's (never read here)
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text("{}")
+    again = dp("finetune", model_folder, "--data", images, "--steps", "1", "-o", tmp_path / "run")
+    assert again.exit_code == 2 and "add --resume to continue it, or --force" in again.stderr
+    resume = dp(
+        "finetune", model_folder, "--data", images, "--steps", "1", "--resume", "-o", tmp_path / "new"
+    )
+    assert resume.exit_code == 2 and "--resume: no checkpoint in" in resume.stderr
