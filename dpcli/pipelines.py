@@ -44,7 +44,9 @@ def build_pipeline(loaded: LoadedModel, sampler: str = "ddim", scheduler=None):
     if scheduler is None:
         scheduler = default_scheduler(loaded, sampler)
     elif not isinstance(scheduler, SchedulerMixin):
-        raise BadSetting("scheduler", "{scheduler} must be a diffusers scheduler", got=type(scheduler).__name__)
+        raise BadSetting(
+            "scheduler", "{scheduler} must be a diffusers scheduler", got=type(scheduler).__name__
+        )
     if loaded.adapter == "ddpm":
         return _pixel_pipeline(loaded, scheduler)
     if loaded.adapter == "ldm":
