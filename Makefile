@@ -62,7 +62,7 @@ completions: $(STAMP)
 # Benchmarks (docs/benchmarks.md): each prints a table and writes JSON + Markdown + PNG into benchmarks/results/.
 # bench-quick: every benchmark in its --quick mode (minutes on 2 cores; the Table 1 runner as a smoke test).
 # bench: the full micro-benchmarks (a bigger machine); bench-table1: the digits Table 1 (long; resumable).
-BENCH_SCRIPTS := scoring scan_budget pruned_speed sampling startup data
+BENCH_SCRIPTS := scoring scan_budget pruned_speed sampling startup data export
 bench-quick: $(STAMP)
 	@for script in $(BENCH_SCRIPTS); do echo "== benchmarks/$$script.py --quick"; \
 		$(PY) benchmarks/$$script.py --quick || exit 1; done

@@ -66,3 +66,43 @@ def test_the_guides_minimal_plugin_works_and_is_unknown_without_it(tmp_path):
     result = run_dp(*args, "-o", tmp_path / "out", plugins=[module])
     assert result.exit_code == 0, result.stderr
     assert result.json["criterion"] == "l1" and result.json["params_after"] < result.json["params_before"]
+
+
+README = GUIDE.parent.parent / "README.md"
+# The README's Python API section runs as written, with only these sizes made small (each must appear once).
+README_SHORTCUTS = {
+    "threshold=0.05)": "threshold=0.05, calib_size=4, timesteps=8)",
+    "steps=1000": "steps=2, batch_size=4",
+    "num_samples=256)": "num_samples=4, steps=10, latency=False)",
+    "num_inference_steps=50).images": "num_inference_steps=3).images",
+    "num_inference_steps=20)": "num_inference_steps=3)",
+    "num_inference_steps=50)\n": "num_inference_steps=3)\n",
+}
+
+
+@pytest.mark.slow
+def test_the_readmes_python_api_examples_run(tmp_path, monkeypatch):
+    section = README.read_text().split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
+    code = "\n".join(re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL))
+    for original, small in README_SHORTCUTS.items():
+        assert code.count(original) == 1, original
+        code = code.replace(original, small)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    import numpy as np
+
+    assert namespace["pruned"] is namespace["model"]
+    assert (
+        0.5
+        < namespace["pruned"].record["sizes"]["macs_after"]
+        / namespace["pruned"].record["sizes"]["macs_before"]
+        < 0.6
+    )
+    # builtin:ddpm-digits was itself trained by dp finetune: its history goes on
+    assert [entry["step"] for entry in namespace["tuned"].record["history"]][-2:] == ["prune", "finetune"]
+    assert np.isfinite(namespace["report"].to_json()["fid"])
+    assert len(namespace["images"]) == 4 and namespace["same_as_dp_eval"].images[0].size == (16, 16)
+    assert (tmp_path / "unet.onnx").is_file()
+    card = (tmp_path / "tuned" / "README.md").read_text()
+    assert card.count("## Evaluation") == 1 and "(256 samples)" in card

@@ -11,6 +11,7 @@ import typer
 from dpcli import __version__
 from dpcli.cli import compare as compare_command
 from dpcli.cli import eval as eval_command
+from dpcli.cli import export as export_command
 from dpcli.cli import finetune as finetune_command
 from dpcli.cli import inspect as inspect_command
 from dpcli.cli import plugins as plugins_command
@@ -65,6 +66,7 @@ app.command("prune")(prune_command.prune)
 app.command("finetune")(finetune_command.finetune)
 app.command("eval")(eval_command.evaluate)
 app.command("compare")(compare_command.compare)
+app.command("export")(export_command.export)
 app.command("plugins")(plugins_command.plugins)
 
 

@@ -152,10 +152,8 @@ def finetune(
     from dpcli.cli.common import data_spec, default_output, limit_params, lock_output
     from dpcli.cli.render.finetune import render_finetune
     from dpcli.errors import BadInput
-    from dpcli.io.files import prepare_output
-    from dpcli.jobs.finetune.checkpoints import latest_checkpoint
     from dpcli.jobs.finetune.loop import finetune as train
-    from dpcli.jobs.finetune.loop import open_training_data, save_finetuned, validate
+    from dpcli.jobs.finetune.loop import open_training_data, prepare_output_folder, save_finetuned
     from dpcli.jobs.finetune.settings import FinetuneSettings
     from dpcli.loading import load_model
     from dpcli.runtime import start_distributed
@@ -192,19 +190,7 @@ def finetune(
     )
     target = Path(output) if output else default_output(model, "finetuned")
     lock_output(context, target)
-    validate(settings, target, resume)
-    for name, spec in (("MODEL", model), ("--teacher", teacher)):
-        if spec and Path(spec).exists() and Path(spec).resolve() == target.resolve():
-            raise BadInput(
-                f"--output {target} is the {name}: inputs are never modified; choose another folder"
-            )
-    if not resume:
-        if latest_checkpoint(target) is not None and not force:
-            raise BadInput(
-                f"{target} holds checkpoints of an earlier run: add --resume to continue it, "
-                "or --force to start over"
-            )
-        prepare_output(target, force)
+    prepare_output_folder(settings, target, resume, force, {"MODEL": model, "--teacher": teacher})
 
     dist = start_distributed(device)
     quiet = not dist.is_main

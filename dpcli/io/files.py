@@ -118,6 +118,13 @@ class AtomicFolder:
             os.replace(self.path, self.target)
 
 
+def final_name(path: Path) -> str:
+    """The name ``path`` will have once written: the target's name for an ``AtomicFolder``'s temporary
+    folder (``.NAME.XXXXXXXX.tmp``), else its own name."""
+    match = re.fullmatch(r"\.(.+)\.\w{8}\.tmp", Path(path).name)
+    return match.group(1) if match else Path(path).name
+
+
 # The output lock -------------------------------------------------------------------------------
 
 # A file system that cannot lock (some Lustre or SMB mounts) answers lockf with one of these.

@@ -30,7 +30,8 @@ from dpcli.io.diffusers_files import (
     load_scheduler,
     load_weights_into,
 )
-from dpcli.io.files import read_json
+from dpcli.io.files import final_name, read_json
+from dpcli.io.model_card import write_model_card
 from dpcli.io.weights import load_tensor_file
 from dpcli.sizing import check_fits
 
@@ -199,6 +200,7 @@ def write_model(
         **(metadata or {}),
     }
     (folder / METADATA_FILE).write_text(json.dumps(info, indent=2, default=str))
+    write_model_card(folder, json.loads(json.dumps(info, default=str)), name=final_name(folder))
     return info
 
 
@@ -212,14 +214,9 @@ def save_model(loaded, folder: Path, metadata: dict, base_config: dict | None = 
     Returns the metadata written.
     """
     metadata = dict(metadata)
-    previous = loaded.pruning or {}
     extra_weights = metadata.pop("extra_weights", None)
-    given_original = metadata.pop("original_modules", None)
-    base = previous.get("base") or {"config": base_config or loaded.config, "source": loaded.source}
-    original = previous.get("original_modules") or given_original or module_shapes(loaded.model)
-    merged = {k: v for k, v in previous.items() if k in ("pruning", "sizes")}
-    merged.update(metadata)
-    merged["history"] = list(previous.get("history", [])) + list(metadata.get("history", []))
+    merged = recorded_metadata(loaded, metadata, base_config)
+    base, original = merged.pop("base"), merged.pop("original_modules")
     return write_model(
         folder,
         loaded.model,
@@ -231,6 +228,23 @@ def save_model(loaded, folder: Path, metadata: dict, base_config: dict | None = 
         metadata=merged,
         extra_weights=extra_weights,
     )
+
+
+def recorded_metadata(loaded, metadata: dict, base_config: dict | None = None) -> dict:
+    """What a save of ``loaded`` with ``metadata`` records (see ``save_model``): ``base``,
+    ``original_modules``, ``pruning`` and ``sizes`` (carried over unless ``metadata`` replaces them), the
+    ``history`` so far plus the new entries, and the other keys of ``metadata``. The Python API keeps this
+    as ``loaded.pruning`` after an in-memory prune or fine-tune, so a model is recorded the same whether
+    it was saved and reloaded between steps or not."""
+    metadata = {k: v for k, v in metadata.items() if k != "extra_weights"}
+    previous = loaded.pruning or {}
+    given_original = metadata.pop("original_modules", None)
+    base = previous.get("base") or {"config": base_config or loaded.config, "source": loaded.source}
+    original = previous.get("original_modules") or given_original or module_shapes(loaded.model)
+    merged = {k: v for k, v in previous.items() if k in ("pruning", "sizes")}
+    merged.update(metadata)
+    merged["history"] = list(previous.get("history", [])) + list(metadata.get("history", []))
+    return {"base": base, "original_modules": original, **merged}
 
 
 def read_metadata(folder: Path) -> dict | None:

@@ -420,8 +420,16 @@ class EvalReport:
         return self.fields
 
 
-def evaluate(settings: EvalSettings, progress: Progress = _no_progress, status=None) -> EvalReport | None:
-    """Run ``dp eval``; returns the report on rank 0 (None on other torchrun ranks)."""
+def evaluate(
+    settings: EvalSettings,
+    progress: Progress = _no_progress,
+    status=None,
+    loaded: LoadedModel | None = None,
+    reference_loaded: LoadedModel | None = None,
+) -> EvalReport | None:
+    """Run ``dp eval``; returns the report on rank 0 (None on other torchrun ranks). ``loaded`` and
+    ``reference_loaded`` (the Python API's models) are used instead of loading ``settings.model`` and
+    ``settings.reference``."""
     from dpcli.loading import load_model
 
     status = status or (lambda text: None)
@@ -437,14 +445,16 @@ def evaluate(settings: EvalSettings, progress: Progress = _no_progress, status=N
         settings.save_stats,
         settings.num_samples,
     )
-    status(f"Loading {settings.model}")
-    loaded = load_model(
-        settings.model, adapter=settings.adapter, config=settings.config, scheduler=settings.scheduler
-    )
-    reference = None
-    if settings.reference is not None:
+    if loaded is None:
+        status(f"Loading {settings.model}")
+        loaded = load_model(
+            settings.model, adapter=settings.adapter, config=settings.config, scheduler=settings.scheduler
+        )
+    reference = reference_loaded
+    if reference is None and settings.reference is not None:
         status(f"Loading {settings.reference}")
         reference = load_model(settings.reference, scheduler=settings.scheduler)
+    if reference is not None:
         check_same_noise(loaded, reference)
     conditions = resolve_sampling_conditions(
         loaded, settings.conditioning, [reference] if reference is not None else []

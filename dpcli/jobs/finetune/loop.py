@@ -36,7 +36,7 @@ from dpcli.adapters.base import BatchContext, LoadedModel
 from dpcli.data import ImageTransform, training_batches
 from dpcli.data.loader import mixed_seed
 from dpcli.errors import BadInput, BadSetting, DpError
-from dpcli.io.files import AtomicFolder, WriteFailed
+from dpcli.io.files import AtomicFolder, WriteFailed, prepare_output
 from dpcli.jobs.finetune.checkpoints import (
     CHECKPOINT_DIR,
     TrainState,
@@ -224,6 +224,33 @@ def validate(settings: FinetuneSettings, output: Path, resume: bool = False) -> 
         raise BadSetting(
             "resume", "{resume}: no checkpoint in {folder}", folder=checkpoint_root(Path(output))
         )
+
+
+def prepare_output_folder(
+    settings: FinetuneSettings, output: Path, resume: bool, force: bool, inputs: dict[str, str | None]
+) -> None:
+    """Check everything about OUT before anything is loaded: the settings, ``resume`` with a checkpoint to
+    resume, no input (``inputs`` maps a name such as ``MODEL`` to what was given) that is OUT itself, and
+    for a fresh run, OUT empty (or ``force``) and holding no earlier run's checkpoints."""
+    output = Path(output)
+    validate(settings, output, resume)
+    for name, spec in inputs.items():
+        if spec and Path(spec).exists() and Path(spec).resolve() == output.resolve():
+            raise BadSetting(
+                "output",
+                "{output} {folder} is the {name}: inputs are never modified; choose another folder",
+                folder=output,
+                name=name,
+            )
+    if not resume:
+        if latest_checkpoint(output) is not None and not force:
+            raise BadSetting(
+                "resume",
+                "{folder} holds checkpoints of an earlier run: add {resume} to continue it, "
+                "or {force} to start over",
+                folder=output,
+            )
+        prepare_output(output, force)
 
 
 def finetune(
