@@ -212,26 +212,6 @@ def _as_model(model: Model | str | Path, argument: str = "model") -> Model:
     )
 
 
-def _data_spec(
-    data, split=None, image_column=None, caption_column=None, label_column=None
-) -> DataSpec | None:
-    from dpcli.data.base import DataSpec
-
-    if data is None:
-        for name, value in (
-            ("split", split),
-            ("image_column", image_column),
-            ("caption_column", caption_column),
-            ("label_column", label_column),
-        ):
-            if value is not None:
-                raise BadSetting(name, "{" + name + "} needs {data}")
-        return None
-    if isinstance(data, DataSpec):
-        return data
-    return DataSpec(str(data), split, image_column, caption_column, label_column)
-
-
 def score(
     model: Model,
     criterion: str = "diff-taylor",
@@ -258,13 +238,14 @@ def score(
     """Importance scores of every prunable channel group of ``model``, as ``dp score`` computes them (the
     timestep scan on ``data`` for gradient criteria). The keyword arguments are ``dp score``'s options
     (``--calib-size`` is ``calib_size``, ...); ``output`` also writes the scores file."""
+    from dpcli.data.base import data_spec
     from dpcli.jobs.score import ScoreSettings, compute_scores, save_scores
     from dpcli.pruning import PruneOptions
 
     model = _as_model(model)
     settings = ScoreSettings(
         criterion=criterion,
-        data=_data_spec(data, split, image_column, caption_column, label_column),
+        data=data_spec(data, split, image_column, caption_column, label_column),
         threshold=threshold,
         calib_size=calib_size,
         batch_size=batch_size,
@@ -402,6 +383,7 @@ def finetune(
     folder that is removed at the end, and ``save()`` on the result writes the model folder.
     ``on_step(info)`` is called after every step (``info.step``, ``info.loss``, ``info.lr``, ...).
     """
+    from dpcli.data.base import data_spec
     from dpcli.io.model_format import recorded_metadata
     from dpcli.jobs.finetune.loop import finetune as train
     from dpcli.jobs.finetune.loop import (
@@ -418,7 +400,7 @@ def finetune(
     if distill_weight is None:
         distill_weight = 1.0 if teacher_model is not None else 0.0
     settings = FinetuneSettings(
-        data=_data_spec(data, split, image_column, caption_column, label_column),
+        data=data_spec(data, split, image_column, caption_column, label_column),
         steps=steps,
         batch_size=batch_size,
         grad_accum=grad_accum,
@@ -512,6 +494,7 @@ def evaluate(
     same noise. Returns the report: ``to_json()`` is ``dp eval --json``, ``samples.images`` the uint8
     images. ``output`` also writes report.json, grid.png and samples.safetensors there. ``prompt`` and
     ``guidance_scale`` condition text models."""
+    from dpcli.data.base import data_spec
     from dpcli.io.files import AtomicFolder, output_lock, prepare_output
     from dpcli.jobs.evaluate import EvalSettings, LatencySettings, write_eval_output
     from dpcli.jobs.evaluate import evaluate as run_eval
@@ -540,7 +523,7 @@ def evaluate(
             options={"prompt": prompt} if prompt is not None else {},
         ),
         latency=LatencySettings(batch=latency_batch, repeats=repeats) if latency else None,
-        data=_data_spec(data, split, image_column, caption_column, label_column),
+        data=data_spec(data, split, image_column, caption_column, label_column),
         fid_stats=Path(fid_stats) if fid_stats is not None else None,
         inception_weights=Path(inception_weights) if inception_weights is not None else None,
         save_stats=Path(save_stats) if save_stats is not None else None,

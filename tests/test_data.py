@@ -276,3 +276,10 @@ def test_digits_batches_are_the_in_memory_digits(tmp_path):
     assert torch.equal(batch.pixels, expected[batch.indices])
     assert batch.labels.tolist() == [int(labels[i]) for i in batch.indices]
     assert json.dumps(open_source("builtin:digits").describe())
+
+
+def test_dataset_options_without_data_are_refused(dp, tiny_unet_folder, tmp_path):
+    for command in (["eval", tiny_unet_folder, "--num-samples", "2", "-o", tmp_path / "eval"],
+                    ["score", tiny_unet_folder, "--criterion", "magnitude"]):  # fmt: skip
+        result = dp(*command, "--split", "train")
+        assert result.exit_code == 2 and "--split needs --data" in result.stderr, result.stderr

@@ -6,8 +6,6 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from dpcli.errors import BadInput
-
 
 def default_output(model: str, suffix: str) -> Path:
     """``NAME-SUFFIX`` in the current folder for MODEL (a path, a Hub id or ``builtin:NAME``)."""
@@ -93,24 +91,6 @@ def confirm_plan(loaded, criterion: str, settings, params: int, macs: int, outpu
     )
     if not typer.confirm("Go on?", default=True, err=True):
         raise typer.Exit(1)
-
-
-def data_spec(data, split=None, image_column=None, caption_column=None, label_column=None):
-    """The ``DataSpec`` the --data options name, or None without --data."""
-    from dpcli.data.base import DataSpec
-
-    if not data:
-        named = (
-            ("--split", split),
-            ("--image-column", image_column),
-            ("--caption-column", caption_column),
-            ("--label-column", label_column),
-        )
-        for flag, value in named:
-            if value is not None:
-                raise BadInput(f"{flag} needs --data")
-        return None
-    return DataSpec(data, split, image_column, caption_column, label_column)
 
 
 def limit_params(context, max_params: int | None) -> None:

@@ -107,8 +107,9 @@ def evaluate(
     """Sample a model: latency, FID against --data, CLIP score for text models, SSIM/PSNR to --reference from
     the same noise and prompts, a grid; the report records the protocol that makes the numbers reproducible."""
     from dpcli.cli import render as out
-    from dpcli.cli.common import data_spec, limit_params, lock_output
+    from dpcli.cli.common import limit_params, lock_output
     from dpcli.cli.render.eval import render_eval
+    from dpcli.data.base import data_spec
     from dpcli.errors import BadInput
     from dpcli.io.files import AtomicFolder, prepare_output
     from dpcli.jobs.evaluate import EvalSettings, LatencySettings, write_eval_output

@@ -149,8 +149,9 @@ def finetune(
     `torchrun --nproc-per-node N -m dpcli finetune ...`. Ctrl-C writes a checkpoint, then stops.
     """
     from dpcli.cli import render as out
-    from dpcli.cli.common import data_spec, default_output, limit_params, lock_output
+    from dpcli.cli.common import default_output, limit_params, lock_output
     from dpcli.cli.render.finetune import render_finetune
+    from dpcli.data.base import data_spec
     from dpcli.errors import BadInput
     from dpcli.jobs.finetune.loop import finetune as train
     from dpcli.jobs.finetune.loop import open_training_data, prepare_output_folder, save_finetuned

@@ -102,7 +102,6 @@ def prune(
         ask_data,
         ask_target,
         confirm_plan,
-        data_spec,
         default_output,
         interactive,
         limit_params,
@@ -110,6 +109,7 @@ def prune(
         scan_progress,
     )
     from dpcli.cli.render.prune import render_prune
+    from dpcli.data.base import data_spec
     from dpcli.errors import BadInput
     from dpcli.io.files import AtomicFolder, prepare_output
     from dpcli.jobs.prune import PruneSettings, measure, prune_model, pruned_metadata, validate_prune_settings

@@ -77,8 +77,9 @@ def score(
     import contextlib
 
     from dpcli.cli import render as out
-    from dpcli.cli.common import data_spec, limit_params, lock_output, scan_progress
+    from dpcli.cli.common import limit_params, lock_output, scan_progress
     from dpcli.cli.render.score import render_score
+    from dpcli.data.base import data_spec
     from dpcli.errors import BadInput
     from dpcli.jobs.score import ScoreSettings, score_model
     from dpcli.loading import load_model

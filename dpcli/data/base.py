@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dpcli.errors import BadInput
+from dpcli.errors import BadInput, BadSetting
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,24 @@ class DataSpec:
 
     def __str__(self) -> str:
         return self.source
+
+
+def data_spec(data, split=None, image_column=None, caption_column=None, label_column=None) -> DataSpec | None:
+    """The ``DataSpec`` that ``data`` and its companion settings name (``data`` may be one already);
+    None without ``data``, where a companion setting given alone is a BadSetting."""
+    if data is None or data == "":
+        for name, value in (
+            ("split", split),
+            ("image_column", image_column),
+            ("caption_column", caption_column),
+            ("label_column", label_column),
+        ):
+            if value is not None:
+                raise BadSetting(name, "{" + name + "} needs {data}")
+        return None
+    if isinstance(data, DataSpec):
+        return data
+    return DataSpec(str(data), split, image_column, caption_column, label_column)
 
 
 @dataclass
