@@ -4,7 +4,6 @@ one DataLoader path with the same batches whatever the source, the workers or th
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from pathlib import Path
 
@@ -275,7 +274,6 @@ def test_digits_batches_are_the_in_memory_digits(tmp_path):
     expected = load_images("builtin:digits", 16, 3)
     assert torch.equal(batch.pixels, expected[batch.indices])
     assert batch.labels.tolist() == [int(labels[i]) for i in batch.indices]
-    assert json.dumps(open_source("builtin:digits").describe())
 
 
 def test_dataset_options_without_data_are_refused(dp, tiny_unet_folder, tmp_path):

@@ -117,10 +117,6 @@ class Source:
             digest.update("{}\t{}\n".format(*self.identity(index)).encode())
         return digest.hexdigest()
 
-    def describe(self) -> str:
-        """One line for logs: what the source is and how many examples it holds."""
-        return f"{self.kind} {self.spec}: {len(self):,} examples"
-
 
 def label_out_of_range(label: int, num_classes: int, where: str) -> BadInput:
     return BadInput(

@@ -67,6 +67,3 @@ class DigitsSource(Source):
         import hashlib
 
         return hashlib.sha256((_RESOURCES / "digits.npz").read_bytes()).hexdigest()
-
-    def describe(self) -> str:
-        return f"builtin:digits: {len(self):,} images (8x8, 10 classes)"

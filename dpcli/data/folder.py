@@ -67,6 +67,8 @@ class ImageFolderSource(Source):
         self.files = files  # relative POSIX paths, sorted
         self._captions = _find_captions(self.root, files, sidecars)
         self._classes = sorted(entry.name for entry in self.root.iterdir() if entry.is_dir())
+        numeric = all(name.isdigit() for name in self._classes)
+        self._class_index = {name: int(name) if numeric else i for i, name in enumerate(self._classes)}
 
     def __len__(self) -> int:
         return len(self.files)
@@ -115,11 +117,7 @@ class ImageFolderSource(Source):
         folder, slash, _ = self.files[index].partition("/")
         if not slash:
             return None
-        return int(folder) if self._numeric_classes else self._classes.index(folder)
-
-    @property
-    def _numeric_classes(self) -> bool:
-        return all(name.isdigit() for name in self._classes)
+        return self._class_index[folder]
 
     def check_labels(self, num_classes: int) -> None:
         outside = next((name for name in self.files if "/" not in name), None)
@@ -132,9 +130,8 @@ class ImageFolderSource(Source):
                 where=self.root / outside if outside else self.root,
                 root=self.root,
             )
-        used = sorted({name.partition("/")[0] for name in self.files})
-        labels = [int(name) if self._numeric_classes else self._classes.index(name) for name in used]
-        for name, label in zip(used, labels, strict=True):
+        for name in sorted({name.partition("/")[0] for name in self.files}):
+            label = self._class_index[name]
             if not 0 <= label < num_classes:
                 raise label_out_of_range(label, num_classes, f"sub-folder {self.root / name}")
 
@@ -147,9 +144,6 @@ class ImageFolderSource(Source):
         for name in self.files:
             digest.update(f"{name}\t{(self.root / name).stat().st_size}\n".encode())
         return digest.hexdigest()
-
-    def describe(self) -> str:
-        return f"image folder {self.spec}: {len(self):,} images"
 
 
 def _walk(root: Path) -> tuple[list[str], set[str]]:

@@ -100,9 +100,6 @@ class HuggingFaceSource(Source):
         key = f"{self.fingerprint_of_dataset}\t{self.split}\t{self.image_column}\t{len(self)}"
         return hashlib.sha256(key.encode()).hexdigest()
 
-    def describe(self) -> str:
-        return f"Hugging Face dataset {self.spec} [{self.split}]: {len(self):,} rows"
-
 
 def _load(spec: DataSpec):
     """``(split name, Dataset)`` for the spec; errors name what is wrong (unknown split, no files...)."""

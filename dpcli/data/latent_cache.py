@@ -46,8 +46,6 @@ class LatentCache:
         else:
             with atomic_write(manifest) as temporary:
                 temporary.write_text(json.dumps({**facts, "dpcli": __version__}, indent=2))
-        self.hits = 0
-        self.misses = 0
 
     def _file(self, identity: tuple[str, str], flip: bool) -> Path:
         digest = hashlib.sha256(f"{identity[0]}\0{identity[1]}\0{int(flip)}".encode()).hexdigest()
@@ -83,8 +81,6 @@ class LatentCache:
             latent = encoded[position]
             self.put((batch.ids[row], batch.versions[row]), batch.flipped[row], latent)
             rows[row] = latent
-        self.misses += len(batch.pixel_rows)
-        self.hits += len(batch.cached)
         device = encoded.device if encoded is not None else None
         dtype = encoded.dtype if encoded is not None else torch.float32
         rows.update({row: latent.to(device or latent.device, dtype) for row, latent in batch.cached.items()})

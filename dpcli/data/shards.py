@@ -101,17 +101,12 @@ class TarShardSource(Source):
 
     def check_captions(self) -> None:
         if self.has_captions:
-            missing = (
-                next(s for s in self._samples if s.caption is None) if not self._all_captioned() else None
-            )
+            missing = next((s for s in self._samples if s.caption is None), None)
             if missing is not None:
                 raise BadInput(
                     f"sample {missing.key} in {self.shards[missing.shard]} has no .txt caption although "
                     "others have one; caption every sample or pass --prompt"
                 )
-
-    def _all_captioned(self) -> bool:
-        return all(sample.caption is not None for sample in self._samples)
 
     @property
     def has_labels(self) -> bool:
@@ -139,9 +134,6 @@ class TarShardSource(Source):
             digest.update(f"{shard.name}\t{shard.stat().st_size}\n".encode())
         digest.update(str(len(self)).encode())
         return digest.hexdigest()
-
-    def describe(self) -> str:
-        return f"tar shards {self.spec}: {len(self.shards)} shards, {len(self):,} samples"
 
 
 def _index_shard(shard: Path, number: int) -> list[_Sample]:
