@@ -21,6 +21,7 @@ from dpcli.adapters.latent.detect import (
 )
 from dpcli.adapters.latent.facts import describe, latent_facts
 from dpcli.adapters.latent.sdxl import REFINER_REFUSAL, check_unet, is_sdxl
+from dpcli.adapters.latent.sgm import is_sgm_state_dict, load_sgm
 from dpcli.errors import BadInput
 from dpcli.io.diffusers_files import folder_weights
 
@@ -70,6 +71,9 @@ def load_latent(source: ModelSource, adapter_name: str, config_path: Path | None
         unet = build_random(_class_of(config, UNET_CLASSES), config)
         source_kind = "config file, random weights"
         notes.append("architecture only: weights are random (seed 0)")
+    elif is_sgm_state_dict(source.state_dict()):
+        unet, components, scheduler, scheduler_origin = load_sgm(source, config_path, notes)
+        source_kind = "single file, SGM (SDXL) layout"
     else:
         unet, components, scheduler = _load_compvis(source, config_path, notes)
         scheduler_origin = f"{type(scheduler).__name__} from the checkpoint's YAML"
@@ -426,9 +430,9 @@ def _load_compvis(source: ModelSource, config_path: Path | None, notes: list[str
     return unet, components, scheduler
 
 
-def _find_tokenizer(checkpoint: Path, candidates: list[tuple[str, str | None]]):
-    """A tokenizer folder beside the checkpoint, else a cached Hub tokenizer (never downloaded)."""
-    beside = checkpoint.parent / "tokenizer"
+def _find_tokenizer(checkpoint: Path, candidates: list[tuple[str, str | None]], folder: str = "tokenizer"):
+    """A tokenizer folder (``folder``) beside the checkpoint, else a cached Hub tokenizer (never downloaded)."""
+    beside = checkpoint.parent / folder
     if beside.is_dir():
         return load_tokenizer(beside)
     transformers = _transformers()
