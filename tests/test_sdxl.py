@@ -215,6 +215,24 @@ def test_time_ids_are_each_images_original_size_crop_and_target(sdxl, tmp_path):
     assert conditioning["time_ids"].tolist() == expected
     assert conditioning["text_embeds"].shape == (3, 32)
     assert conditioning["encoder_hidden_states"].shape == (3, 8, 64)
+    # --cache-latents: the pair of each caption is kept on disk and read back instead of encoding again
+    from dpcli.adapters.latent import sdxl as sdxl_module
+
+    cached = BatchContext(captions=["a", "", "a"], geometry=geometry, text_cache=tmp_path / "cache")
+    _, first = loaded.adapter_object.prepare_batch(loaded, torch.stack(pixels), cached)
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
+    encode = sdxl_module._encode
+    sdxl_module._encode = lambda *_: pytest.fail("encoded again despite the text cache")
+    try:
+        _, again = loaded.adapter_object.prepare_batch(loaded, torch.stack(pixels), cached)
+    finally:
+        sdxl_module._encode = encode
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    # a dropped caption is the empty prompt, encoded by both encoders (not the zeros of sampling)
+    empty = loaded.adapter_object.sampling_conditioning(loaded, 1, prompt="")
+    assert torch.allclose(first["encoder_hidden_states"][1], empty["encoder_hidden_states"][0], atol=1e-6)
+    assert torch.allclose(first["text_embeds"][1], empty["text_embeds"][0], atol=1e-6)
+    assert first["text_embeds"][1].abs().sum() > 0
     random_crop = ImageTransform(16, 3, crop="random")
     _, _, place = random_crop.apply(wide, torch.Generator().manual_seed(0), flip=True)
     unflipped_left = 40 - 16 - place.crop_top_left[1]
