@@ -9,14 +9,10 @@ import os
 import re
 from pathlib import Path
 
-from dpcli._deprecated import moved_names
 from dpcli.adapters.base import LoadedModel, ModelAdapter, ModelSource
 from dpcli.errors import BadInput, BadSetting
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-__getattr__ = moved_names(
-    __name__, {"load_tensor_file": "dpcli.io.weights", "TENSOR_FILE_SUFFIXES": "dpcli.io.weights"}
-)
 
 
 def resolve_source(spec: str) -> ModelSource:

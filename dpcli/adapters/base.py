@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpcli._deprecated import renamed_methods
 from dpcli.errors import BadInput, BadSetting
 from dpcli.io.files import read_json
 
@@ -104,13 +103,6 @@ class ModelAdapter:
     name: str = ""
     description: str = ""
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        renamed_methods(cls, ModelAdapter, {"after_pruning": "fix_pruned_modules"})
-        if "prepare_calibration" in vars(cls) and "prepare_batch" not in vars(cls):
-            renamed_methods(cls, ModelAdapter, {"prepare_calibration": "prepare_batch"})  # warns
-            cls.prepare_batch = _prepare_batch_with_old_signature
-
     def detect(self, source: ModelSource) -> float:
         """How sure this adapter is that it can load ``source``: 0 (not mine) to 1 (certainly mine)."""
         return 0.0
@@ -163,8 +155,7 @@ class ModelAdapter:
         """Turn images in [-1, 1] into ``(x0, conditioning)`` for the denoiser (latent models encode here,
         unless ``context.latents`` holds them already; conditional models read ``context.captions`` /
         ``context.labels``).
-
-        Formerly ``prepare_calibration``. Raise BadInput for a ``context.prompt`` the model cannot take."""
+        Raise BadInput for a ``context.prompt`` the model cannot take."""
         if context.prompt is not None:
             raise no_prompt(self.name)
         parameter = next(loaded.model.parameters())
@@ -199,7 +190,7 @@ class ModelAdapter:
         return {}
 
     def fix_pruned_modules(self, loaded: LoadedModel, pruner) -> None:
-        """Fix attributes the pruned modules left stale. Formerly ``after_pruning``."""
+        """Fix attributes the pruned modules left stale."""
 
     def save(self, loaded: LoadedModel, folder: Path, metadata: dict) -> dict:
         """Write ``loaded`` into ``folder`` in the dpcli format; return the metadata written."""
@@ -213,14 +204,3 @@ def no_prompt(adapter: str) -> BadInput:
         adapter=adapter,
     )
 
-
-def _prepare_batch_with_old_signature(self, loaded: LoadedModel, images, context: BatchContext):
-    """``prepare_batch`` of a plugin that defines only the deprecated ``prepare_calibration(loaded, images,
-    [files, root, prompt])``: passes the context's fields that method accepts."""
-    import inspect
-
-    accepted = inspect.signature(self.prepare_calibration).parameters
-    if context.prompt is not None and "prompt" not in accepted:
-        raise no_prompt(self.name)
-    extra = {name: value for name, value in vars(context).items() if name in accepted and value is not None}
-    return self.prepare_calibration(loaded, images, **extra)

@@ -7,21 +7,12 @@ from pathlib import Path
 
 import torch
 
-from dpcli._deprecated import moved_names
 from dpcli.adapters.base import LoadedModel, ModelSource
 from dpcli.errors import BadInput, BadSetting
 from dpcli.io import diffusers_files, model_format
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 CONFIGS = RESOURCES / "configs"
-# Generic diffusers file helpers that lived here before dpcli.io; docs/plugins.md promised them.
-__getattr__ = moved_names(
-    __name__,
-    {
-        name: "dpcli.io.diffusers_files"
-        for name in ("folder_weights", "load_weights_into", "load_scheduler", "default_scheduler")
-    },
-)
 
 
 def builtin_config_names() -> list[str]:
