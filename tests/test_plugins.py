@@ -105,7 +105,7 @@ def test_disable_env_var_skips_third_party(monkeypatch):
 
 def test_name_taken_from_builtin_is_rejected_naming_both():
     registry = plugins.load_registry(extra_plugins=[("impostor", plugin_registering("ddpm"))])
-    assert registry.adapters["ddpm"].__class__.__name__ == "DDPMAdapter"
+    assert type(registry.adapters["ddpm"].implementation).__name__ == "DDPMAdapter"
     rejected = [r for r in registry.registrations if r.status == "rejected"]
     assert len(rejected) == 1 and "impostor" in rejected[0].error and "dpcli" in rejected[0].error
 
