@@ -22,8 +22,8 @@ from helpers.latent import (
 )
 from safetensors.torch import load_file
 
+from dpcli.conditions import read_prompts_file
 from dpcli.errors import BadInput
-from dpcli.prompts import read_prompts_file
 
 FAST = ["--steps", "2", "--num-samples", "4", "--batch-size", "4", "--no-latency"]
 PROTOCOL_KEYS = {

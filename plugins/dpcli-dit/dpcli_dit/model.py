@@ -200,7 +200,7 @@ def load_saved(source: ModelSource, adapter_name: str) -> LoadedModel:
     pruned = info.get("pruning") is not None
     kind = "dpcli pruned DiT" if pruned else "dpcli DiT"
     loaded = _loaded(model, adapter_name, source, kind, scheduler, origin, vae, [])
-    loaded.pruning = info
+    loaded.record = info
     return loaded
 
 
@@ -214,7 +214,7 @@ def _loaded(model, adapter_name, source, source_kind, scheduler, scheduler_origi
         )
     return LoadedModel(
         model=model,
-        adapter=adapter_name,
+        adapter_name=adapter_name,
         source=source.spec,
         source_kind=source_kind,
         config=config,
@@ -368,7 +368,7 @@ def prepare_batch(loaded: LoadedModel, images, context: BatchContext):
     """``(x0, {"class_labels": context.labels})``: pixels as they are, or latents (``context.latents`` from
     the cache, else ``encode_images``). Labels are required: ``check_data`` refused unlabelled data."""
     if context.prompt is not None:
-        raise no_prompt(loaded.adapter)
+        raise no_prompt(loaded.adapter_name)
     if context.labels is None:
         raise BadInput(
             f"{loaded.source} is class-conditional: its calibration and fine-tuning data need labels"
