@@ -8,6 +8,7 @@ from dpcli import plugins
 from dpcli.adapters.base import ModelAdapter
 from dpcli.errors import BadInput
 from dpcli.hookspecs import hookimpl
+from dpcli.testing import run_dp
 
 
 class ToyAdapter(ModelAdapter):
@@ -171,3 +172,72 @@ class RaisingSharedPlugin:
     def dpcli_register_adapters(register):
         register(ToyAdapter("shared"))
         raise RuntimeError("boom after claiming 'shared'")
+
+
+def plugin_with(adapter):
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def dpcli_register_adapters(register):
+            register(adapter)
+
+    return Plugin()
+
+
+def test_an_adapter_built_on_the_old_loaded_model_fields_is_refused_with_one_line(tmp_path):
+    from dpcli.adapters.base import LoadedModel, ModelAdapter
+    from dpcli.testing import make_unet
+
+    class OldFields(ModelAdapter):  # LoadedModel(adapter=NAME, pruning=...) as before the renames
+        name = "old-fields"
+
+        def load(self, source, config=None):
+            model = make_unet()
+            return LoadedModel(model=model, adapter=self.name, source=source.spec, source_kind="test",
+                               config=dict(model.config), sample_size=16, in_channels=3, pruning=None)  # fmt: skip
+
+    result = run_dp(
+        "inspect", "config:ddpm-digits", "--adapter", "old-fields", plugins=[plugin_with(OldFields())]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "adapter 'old-fields' was written for an older dpcli" in line and "now adapter_name" in line
+
+
+def test_an_adapter_with_the_old_sampling_signature_still_samples(tmp_path):
+    from dpcli.adapters.unet2d import DDPMAdapter
+    from dpcli.testing import save_tiny_unet
+
+    seen = []
+
+    class OldSampling(DDPMAdapter):  # `generator` was always given a list of generators, positionally
+        name = "old-sampling"
+
+        def sampling_conditioning(self, loaded, batch_size, generator=None, **options):
+            seen.append(len(generator))
+            return None
+
+    model = save_tiny_unet(tmp_path / "unet")
+    args = [
+        "--adapter",
+        "old-sampling",
+        "--num-samples",
+        "2",
+        "--steps",
+        "2",
+        "--no-latency",
+        "-o",
+        tmp_path / "e",
+    ]
+    result = run_dp("eval", model, *args, plugins=[plugin_with(OldSampling())])
+    assert result.exit_code == 0, result.stderr
+    assert seen == [2]
+
+
+def test_a_lazy_adapter_whose_class_cannot_be_imported_fails_with_one_line():
+    from dpcli.adapters.base import LazyAdapter
+
+    broken = LazyAdapter("broken", "x", detect=lambda source: 0.0, target="no_such_module:Adapter")
+    result = run_dp("inspect", "config:ddpm-digits", "--adapter", "broken", plugins=[plugin_with(broken)])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "adapter 'broken' cannot import its implementation no_such_module:Adapter" in result.stderr
