@@ -17,7 +17,7 @@ from conftest import make_image_folder
 
 pytest.importorskip("transformers")
 
-from test_ldm import byte_level_tokenizer, kl_autoencoder  # noqa: E402
+from helpers.latent import byte_level_tokenizer, kl_autoencoder  # noqa: E402
 
 SDXL_BASE_PARAMS = 2_567_463_684
 
@@ -208,7 +208,7 @@ def test_time_ids_are_each_images_original_size_crop_and_target(sdxl, tmp_path):
         pixels.append(tensor)
         geometry.append(place)
     context = BatchContext(captions=["a", "b", "c"], geometry=geometry)
-    _, conditioning = loaded.adapter_object.prepare_batch(loaded, torch.stack(pixels), context)
+    _, conditioning = loaded.adapter.prepare_batch(loaded, torch.stack(pixels), context)
     # tall: 20x40 -> 16x32, centre crop from row 8; wide: 50x20 -> 40x16, centre crop from column 12
     # (flipped: the crop of the flipped image starts at 40 - 16 - 12 = 12 too; an odd margin would differ)
     expected = [[40, 20, 8, 0, 16, 16], [20, 50, 0, 12, 16, 16], [20, 50, 0, 12, 16, 16]]
@@ -219,17 +219,17 @@ def test_time_ids_are_each_images_original_size_crop_and_target(sdxl, tmp_path):
     from dpcli.adapters.latent import sdxl as sdxl_module
 
     cached = BatchContext(captions=["a", "", "a"], geometry=geometry, text_cache=tmp_path / "cache")
-    _, first = loaded.adapter_object.prepare_batch(loaded, torch.stack(pixels), cached)
+    _, first = loaded.adapter.prepare_batch(loaded, torch.stack(pixels), cached)
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
     encode = sdxl_module._encode
     sdxl_module._encode = lambda *_: pytest.fail("encoded again despite the text cache")
     try:
-        _, again = loaded.adapter_object.prepare_batch(loaded, torch.stack(pixels), cached)
+        _, again = loaded.adapter.prepare_batch(loaded, torch.stack(pixels), cached)
     finally:
         sdxl_module._encode = encode
     assert all(torch.equal(first[key], again[key]) for key in first)
     # a dropped caption is the empty prompt, encoded by both encoders (not the zeros of sampling)
-    empty = loaded.adapter_object.sampling_conditioning(loaded, 1, prompt="")
+    empty = loaded.adapter.sampling_conditioning(loaded, 1, prompt="")
     assert torch.allclose(first["encoder_hidden_states"][1], empty["encoder_hidden_states"][0], atol=1e-6)
     assert torch.allclose(first["text_embeds"][1], empty["text_embeds"][0], atol=1e-6)
     assert first["text_embeds"][1].abs().sum() > 0
@@ -246,7 +246,7 @@ def test_sdxl_conditioning_is_both_encoders_as_diffusers_encodes_it(sdxl):
 
     model = dpcli.load(sdxl["pipeline"])
     loaded = model.loaded
-    conditioning = loaded.adapter_object.sampling_conditioning(
+    conditioning = loaded.adapter.sampling_conditioning(
         loaded, 2, prompt=["a red square", "a cat"], negative_prompt="blurry"
     )
     pipe = model.pipeline()
@@ -261,7 +261,7 @@ def test_sdxl_conditioning_is_both_encoders_as_diffusers_encodes_it(sdxl):
     assert torch.allclose(conditioning["negative_encoder_hidden_states"], negative, **same)
     assert torch.allclose(conditioning["negative_text_embeds"], negative_pooled, **same)
     assert conditioning["time_ids"].tolist() == [[16, 16, 0, 0, 16, 16]] * 2
-    unprompted = loaded.adapter_object.sampling_conditioning(loaded, 1)
+    unprompted = loaded.adapter.sampling_conditioning(loaded, 1)
     assert not unprompted["negative_text_embeds"].any()  # force_zeros_for_empty_prompt, as the pipeline
 
 
@@ -357,9 +357,10 @@ def test_sdxl_end_to_end_inspect_prune_finetune_eval_pipeline_export(dp, sdxl, t
 
 def write_sgm_checkpoint(pipeline: Path, path: Path) -> Path:
     """The tiny pipeline as one safetensors file in Stability's original SDXL (SGM) key layout."""
+    from helpers import compvis
     from safetensors.torch import save_file
 
-    from dpcli.adapters import compvis
+    from dpcli.adapters.compvis import OPEN_CLIP_PREFIX
     from dpcli.loading import load_model
 
     loaded = load_model(str(pipeline))
@@ -377,7 +378,7 @@ def write_sgm_checkpoint(pipeline: Path, path: Path) -> Path:
     second = loaded.components["text_encoder_2"]
     open_clip = compvis.open_clip_to_compvis(second.text_model.state_dict())
     for key, tensor in open_clip.items():
-        tensors["conditioner.embedders.1.model." + key.removeprefix(compvis.OPEN_CLIP_PREFIX)] = tensor
+        tensors["conditioner.embedders.1.model." + key.removeprefix(OPEN_CLIP_PREFIX)] = tensor
     tensors["conditioner.embedders.1.model.text_projection"] = second.text_projection.weight.T.contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
@@ -409,7 +410,7 @@ def test_sgm_single_file_converts_offline_to_the_same_model(dp, sdxl, tmp_path):
     assert all(
         torch.equal(v, converted.model.state_dict()[k]) for k, v in original.model.state_dict().items()
     )
-    adapter = original.adapter_object
+    adapter = original.adapter
     ours = adapter.sampling_conditioning(converted, 1, prompt="a cat")
     theirs = adapter.sampling_conditioning(original, 1, prompt="a cat")
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -108,7 +108,7 @@ def finish_loading(
     spec,
     source_kind,
     notes,
-    pruning=None,
+    record=None,
     recorded: dict | None = None,
 ) -> LoadedModel:
     """The LoadedModel of a latent model: checks what dp can run, works out the ``extras``."""
@@ -119,7 +119,7 @@ def finish_loading(
     config = dict(unet.config)
     loaded = LoadedModel(
         model=unet.eval(),
-        adapter=adapter_name,
+        adapter_name=adapter_name,
         source=spec,
         source_kind=source_kind,
         config=config,
@@ -128,7 +128,7 @@ def finish_loading(
         scheduler=scheduler,
         scheduler_origin=scheduler_origin,
         components=components,
-        pruning=pruning,
+        record=record,
         notes=list(notes),
     )
     loaded.extras = latent_facts(loaded)
@@ -476,6 +476,6 @@ def load_saved_latent(source: ModelSource, adapter_name: str) -> LoadedModel:
         source.spec,
         "dpcli " + ("pruned latent model" if pruned else "latent model"),
         [],
-        pruning=info,
+        record=info,
         recorded=info.get("latent"),
     )
