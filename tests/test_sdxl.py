@@ -158,7 +158,7 @@ def test_inspect_sdxl_unet_config_counts_params_and_macs(dp, tmp_path):
 def test_sdxl_pipeline_from_the_hub_cache_and_its_bare_unet_folder(sdxl, tmp_path):
     import shutil
 
-    from conftest import run_dp_subprocess
+    from dpcli.testing import run_dp_subprocess
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--example--tiny-sdxl"

@@ -18,7 +18,7 @@ from dpcli.hookspecs import hookimpl
 
 LDM = LazyAdapter(
     "ldm",
-    "latent diffusion UNet + autoencoder (LDM, Stable Diffusion 1.x/2.x, class-conditional; "
+    "latent diffusion UNet + autoencoder (LDM, SD 1.x/2.x, SDXL, class-conditional; "
     "pipelines, Hub ids, CompVis .ckpt/.safetensors)",
     detect="dpcli.adapters.latent.detect:detect_latent",
     target="dpcli.adapters.latent.adapter:LatentDiffusionAdapter",
