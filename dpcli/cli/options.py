@@ -184,7 +184,10 @@ LatencyBatch = Annotated[
 Repeats = Annotated[
     int, typer.Option("--repeats", min=1, help="Timed repeats per latency figure (the median is reported).")
 ]
-NoLatency = Annotated[bool, typer.Option("--no-latency", help="Skip the latency measurement.")]
+Latency = Annotated[
+    bool,
+    typer.Option("--latency/--no-latency", help="Measure latency (on by default; --no-latency skips it)."),
+]
 SamplingPrompts = Annotated[
     list[str] | None,
     typer.Option(

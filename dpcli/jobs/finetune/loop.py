@@ -253,7 +253,7 @@ def prepare_output_folder(
         prepare_output(output, force)
 
 
-def finetune(
+def train(
     loaded: LoadedModel,
     source,
     settings: FinetuneSettings,

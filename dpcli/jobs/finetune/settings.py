@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dpcli.data.base import DataSpec
+from dpcli.data.base import DataSpec, data_spec
 from dpcli.errors import BadSetting
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -28,8 +28,12 @@ class FinetuneSettings:
     (None: ``dpcli.data.default_workers``), ``cache_latents`` keeps LDM latents in that folder.
     """
 
-    data: DataSpec | str
+    data: DataSpec | str | None
     steps: int
+    split: str | None = None
+    image_column: str | None = None
+    caption_column: str | None = None
+    label_column: str | None = None
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 2e-4
@@ -41,7 +45,7 @@ class FinetuneSettings:
     seed: int = 0
     precision: str = "fp32"
     teacher: str | None = None
-    distill_weight: float = 0.0
+    distill_weight: float | None = None  # None: 1 with a teacher, else 0
     reinit: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -50,10 +54,22 @@ class FinetuneSettings:
     caption_dropout: float | None = None
     workers: int | None = None
     cache_latents: str | None = None
+    device: str = "auto"  # where it trains (dpcli.runtime.start_distributed)
 
     def __post_init__(self):
-        if isinstance(self.data, str):
-            self.data = DataSpec(self.data)
+        if not self.data:
+            raise BadSetting(
+                "data", "{data} is required: an image folder, a dataset, tar shards or builtin:digits"
+            )
+        self.data = data_spec(
+            self.data, self.split, self.image_column, self.caption_column, self.label_column
+        )
+        if self.distill_weight is None:
+            self.distill_weight = 1.0 if self.teacher else 0.0
+        if self.cache_latents is not None:
+            self.cache_latents = str(self.cache_latents)
+        if self.teacher is not None:
+            self.teacher = str(self.teacher)
 
     def validate(self) -> None:
         checks = [  # (ok, field, what it must be, show the value given)
