@@ -360,6 +360,10 @@ def _load_options(arguments: dict) -> dict:
     return {name: arguments[name] for name in _LOAD_OPTIONS if name in arguments}
 
 
+def _text(path: str | Path | None) -> str | None:
+    return str(path) if path is not None else None
+
+
 def _options(arguments: dict, settings_class, *leave_out: str) -> dict:
     """The keyword ``arguments`` of an API function that are fields of its job's ``settings_class``."""
     names = {f.name for f in dataclasses.fields(settings_class)} - set(leave_out)
@@ -514,8 +518,8 @@ def evaluate(
     from dpcli.jobs import evaluate as job
 
     settings = job.EvalSettings(
-        **_options(locals(), job.EvalSettings, "model", "output", "force", "reporter", *_LOAD_OPTIONS),
-        reference=reference.source if isinstance(reference, Model) else reference,
+        **_options(locals(), job.EvalSettings, "model", "reference", "output", "force", *_LOAD_OPTIONS),
+        reference=reference.source if isinstance(reference, Model) else _text(reference),
     )
     settings.validate()  # before the models are loaded
     model = _as_model(model, reporter=reporter, **_load_options(locals()))

@@ -1,8 +1,6 @@
-"""The eval job (``dp eval`` is a thin shell over it).
-
-``evaluate`` samples a model (and a reference from the same noise), measures latency, FID, SSIM and PSNR
-and returns a JSON-ready report. Progress goes through a ``progress(description, total)`` callback that
-returns a context manager yielding ``advance(n=1)``; the default shows nothing.
+"""The eval job: ``run`` samples a model (and a reference from the same noise), measures latency, FID, CLIP
+score, SSIM and PSNR, and writes the report, grid and samples. Progress goes through a ``Reporter``
+(``dpcli.reporting``); the measuring helpers here are shared with the compare job.
 """
 
 from __future__ import annotations

@@ -57,13 +57,13 @@ class FinetuneSettings:
     device: str = "auto"  # where it trains (dpcli.runtime.start_distributed)
 
     def __post_init__(self):
-        if not self.data:
-            raise BadSetting(
-                "data", "{data} is required: an image folder, a dataset, tar shards or builtin:digits"
-            )
         self.data = data_spec(
             self.data, self.split, self.image_column, self.caption_column, self.label_column
         )
+        if self.data is None:
+            raise BadSetting(
+                "data", "{data} is required: an image folder, a dataset, tar shards or builtin:digits"
+            )
         if self.distill_weight is None:
             self.distill_weight = 1.0 if self.teacher else 0.0
         if self.cache_latents is not None:
