@@ -412,6 +412,8 @@ class EvalSettings:
             self.prompt = [self.prompt]
         if isinstance(self.class_label, int):
             self.class_label = [self.class_label]
+        if self.clip_model is not None:
+            self.clip_model = str(self.clip_model)  # recorded in the protocol as given
         for name in ("prompts", "fid_stats", "inception_weights", "save_stats"):
             if getattr(self, name) is not None:
                 setattr(self, name, Path(getattr(self, name)))
