@@ -216,7 +216,7 @@ def test_score_and_prune_take_the_device_and_scan_options(tmp_path):
             model_folder, criterion="diff-taylor", data=images, device="cpu", precision="fp16", **SCAN
         )
     pruned = dpcli.prune(
-        model_folder, criterion="diff-taylor", data=images, device="cpu", precision="bf16", scan_budget=64,
+        model_folder, criterion="diff-taylor", data=images, device="cpu", precision="bf16", scan_budget=600,
         ratio=0.3, workers=0, threshold=0.05,
     )  # fmt: skip
     assert pruned.record["pruning"]["scores"]["precision"] == "bf16"
