@@ -99,7 +99,7 @@ def load_model(
     source = resolve_source(spec)
     chosen = choose_adapter(source, adapter)
     loaded = chosen.load(source, config=Path(config) if config is not None else None)
-    loaded.adapter_object = chosen
+    loaded.adapter = chosen
     if scheduler is not None:
         from dpcli.io.diffusers_files import load_scheduler
 

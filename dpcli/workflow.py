@@ -19,8 +19,8 @@ __getattr__ = moved_names(
 
 
 def adapter_of(loaded):
-    """Deprecated: use ``loaded.adapter_object``."""
+    """Deprecated: use ``loaded.adapter``."""
     warnings.warn(
-        "dpcli.workflow.adapter_of is deprecated; use loaded.adapter_object", DeprecationWarning, stacklevel=2
+        "dpcli.workflow.adapter_of is deprecated; use loaded.adapter", DeprecationWarning, stacklevel=2
     )
-    return loaded.adapter_object
+    return loaded.adapter

@@ -66,12 +66,12 @@ def tiny_loaded(seed: int = 0, config: dict | None = None):
     config = dict(model.config)
     return LoadedModel(
         model=model,
-        adapter="ddpm",
+        adapter_name="ddpm",
         source="tiny",
         source_kind="test",
         config=config,
         sample_size=config["sample_size"],
         in_channels=config["in_channels"],
         scheduler=DDPMScheduler(),
-        adapter_object=get_registry().adapter("ddpm"),
+        adapter=get_registry().adapter("ddpm"),
     )

@@ -156,7 +156,7 @@ def test_flip_flips_about_half_the_training_images_and_never_the_calibration_bat
     assert 35 <= flipped <= 65
     assert not any(any(b.flipped) for b in batches_of(str(folder), steps=25, flip=False))
     loaded = tiny_loaded()
-    x0, _ = calibration_batch(loaded, loaded.adapter_object, str(folder), 8, seed=0)
+    x0, _ = calibration_batch(loaded, loaded.adapter, str(folder), 8, seed=0)
     chosen = torch.randperm(8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(x0, plain[chosen])
 

@@ -31,5 +31,5 @@ def test_adapter_of_warns_and_gives_the_loaded_models_adapter():
     from dpcli.workflow import adapter_of
 
     loaded = tiny_loaded()
-    with pytest.warns(DeprecationWarning, match="loaded.adapter_object"):
-        assert adapter_of(loaded) is loaded.adapter_object
+    with pytest.warns(DeprecationWarning, match="loaded.adapter"):
+        assert adapter_of(loaded) is loaded.adapter

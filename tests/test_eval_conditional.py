@@ -23,8 +23,8 @@ from test_ldm import (
     write_pipeline,
 )
 
+from dpcli.conditions import read_prompts_file
 from dpcli.errors import BadInput
-from dpcli.prompts import read_prompts_file
 
 pytestmark = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="text encoders need transformers")
 

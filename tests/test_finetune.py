@@ -312,7 +312,7 @@ def test_builtin_digits_model_is_trained_and_config_stays_random(dp):
     trained = load_model("builtin:ddpm-digits")
     untrained = load_model("config:ddpm-digits")
     assert module_shapes(trained.model) == module_shapes(untrained.model)
-    assert trained.pruning["history"][-1]["step"] == "finetune"
+    assert trained.record["history"][-1]["step"] == "finetune"
     # The trained model predicts the noise on real digits far better than random weights do.
     x0 = load_images("builtin:digits", size=16, channels=1, limit=32)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))

@@ -194,7 +194,7 @@ def built(tmp_path_factory):
 
 def forward(loaded, batch: int = 2, seed: int = 3):
     """One prediction of ``loaded`` with its adapter, on fixed inputs of its own shapes."""
-    adapter = get_registry().adapter(loaded.adapter)
+    adapter = get_registry().adapter(loaded.adapter_name)
     inputs = adapter.example_inputs(loaded, batch_size=batch)
     generator = torch.Generator().manual_seed(seed)
     sample = torch.randn(inputs[0].shape, generator=generator)
@@ -215,7 +215,7 @@ def test_latent_pipelines_go_to_ldm_and_pixel_ones_stay_with_ddpm(
     for folder in (tiny_pipeline_folder, tiny_unet_folder):
         source = ModelSource(spec=str(folder), kind="folder", path=folder)
         assert ldm.detect(source) == 0.0 and ddpm.detect(source) > 0.5
-    assert load_model(str(built["vq"])).adapter == "ldm"
+    assert load_model(str(built["vq"])).adapter_name == "ldm"
     assert get_registry().usable("adapter")["ldm"].plugin.builtin
 
 
@@ -314,12 +314,10 @@ def test_pruned_text_model_reloads_with_identical_outputs(built, tmp_path):
     scores = compute_scores(loaded, settings)
     prune_settings = PruneSettings(ratio=0.4)
     report = prune_model(loaded, scores, prune_settings, options)
-    loaded.adapter_object.save(
-        loaded, tmp_path / "out", pruned_metadata(report, scores, prune_settings, options)
-    )
+    loaded.adapter.save(loaded, tmp_path / "out", pruned_metadata(report, scores, prune_settings, options))
     reloaded = load_model(str(tmp_path / "out"))
     assert torch.equal(forward(loaded), forward(reloaded))
-    adapter = loaded.adapter_object
+    adapter = loaded.adapter
     prompts = {"prompt": ["a cat", "a dog"]}
     first = adapter.sampling_conditioning(loaded, 2, **prompts)
     second = adapter.sampling_conditioning(reloaded, 2, **prompts)

@@ -56,9 +56,7 @@ def test_reload_gives_identical_outputs(tmp_path, tiny_unet_folder, image_folder
     )
     settings = PruneSettings(ratio=0.4)
     report = prune_model(loaded, scores, settings, scores_options())
-    loaded.adapter_object.save(
-        loaded, tmp_path / "out", pruned_metadata(report, scores, settings, scores_options())
-    )
+    loaded.adapter.save(loaded, tmp_path / "out", pruned_metadata(report, scores, settings, scores_options()))
     reloaded = load_model(str(tmp_path / "out"))
     sample = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     timesteps = torch.tensor([5, 700])
@@ -92,7 +90,7 @@ def test_multi_head_attention_and_head_pruning_reload_identically(tmp_path, imag
     report = prune_model(loaded, scores, settings, options)
     attention = loaded.model.down_blocks[1].attentions[0]
     assert attention.heads == 6 and attention.to_q.out_features % attention.heads == 0
-    loaded.adapter_object.save(loaded, tmp_path / "out", pruned_metadata(report, scores, settings, options))
+    loaded.adapter.save(loaded, tmp_path / "out", pruned_metadata(report, scores, settings, options))
     reloaded = load_model(str(tmp_path / "out"))
     sample = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -71,7 +71,7 @@ def test_the_model_calibration_batch_and_scan_live_on_the_chosen_device(tmp_path
     pipeline = write_pipeline(tmp_path / "class-ldm", latent_unet2d(4, num_class_embeds=3), kl_autoencoder())
     images = make_image_folder(tmp_path / "images", count=4, size=20)
     loaded = load_model(str(pipeline))
-    adapter = loaded.adapter_object
+    adapter = loaded.adapter
     seen = {}
 
     def spy_encode(module, inputs):

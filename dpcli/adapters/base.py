@@ -51,7 +51,7 @@ class LoadedModel:
     """A model ready for dp: the denoiser that gets pruned, its scheduler and what else it needs."""
 
     model: torch.nn.Module
-    adapter: str
+    adapter_name: str
     source: str
     source_kind: str
     config: dict
@@ -60,12 +60,12 @@ class LoadedModel:
     scheduler: Any = None
     scheduler_origin: str = ""
     components: dict[str, Any] = field(default_factory=dict)
-    pruning: dict | None = None
+    record: dict | None = None
     notes: list[str] = field(default_factory=list)
     # Adapter-specific facts the hooks need (the ldm adapter: latent scaling factor, conditioning kind).
     extras: dict[str, Any] = field(default_factory=dict)
-    # The adapter object named by ``adapter``; dpcli.loading.load_model sets it.
-    adapter_object: ModelAdapter | None = field(default=None, repr=False)
+    # The adapter object named by ``adapter_name``; dpcli.loading.load_model sets it (never None after).
+    adapter: ModelAdapter = field(default=None, repr=False)
 
 
 @dataclass

@@ -143,7 +143,7 @@ def load_unet2d(source: ModelSource, adapter_name: str, config_path: Path | None
         scheduler = diffusers_files.default_scheduler()
     return LoadedModel(
         model=model,
-        adapter=adapter_name,
+        adapter_name=adapter_name,
         source=source.spec,
         source_kind=source_kind,
         config=dict(model.config),
@@ -230,7 +230,7 @@ def load_saved_unet2d(source: ModelSource, adapter_name: str) -> LoadedModel:
     pruned = info.get("pruning") is not None
     return LoadedModel(
         model=model,
-        adapter=adapter_name,
+        adapter_name=adapter_name,
         source=source.spec,
         source_kind="dpcli " + ("pruned model" if pruned else "model"),
         config=dict(config),
@@ -238,7 +238,7 @@ def load_saved_unet2d(source: ModelSource, adapter_name: str) -> LoadedModel:
         in_channels=int(config.get("in_channels", 3)),
         scheduler=scheduler,
         scheduler_origin=origin,
-        pruning=info,
+        record=info,
     )
 
 

@@ -207,7 +207,7 @@ def write_model(
 def save_model(loaded, folder: Path, metadata: dict, base_config: dict | None = None) -> dict:
     """Write ``loaded`` (a ``LoadedModel``) into ``folder`` in the dpcli format; what adapters' ``save`` call.
 
-    The base config, original widths and history carry over from a dpcli source (``loaded.pruning``);
+    The base config, original widths and history carry over from a dpcli source (``loaded.record``);
     ``metadata`` may hold ``original_modules`` (widths before pruning), ``history`` entries to append and
     ``extra_weights`` (more state dicts of the same shapes, saved under ``unet/``); everything else in it is
     recorded in dpcli.json. ``base_config`` overrides ``loaded.config`` as the config of a first save.
@@ -220,7 +220,7 @@ def save_model(loaded, folder: Path, metadata: dict, base_config: dict | None = 
     return write_model(
         folder,
         loaded.model,
-        loaded.adapter,
+        loaded.adapter_name,
         base["config"],
         base["source"],
         original,
@@ -234,10 +234,10 @@ def recorded_metadata(loaded, metadata: dict, base_config: dict | None = None) -
     """What a save of ``loaded`` with ``metadata`` records (see ``save_model``): ``base``,
     ``original_modules``, ``pruning`` and ``sizes`` (carried over unless ``metadata`` replaces them), the
     ``history`` so far plus the new entries, and the other keys of ``metadata``. The Python API keeps this
-    as ``loaded.pruning`` after an in-memory prune or fine-tune, so a model is recorded the same whether
+    as ``loaded.record`` after an in-memory prune or fine-tune, so a model is recorded the same whether
     it was saved and reloaded between steps or not."""
     metadata = {k: v for k, v in metadata.items() if k != "extra_weights"}
-    previous = loaded.pruning or {}
+    previous = loaded.record or {}
     given_original = metadata.pop("original_modules", None)
     base = previous.get("base") or {"config": base_config or loaded.config, "source": loaded.source}
     original = previous.get("original_modules") or given_original or module_shapes(loaded.model)

@@ -143,7 +143,7 @@ def prune_model(
 
     validate_prune_settings(settings)
     criterion = get_registry().criterion(scores.criterion)
-    adapter = loaded.adapter_object
+    adapter = loaded.adapter
     shape_before = output_shape(loaded, adapter)
     before_rows = layer_rows(loaded)
     original_modules = module_shapes(loaded.model)
@@ -248,7 +248,7 @@ def run(
 ) -> PruneReport | None:
     """The prune job: score ``loaded`` (unless ``scores``, computed or a file ``dp score`` wrote, are given;
     the scan runs on ``settings.device``, shared out under torchrun), prune it in place, record how in
-    ``loaded.pruning`` and write the pruned folder to ``output`` (locked, atomically; an existing
+    ``loaded.record`` and write the pruned folder to ``output`` (locked, atomically; an existing
     non-empty folder needs ``force``). Returns the report; None on torchrun ranks
     other than 0, which end after the scan."""
     from dpcli.io.files import AtomicFolder, output_lock, prepare_output
@@ -295,8 +295,8 @@ def run(
             if output is not None:
                 reporter.status(f"Writing {output}")
                 with AtomicFolder(output, force=force) as folder:
-                    loaded.adapter_object.save(loaded, folder, record)
-            loaded.pruning = recorded_metadata(loaded, record)
+                    loaded.adapter.save(loaded, folder, record)
+            loaded.record = recorded_metadata(loaded, record)
     finally:
         dist.close()
     return report

@@ -187,7 +187,7 @@ def load_saved(source: ModelSource, adapter_name: str) -> LoadedModel:
     pruned = info.get("pruning") is not None
     kind = "dpcli pruned DiT" if pruned else "dpcli DiT"
     loaded = _loaded(model, adapter_name, source, kind, scheduler, origin, vae, [])
-    loaded.pruning = info
+    loaded.record = info
     return loaded
 
 
@@ -201,7 +201,7 @@ def _loaded(model, adapter_name, source, source_kind, scheduler, scheduler_origi
         )
     return LoadedModel(
         model=model,
-        adapter=adapter_name,
+        adapter_name=adapter_name,
         source=source.spec,
         source_kind=source_kind,
         config=config,
