@@ -30,14 +30,17 @@ from dpcli.io.diffusers_files import (
     load_scheduler,
     load_weights_into,
 )
-from dpcli.io.files import final_name, read_json
+from dpcli.io.files import final_name
+from dpcli.io.metadata import (  # noqa: F401  (re-exported: part of the stable plugin API)
+    FORMAT,
+    FORMAT_VERSION,
+    METADATA_FILE,
+    read_metadata,
+)
 from dpcli.io.model_card import write_model_card
 from dpcli.io.weights import load_tensor_file
 from dpcli.sizing import check_fits
 
-FORMAT = "dpcli-model"
-FORMAT_VERSION = 1
-METADATA_FILE = "dpcli.json"
 WEIGHTS_FILE = "unet/diffusion_pytorch_model.safetensors"
 
 
@@ -245,21 +248,6 @@ def recorded_metadata(loaded, metadata: dict, base_config: dict | None = None) -
     merged.update(metadata)
     merged["history"] = list(previous.get("history", [])) + list(metadata.get("history", []))
     return {"base": base, "original_modules": original, **merged}
-
-
-def read_metadata(folder: Path) -> dict | None:
-    """The dpcli.json of a saved model folder, or None when ``folder`` is not one."""
-    file = Path(folder) / METADATA_FILE
-    if not file.is_file():
-        return None
-    info = read_json(file)
-    if info.get("format") != FORMAT:
-        return None
-    if int(info.get("format_version", 0)) > FORMAT_VERSION:
-        raise BadInput(
-            f"{folder} was written by a newer dpcli (format {info['format_version']}); upgrade dpcli"
-        )
-    return info
 
 
 def load_weights(folder: Path, info: dict, name: str | None = None) -> dict[str, torch.Tensor]:
