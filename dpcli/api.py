@@ -233,6 +233,8 @@ def score(
     image_column: str | None = None,
     caption_column: str | None = None,
     label_column: str | None = None,
+    on_bad_sample: str | None = None,
+    max_bad_fraction: float | None = None,
     output: str | Path | None = None,
 ) -> Scores:
     """Importance scores of every prunable channel group of ``model``, as ``dp score`` computes them (the
@@ -245,7 +247,9 @@ def score(
     model = _as_model(model)
     settings = ScoreSettings(
         criterion=criterion,
-        data=data_spec(data, split, image_column, caption_column, label_column),
+        data=data_spec(
+            data, split, image_column, caption_column, label_column, on_bad_sample, max_bad_fraction
+        ),
         threshold=threshold,
         calib_size=calib_size,
         batch_size=batch_size,
@@ -372,6 +376,8 @@ def finetune(
     image_column: str | None = None,
     caption_column: str | None = None,
     label_column: str | None = None,
+    on_bad_sample: str | None = None,
+    max_bad_fraction: float | None = None,
     on_step=None,
 ) -> Model:
     """Fine-tune ``model`` on ``data`` for ``steps`` optimizer steps, as ``dp finetune`` (same keyword
@@ -400,7 +406,9 @@ def finetune(
     if distill_weight is None:
         distill_weight = 1.0 if teacher_model is not None else 0.0
     settings = FinetuneSettings(
-        data=data_spec(data, split, image_column, caption_column, label_column),
+        data=data_spec(
+            data, split, image_column, caption_column, label_column, on_bad_sample, max_bad_fraction
+        ),
         steps=steps,
         batch_size=batch_size,
         grad_accum=grad_accum,
@@ -488,6 +496,8 @@ def evaluate(
     image_column: str | None = None,
     caption_column: str | None = None,
     label_column: str | None = None,
+    on_bad_sample: str | None = None,
+    max_bad_fraction: float | None = None,
 ) -> EvalReport:
     """Sample ``model`` as ``dp eval`` does (same keyword arguments as its options; ``latency=False`` is
     ``--no-latency``): latency, FID against ``data`` or ``fid_stats``, SSIM/PSNR to ``reference`` from the
@@ -523,7 +533,9 @@ def evaluate(
             options={"prompt": prompt} if prompt is not None else {},
         ),
         latency=LatencySettings(batch=latency_batch, repeats=repeats) if latency else None,
-        data=data_spec(data, split, image_column, caption_column, label_column),
+        data=data_spec(
+            data, split, image_column, caption_column, label_column, on_bad_sample, max_bad_fraction
+        ),
         fid_stats=Path(fid_stats) if fid_stats is not None else None,
         inception_weights=Path(inception_weights) if inception_weights is not None else None,
         save_stats=Path(save_stats) if save_stats is not None else None,

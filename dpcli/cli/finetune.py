@@ -16,8 +16,10 @@ from dpcli.cli.options import (
     ImageColumn,
     Json,
     LabelColumn,
+    MaxBadFraction,
     MaxParams,
     ModelArgument,
+    OnBadSample,
     Output,
     Seed,
     Split,
@@ -113,6 +115,8 @@ def finetune(
     image_column: ImageColumn = None,
     caption_column: CaptionColumn = None,
     label_column: LabelColumn = None,
+    on_bad_sample: OnBadSample = None,
+    max_bad_fraction: MaxBadFraction = None,
     crop: Crop = "center",
     flip: Flip = False,
     caption_dropout: CaptionDropout = None,
@@ -166,7 +170,9 @@ def finetune(
     if distill_weight is None:
         distill_weight = 1.0 if teacher else 0.0
     settings = FinetuneSettings(
-        data=data_spec(data, split, image_column, caption_column, label_column),
+        data=data_spec(
+            data, split, image_column, caption_column, label_column, on_bad_sample, max_bad_fraction
+        ),
         steps=steps,
         batch_size=batch_size,
         grad_accum=grad_accum,
@@ -209,6 +215,8 @@ def finetune(
                     stats = (
                         f"loss {info.smoothed_loss:.4f}  lr {info.lr:.2e}  {info.steps_per_second:.2f} it/s"
                     )
+                    if info.bad_samples:
+                        stats += f"  {info.bad_samples} bad sample(s) skipped"
                     bar.update(task, completed=info.step, stats=stats)
 
             result = train(

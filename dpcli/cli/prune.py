@@ -21,8 +21,10 @@ from dpcli.cli.options import (
     ImageColumn,
     Json,
     LabelColumn,
+    MaxBadFraction,
     MaxParams,
     ModelArgument,
+    OnBadSample,
     Output,
     Prompt,
     Ratio,
@@ -64,6 +66,8 @@ def prune(
     image_column: ImageColumn = None,
     caption_column: CaptionColumn = None,
     label_column: LabelColumn = None,
+    on_bad_sample: OnBadSample = None,
+    max_bad_fraction: MaxBadFraction = None,
     workers: Workers = None,
     scores: ScoresFile = None,
     output: Output = None,
@@ -141,7 +145,9 @@ def prune(
     if scores is None:
         score_settings = ScoreSettings(
             criterion=criterion,
-            data=data_spec(data, split, image_column, caption_column, label_column),
+            data=data_spec(
+                data, split, image_column, caption_column, label_column, on_bad_sample, max_bad_fraction
+            ),
             threshold=threshold,
             calib_size=calib_size,
             batch_size=batch_size,

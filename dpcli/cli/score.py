@@ -19,8 +19,10 @@ from dpcli.cli.options import (
     ImageColumn,
     Json,
     LabelColumn,
+    MaxBadFraction,
     MaxParams,
     ModelArgument,
+    OnBadSample,
     Output,
     Plot,
     Prompt,
@@ -47,6 +49,8 @@ def score(
     image_column: ImageColumn = None,
     caption_column: CaptionColumn = None,
     label_column: LabelColumn = None,
+    on_bad_sample: OnBadSample = None,
+    max_bad_fraction: MaxBadFraction = None,
     workers: Workers = None,
     threshold: Threshold = None,
     batch_size: BatchSize = 256,
@@ -93,7 +97,9 @@ def score(
         raise BadInput(f"--output {target} is a folder; give a file name such as scores.safetensors")
     settings = ScoreSettings(
         criterion=criterion,
-        data=data_spec(data, split, image_column, caption_column, label_column),
+        data=data_spec(
+            data, split, image_column, caption_column, label_column, on_bad_sample, max_bad_fraction
+        ),
         threshold=threshold,
         calib_size=calib_size,
         batch_size=batch_size,

@@ -482,8 +482,11 @@ def evaluate(
                 f" {settings.model} {tuple(samples.images.shape[1:])}: they cannot be paired"
             )
         consistency = ssim_psnr(samples.images, reference_samples.images)
+    from dpcli.data import recording
+
     if plan is not None:
-        fid, fid_info = compute_fid(plan, loaded, samples, progress, device=sampler.device)
+        with recording() as bad_samples:
+            fid, fid_info = compute_fid(plan, loaded, samples, progress, device=sampler.device)
     else:
         fid, fid_info = None, fid_unavailable("no reference images: pass --data D or --fid-stats FILE")
     if clip_folder is not None:
@@ -517,6 +520,7 @@ def evaluate(
         "files": None,
         "grid": None,
         "protocol": protocol,
+        "bad_samples": bad_samples.to_json() if plan is not None else [],  # FID reference images skipped
     }
     rows, captions = conditional_grid(samples.images, conditions)
     return EvalReport(fields, samples, rows, captions)

@@ -258,7 +258,17 @@ def compute_scores(
 
     ``dist`` (``dpcli.runtime.start_distributed``) says on which device the model, the calibration batch
     and the scan live, and under torchrun which share of the calibration images this process takes;
-    without it, everything stays on the device the model is on, in one process."""
+    without it, everything stays on the device the model is on, in one process. The calibration images
+    skipped as unreadable are recorded as ``bad_samples`` in the scores' settings."""
+    from dpcli.data import recording
+
+    with recording() as bad_samples:
+        scores = _compute_scores(loaded, settings, on_progress, dist)
+    scores.settings["bad_samples"] = bad_samples.to_json()
+    return scores
+
+
+def _compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress, dist) -> Scores:
     from dpcli.plugins import get_registry
 
     settings.validate()
@@ -371,6 +381,7 @@ class ScoreReport:
             "groups": len(self.scores.tensors),
             "output": str(self.output) if self.output else None,
             "plot": str(self.plot) if self.plot and scan else None,
+            "bad_samples": self.scores.settings.get("bad_samples", []),
             "layers": layers,
         }
 
