@@ -4,8 +4,11 @@ fine-tune after writing a checkpoint). ``--on-bad-sample fail`` keeps the old on
 
 from __future__ import annotations
 
+import io
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ import torch
 from PIL import Image
 from test_data import captioned_folder, folder_rows, write_shards
 from test_faults import assert_same_weights, final_weights, one_error_line, popen_dp, wait_for
+from test_finetune import SUBPROCESS_ENV, UNCLIPPED, assert_equivalent_runs
 
 from dpcli.data import ImageTransform, load_images, open_source, training_batches
 from dpcli.data.bad_samples import BadSampleLog, TooManyBadSamples, allowed_bad
@@ -52,9 +56,9 @@ def read_order(count: int = COUNT, seed: int = 0, length: int = 16) -> list[int]
     return DataOrder(count, seed).indices(0, length).tolist()
 
 
-def finetune_args(model, data, out, *extra, steps=4, every=1):
+def finetune_args(model, data, out, *extra, steps=4, every=1, batch=4):
     return [
-        "finetune", model, "--data", data, "--steps", steps, "--batch-size", 4, "--lr", "1e-3",
+        "finetune", model, "--data", data, "--steps", steps, "--batch-size", batch, "--lr", "1e-3",
         "--checkpoint-every", every, "--keep-checkpoints", 10, "--workers", 0, "-o", out, *extra,
     ]  # fmt: skip
 
@@ -107,6 +111,7 @@ def test_the_bad_image_is_replaced_by_the_next_good_one_whatever_the_workers(one
         assert a.indices == b.indices and torch.equal(a.pixels, b.pixels)
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_the_skip_resumes_to_the_same_weights_and_report(one_bad, tmp_path, dp):
     model, images, plain, _, uninterrupted = one_bad
     out = tmp_path / "killed"
@@ -151,6 +156,34 @@ def test_three_percent_corrupt_exits_2_by_the_cap_after_a_checkpoint_and_resumes
     met = {Path(entry["source"]).name for entry in resumed.json["bad_samples"]}
     assert met == {f"img_{index:03d}.jpg" for index in corrupt}
     assert all(entry["step"] >= 2 for entry in resumed.json["bad_samples"])
+
+
+def torchrun_dp(*args) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command = [*launcher, "-m", "dpcli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600)
+
+
+@pytest.mark.slow
+def test_torchrun_processes_share_what_they_meet_and_stop_together(tmp_path, dp):
+    model = save_tiny_unet(tmp_path / "model")
+    order = read_order()
+    # One bad image in the second process's rows: the report of rank 0 lists it, training equals one process.
+    images = jpeg_folder(tmp_path / "one-bad", corrupt={order[2]})
+    single, parallel = tmp_path / "single", tmp_path / "parallel"
+    result = dp(*finetune_args(model, images, single, "--json", *UNCLIPPED, steps=2))
+    assert result.exit_code == 0, result.stderr
+    proc = torchrun_dp(*finetune_args(model, images, parallel, "--json", *UNCLIPPED, steps=2, batch=2))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["bad_samples"] == result.json["bad_samples"] != []
+    assert_equivalent_runs(single, parallel, steps=2)
+    # Rows 4-7 (step 2) bad: each process meets two (the cap allows two of 200), together they meet four.
+    images = jpeg_folder(tmp_path / "four-bad", corrupt=set(order[4:8]))
+    out = tmp_path / "capped"
+    proc = torchrun_dp(*finetune_args(model, images, out, every=100, batch=2))
+    assert proc.returncode != 0 and "of 200 images are unreadable (over 1 %)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
 
 
 def test_the_cap_counts_distinct_bad_examples_against_the_data_set():
@@ -279,3 +312,23 @@ def test_a_file_that_is_no_image_fails_or_is_replaced_as_asked(tmp_path):
         load_images(DataSpec(str(folder), on_bad_sample="fail"), size=8, channels=3)
     pixels = load_images(DataSpec(str(folder), max_bad_fraction=0.5), size=8, channels=3)
     assert torch.equal(pixels[0], pixels[1])  # replaced by the next good one, wrapping round
+
+
+def test_a_dataset_row_without_its_class_label_is_a_bad_sample(tmp_path):
+    import datasets
+
+    from dpcli.data import example_batches
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    table = {"image": [{"bytes": png.getvalue(), "path": None}] * 4, "label": [0, None, 1, 0]}
+    datasets.Dataset.from_dict(table, features=features).save_to_disk(str(tmp_path / "hf"))
+    source = open_source(DataSpec(str(tmp_path / "hf"), max_bad_fraction=0.25))
+    source.check_labels(2)  # the rows that have one are in range; the other is met when it is read
+    log = BadSampleLog(on_warning=lambda message: None)
+    [batch] = example_batches(source, ImageTransform(8, 3), workers=0, bad_samples=log)
+    assert batch.labels.tolist() == [0, 1, 1, 0] and batch.indices == [0, 2, 2, 3]
+    assert [(entry.source, entry.reason) for entry in log.entries] == [
+        (f"{tmp_path / 'hf'} row 1", "no class label in column 'label'")
+    ]
