@@ -181,8 +181,11 @@ def test_torchrun_processes_share_what_they_meet_and_stop_together(tmp_path, dp)
     images = jpeg_folder(tmp_path / "four-bad", corrupt=set(order[4:8]))
     out = tmp_path / "capped"
     proc = torchrun_dp(*finetune_args(model, images, out, every=100, batch=2))
-    assert proc.returncode != 0 and "of 200 images are unreadable (over 1 %)" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    errors = {line for line in proc.stderr.splitlines() if line.startswith("Error: ")}
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr  # the same line from every process
+    assert "of 200 images are unreadable (over 1 %)" in errors.pop()
+    assert "dpcli/" not in proc.stderr  # no traceback of ours (torchrun prints its own summary)
+    # rank 0 wrote it after a barrier in the cap handler, which rank 1 reached at the same batch
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
 
 
