@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.processes import SUBPROCESS_ENV, assert_same_weights, one_thread, popen_dp, wait_for
 from PIL import Image
 from test_data import captioned_folder, folder_rows, write_shards
-from test_faults import assert_same_weights, final_weights, one_error_line, popen_dp, wait_for
-from test_finetune import SUBPROCESS_ENV, UNCLIPPED, assert_equivalent_runs
+from test_faults import final_weights, one_error_line
+from test_finetune import UNCLIPPED, assert_equivalent_runs
 
 from dpcli.data import ImageTransform, load_images, open_source, training_batches
 from dpcli.data.bad_samples import BadSampleLog, TooManyBadSamples, allowed_bad
@@ -31,10 +32,8 @@ COUNT = 200  # "hundreds": one bad image is 0.5 % of them, under the default cap
 
 @pytest.fixture(autouse=True)
 def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 def jpeg_folder(root: Path, count: int = COUNT, corrupt=()) -> Path:
@@ -73,10 +72,8 @@ def one_bad(tmp_path_factory):
     images = jpeg_folder(root / "images", corrupt={first})
     model = save_tiny_unet(root / "model")
     out = root / "plain"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    result = invoke(*finetune_args(model, images, out, "--json"))
-    torch.set_num_threads(threads)
+    with one_thread():
+        result = invoke(*finetune_args(model, images, out, "--json"))
     return model, images, out, first, result
 
 

@@ -273,7 +273,7 @@ def _compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress, d
 
     settings.validate()
     criterion = get_registry().criterion(settings.criterion)
-    adapter = loaded.adapter_object
+    adapter = loaded.adapter
     dist = dist or Distributed(device=next(loaded.model.parameters()).device)
     check_precision(settings.precision, dist.device)
     place(loaded, dist.device)
