@@ -64,6 +64,26 @@ LabelColumn = Annotated[
     str | None,
     typer.Option("--label-column", help="Class-label column of a Hugging Face dataset (default: guessed)."),
 ]
+OnBadSample = Annotated[
+    str | None,
+    typer.Option(
+        "--on-bad-sample",
+        help="An image that cannot be decoded: skip (replaced by the next good one, warned about and listed "
+        "in the report; the default) or fail (exit 2 naming it).",
+        show_default=False,
+    ),
+]
+MaxBadFraction = Annotated[
+    float | None,
+    typer.Option(
+        "--max-bad-fraction",
+        min=0.0,
+        max=1.0,
+        help="Exit 2 once more than this fraction of the data is unreadable (default 0.01; a fine-tune "
+        "writes a checkpoint first).",
+        show_default=False,
+    ),
+]
 Workers = Annotated[
     int | None,
     typer.Option(

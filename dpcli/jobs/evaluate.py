@@ -393,6 +393,8 @@ class EvalSettings:
     image_column: str | None = None
     caption_column: str | None = None
     label_column: str | None = None
+    on_bad_sample: str | None = None  # skip (the default) or fail: dpcli.data.bad_samples
+    max_bad_fraction: float | None = None  # the cap on skipped examples (default 0.01)
     fid_stats: Path | None = None
     inception_weights: Path | None = None
     save_stats: Path | None = None
@@ -406,7 +408,13 @@ class EvalSettings:
         from dpcli.data.base import data_spec
 
         self.data = data_spec(
-            self.data, self.split, self.image_column, self.caption_column, self.label_column
+            self.data,
+            self.split,
+            self.image_column,
+            self.caption_column,
+            self.label_column,
+            self.on_bad_sample,
+            self.max_bad_fraction,
         )
         if isinstance(self.prompt, str):
             self.prompt = [self.prompt]
@@ -564,8 +572,11 @@ def sample_and_measure(
                 f" {loaded.source} {tuple(samples.images.shape[1:])}: they cannot be paired"
             )
         consistency = ssim_psnr(samples.images, reference_samples.images)
+    from dpcli.data import recording
+
     if plan is not None:
-        fid, fid_info = compute_fid(plan, loaded, samples, progress, device=sampler.device)
+        with recording() as bad_samples:
+            fid, fid_info = compute_fid(plan, loaded, samples, progress, device=sampler.device)
     else:
         fid, fid_info = None, fid_unavailable("no reference images: pass --data D or --fid-stats FILE")
     if clip_folder is not None:
@@ -599,6 +610,7 @@ def sample_and_measure(
         "files": None,
         "grid": None,
         "protocol": protocol,
+        "bad_samples": bad_samples.to_json() if plan is not None else [],  # FID reference images skipped
     }
     rows, captions = conditional_grid(samples.images, conditions)
     return EvalReport(fields, samples, rows, captions)

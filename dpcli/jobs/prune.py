@@ -99,6 +99,7 @@ class PruneReport:
     layers: list[dict]
     original_modules: dict = field(repr=False)
     kept_channels: dict = field(repr=False, default_factory=dict)
+    bad_samples: list[dict] = field(default_factory=list)  # calibration images skipped as unreadable
 
     @property
     def macs_fraction(self) -> float:
@@ -126,6 +127,7 @@ class PruneReport:
             "cutoff": self.cutoff,
             "prune_seconds": self.prune_seconds,
             "layers": self.layers,
+            "bad_samples": self.bad_samples,
             "output": str(output) if output is not None else None,
         }
 
@@ -207,6 +209,7 @@ def prune_model(
         layers=layers,
         original_modules=original_modules,
         kept_channels=kept,
+        bad_samples=scores.settings.get("bad_samples", []),
     )
 
 

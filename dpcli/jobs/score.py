@@ -44,6 +44,8 @@ class ScoreSettings:
     image_column: str | None = None
     caption_column: str | None = None
     label_column: str | None = None
+    on_bad_sample: str | None = None  # skip (the default) or fail: dpcli.data.bad_samples
+    max_bad_fraction: float | None = None  # the cap on skipped examples (default 0.01)
     workers: int | None = None  # DataLoader workers decoding the calibration images (None: the default)
     threshold: float | None = None
     batch_size: int = 256
@@ -63,7 +65,13 @@ class ScoreSettings:
 
     def __post_init__(self):
         self.data = data_spec(
-            self.data, self.split, self.image_column, self.caption_column, self.label_column
+            self.data,
+            self.split,
+            self.image_column,
+            self.caption_column,
+            self.label_column,
+            self.on_bad_sample,
+            self.max_bad_fraction,
         )
 
     @property
@@ -279,7 +287,17 @@ def compute_scores(
 
     ``dist`` (``dpcli.runtime.start_distributed``) says on which device the model, the calibration batch
     and the scan live, and under torchrun which share of the calibration images this process takes;
-    without it, everything stays on the device the model is on, in one process."""
+    without it, everything stays on the device the model is on, in one process. The calibration images
+    skipped as unreadable are recorded as ``bad_samples`` in the scores' settings."""
+    from dpcli.data import recording
+
+    with recording() as bad_samples:
+        scores = _compute_scores(loaded, settings, on_progress, dist)
+    scores.settings["bad_samples"] = bad_samples.to_json()
+    return scores
+
+
+def _compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress, dist) -> Scores:
     from dpcli.plugins import get_registry
 
     settings.validate()
@@ -392,6 +410,7 @@ class ScoreReport:
             "groups": len(self.scores.tensors),
             "output": str(self.output) if self.output else None,
             "plot": str(self.plot) if self.plot and scan else None,
+            "bad_samples": self.scores.settings.get("bad_samples", []),
             "layers": layers,
         }
 

@@ -59,6 +59,8 @@ def run(
 
             def on_step(info) -> None:
                 note = f"loss {info.smoothed_loss:.4f}  lr {info.lr:.2e}  {info.steps_per_second:.2f} it/s"
+                if info.bad_samples:
+                    note += f"  {info.bad_samples} bad sample(s) skipped"
                 advance(completed=info.step, note=note)
                 shown.step(info)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from dpcli.adapters.base import BatchContext, LoadedModel
-from dpcli.data import ImageTransform, training_batches
+from dpcli.data import BadSampleLog, ImageTransform, TooManyBadSamples, training_batches
 from dpcli.data.loader import mixed_seed
 from dpcli.errors import BadInput, BadSetting, DpError
 from dpcli.io.files import AtomicFolder, WriteFailed, prepare_output
@@ -184,6 +184,7 @@ class StepInfo:
     smoothed_loss: float
     lr: float
     steps_per_second: float
+    bad_samples: int = 0
 
 
 class _StopRequest:
@@ -327,8 +328,10 @@ def train(
     ema = ModelEmaV3(model, decay=settings.ema_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
     train = TrainState()
+    bad_samples = BadSampleLog(on_warning if dist.is_main else lambda message: None)
     if checkpoint is not None:
         load_checkpoint(checkpoint, saved_state, model, ema, optimizer, lr_schedule, scaler, train, settings)
+        bad_samples.load_state(train.bad_samples)
     elif dist.is_main and checkpoint_root(output).exists():
         shutil.rmtree(checkpoint_root(output))  # a fresh run (--force): stale checkpoints must not resume
     if dist.is_main:
@@ -359,6 +362,7 @@ def train(
         caption_dropout=dropout,
         pin_memory=device.type == "cuda",
         cache=cache,
+        bad_samples=bad_samples,
     )
     noise_shape = tuple(adapter.noise_shape(loaded))
     num_timesteps = int(loaded.scheduler.config.num_train_timesteps)
@@ -369,8 +373,10 @@ def train(
     run_started = time.perf_counter()
     previous_seconds = train.seconds
     interrupted = False
+    saved_step = start_step
 
-    with _StopRequest() as stop:
+    saving = (model, ema, optimizer, lr_schedule, scaler, record, settings.keep_checkpoints)
+    with _StopRequest() as stop, _checkpoint_on_too_many_bad(output, train, saving, lambda: saved_step, dist):
         for step in range(start_step, settings.steps):
             step_started = time.perf_counter()
             generator = step_generator(settings.seed, step, device)
@@ -428,12 +434,15 @@ def train(
             smoothed = average / (1 - 0.98 ** (train.step - start_step))
             window = [*window[-19:], time.perf_counter() - step_started]
             if on_step is not None and dist.is_main:
+                speed = len(window) / sum(window)
                 on_step(
-                    StepInfo(train.step, settings.steps, loss_value, smoothed, lr, len(window) / sum(window))
+                    StepInfo(train.step, settings.steps, loss_value, smoothed, lr, speed, len(bad_samples))
                 )
+            train.bad_samples = bad_samples.state()  # what the next checkpoint keeps
             stop_now = float(shared[1]) > 0
             due = settings.checkpoint_every and train.step % settings.checkpoint_every == 0
             if due or stop_now or train.step == settings.steps:
+                saved_step = train.step
                 if dist.is_main:
                     try:
                         save_checkpoint(
@@ -461,12 +470,35 @@ def train(
     model.eval()
     return FinetuneResult(
         report=_report(
-            settings, train, start_step, time.perf_counter() - run_started, dist, teacher, dropout
+            settings,
+            train,
+            start_step,
+            time.perf_counter() - run_started,
+            dist,
+            teacher,
+            dropout,
+            bad_samples,
         ),
         ema_model=ema.module,
         losses=train.losses,
         lrs=train.lrs,
     )
+
+
+@contextlib.contextmanager
+def _checkpoint_on_too_many_bad(output: Path, train: TrainState, saving: tuple, saved_step, dist):
+    """Past ``max_bad_fraction`` (every process stops at the same batch): write a checkpoint of the last
+    finished step unless one was just written (``saving``: ``save_checkpoint``'s other arguments), then
+    exit 2 saying where it is."""
+    try:
+        yield
+    except TooManyBadSamples as exc:
+        if train.step > saved_step():
+            if dist.is_main:
+                save_checkpoint(output, train, *saving)
+            dist.barrier()
+        written = train.step > 0 and latest_checkpoint(output) is not None
+        raise exc.with_checkpoint(checkpoint_root(output)) if written else exc from None
 
 
 def summary_window(steps: int) -> int:
@@ -506,6 +538,7 @@ class FinetuneReport:
     loss_window: int
     seconds: float
     steps_per_second: float | None
+    bad_samples: list[dict] = dataclasses.field(default_factory=list)
 
     def to_json(self, output: Path | None = None, preview: bool = False) -> dict:
         """The report as printed, with the files ``save_finetuned`` wrote into ``output``."""
@@ -530,7 +563,14 @@ class FinetuneResult:
 
 
 def _report(
-    settings, train: TrainState, start_step: int, run_seconds: float, dist, teacher, caption_dropout: float
+    settings,
+    train: TrainState,
+    start_step: int,
+    run_seconds: float,
+    dist,
+    teacher,
+    caption_dropout: float,
+    bad_samples: BadSampleLog,
 ) -> FinetuneReport:
     window = summary_window(len(train.losses))
     ran = train.step - start_step
@@ -562,6 +602,7 @@ def _report(
         loss_window=window,
         seconds=train.seconds,
         steps_per_second=ran / run_seconds if ran and run_seconds > 0 else None,
+        bad_samples=bad_samples.to_json(),
     )
 
 

@@ -34,6 +34,8 @@ class FinetuneSettings:
     image_column: str | None = None
     caption_column: str | None = None
     label_column: str | None = None
+    on_bad_sample: str | None = None  # skip (the default) or fail: dpcli.data.bad_samples
+    max_bad_fraction: float | None = None  # the cap on skipped examples (default 0.01)
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 2e-4
@@ -58,7 +60,13 @@ class FinetuneSettings:
 
     def __post_init__(self):
         self.data = data_spec(
-            self.data, self.split, self.image_column, self.caption_column, self.label_column
+            self.data,
+            self.split,
+            self.image_column,
+            self.caption_column,
+            self.label_column,
+            self.on_bad_sample,
+            self.max_bad_fraction,
         )
         if self.data is None:
             raise BadSetting(
