@@ -367,6 +367,10 @@ def finetune(
     workers: int | None = None,
     cache_latents: str | Path | None = None,
     preview: int = 0,
+    report_to: str | None = None,
+    validate_every: int = 0,
+    validation_samples: int = 16,
+    validation_prompt: list[str] | tuple[str, ...] = (),
     force: bool = False,
     split: str | None = None,
     image_column: str | None = None,
@@ -422,11 +426,18 @@ def finetune(
         caption_dropout=caption_dropout,
         workers=workers,
         cache_latents=str(cache_latents) if cache_latents else None,
+        report_to=report_to,
+        validate_every=validate_every,
+        validation_samples=validation_samples,
+        validation_prompt=list(validation_prompt),
     )
     if output is None and (resume or preview):
         raise BadSetting(
             "resume" if resume else "preview", "{" + ("resume" if resume else "preview") + "} needs {output}"
         )
+    if output is None and (validate_every or report_to not in (None, "none")):
+        name = "validate_every" if validate_every else "report_to"
+        raise BadSetting(name, "{" + name + "} writes into the run's folder: it needs {output}")
     scratch = tempfile.TemporaryDirectory(prefix="dpcli-finetune-") if output is None else None
     target = Path(output) if output is not None else Path(scratch.name) / "run"
     try:

@@ -96,6 +96,34 @@ CacheLatents = Annotated[
         help="LDMs: keep each image's autoencoder latents in this folder and reuse them across steps and runs.",
     ),
 ]
+ReportTo = Annotated[
+    str | None,
+    typer.Option(
+        "--report-to",
+        help="Also log metrics and validation grids to none, tensorboard (OUTPUT/tensorboard; the default when "
+        "installed) or wandb (offline unless WANDB_MODE/WANDB_API_KEY say otherwise).",
+        show_default=False,
+    ),
+]
+ValidateEvery = Annotated[
+    int,
+    typer.Option(
+        "--validate-every",
+        help="Every N steps and at the end, sample the EMA weights into OUTPUT/validation/step-N.png, with a "
+        "small-sample FID when the data allows (0: off).",
+    ),
+]
+ValidationSamples = Annotated[
+    int, typer.Option("--validation-samples", help="Images per validation (same noise every time).")
+]
+ValidationPrompt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--validation-prompt",
+        help="Text models: a prompt to validate with (repeat for more).",
+        show_default=False,
+    ),
+]
 Preview = Annotated[
     int,
     typer.Option(
@@ -137,6 +165,10 @@ def finetune(
     device: Device = "auto",
     reinit: Reinit = False,
     preview: Preview = 0,
+    report_to: ReportTo = None,
+    validate_every: ValidateEvery = 0,
+    validation_samples: ValidationSamples = 16,
+    validation_prompt: ValidationPrompt = None,
     force: Force = False,
     adapter: Adapter = None,
     config: Config = None,
@@ -147,6 +179,9 @@ def finetune(
 
     Global batch per optimizer step = --batch-size × processes × --grad-accum. Run data-parallel with
     `torchrun --nproc-per-node N -m dpcli finetune ...`. Ctrl-C writes a checkpoint, then stops.
+
+    Watch it while it runs: `tail -f OUTPUT/metrics.jsonl` (one record per step), `tensorboard --logdir
+    OUTPUT` (loss, lr, grad norm, validation grids), and OUTPUT/validation/ with --validate-every N.
     """
     from dpcli.cli import render as out
     from dpcli.cli.common import default_output, limit_params, lock_output
@@ -188,6 +223,10 @@ def finetune(
         caption_dropout=caption_dropout,
         workers=workers,
         cache_latents=str(cache_latents) if cache_latents else None,
+        report_to=report_to,
+        validate_every=validate_every,
+        validation_samples=validation_samples,
+        validation_prompt=list(validation_prompt or []),
     )
     target = Path(output) if output else default_output(model, "finetuned")
     lock_output(context, target)

@@ -49,6 +49,7 @@ from dpcli.jobs.finetune.checkpoints import (
     save_checkpoint,
     weights_fingerprint,
 )
+from dpcli.jobs.finetune.monitor import check_validation, gradient_norm, run_monitor
 from dpcli.jobs.finetune.settings import DEFAULT_CAPTION_DROPOUT, FinetuneSettings
 from dpcli.runtime import Distributed, autocast
 
@@ -285,6 +286,7 @@ def finetune(
     dropout = caption_dropout(loaded, settings)
     if settings.cache_latents:
         check_cacheable(loaded, settings)
+    check_validation(loaded, settings)
     global_batch = settings.batch_size * dist.world_size * settings.grad_accum
     if global_batch > len(source):
         raise BadInput(
@@ -370,7 +372,7 @@ def finetune(
     previous_seconds = train.seconds
     interrupted = False
 
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, run_monitor(loaded, settings, output, record, start_step, dist) as monitor:
         for step in range(start_step, settings.steps):
             step_started = time.perf_counter()
             generator = step_generator(settings.seed, step, device)
@@ -378,6 +380,7 @@ def finetune(
             noise = torch.randn((global_batch, *noise_shape), generator=generator, device=device)
             optimizer.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            loss_terms = torch.zeros(2, dtype=torch.float64, device=device)  # DDPM, distillation
             for micro in range(settings.grad_accum):
                 first = (micro * dist.world_size + dist.rank) * batch
                 rows = slice(first, first + batch)
@@ -394,25 +397,26 @@ def finetune(
                         noisy = loaded.scheduler.add_noise(x0, eps, t)
                         prediction = adapter.predict(training_view, noisy, t, conditioning).float()
                     target = loss_target(loaded.scheduler, x0, eps, t).float()
-                    loss = torch.nn.functional.mse_loss(prediction, target)
+                    loss = ddpm_loss = torch.nn.functional.mse_loss(prediction, target)
+                    distill_loss = torch.zeros((), device=device)
                     if teacher is not None and settings.distill_weight > 0:
                         with torch.no_grad(), autocast(device, settings.precision):
                             guide = teacher_adapter.predict(teacher, noisy, t, conditioning).float()
-                        loss = loss + settings.distill_weight * torch.nn.functional.mse_loss(
-                            prediction, guide
-                        )
+                        distill_loss = torch.nn.functional.mse_loss(prediction, guide)
+                        loss = loss + settings.distill_weight * distill_loss
                     scaler.scale(loss / settings.grad_accum).backward()
                 step_loss += loss.detach().double() / settings.grad_accum
-            if settings.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                loss_terms += torch.stack([ddpm_loss, distill_loss]).detach().double() / settings.grad_accum
+            scaler.unscale_(optimizer)
+            grad_norm = gradient_norm(model, settings.grad_clip)  # clipped to grad_clip when > 0
             lr = _current_lr(optimizer)
             scaler.step(optimizer)
             scaler.update()
             lr_schedule.step_update(step + 1)
             ema.update(model, step=step + 1)
 
-            shared = torch.stack([step_loss, torch.tensor(float(stop.requested), device=device).double()])
+            stop_flag = torch.tensor(float(stop.requested), device=device).double()
+            shared = torch.cat([torch.stack([step_loss, stop_flag]), loss_terms])
             if dist.enabled:
                 torch.distributed.all_reduce(shared)
             loss_value = float(shared[0]) / dist.world_size
@@ -432,6 +436,18 @@ def finetune(
                     StepInfo(train.step, settings.steps, loss_value, smoothed, lr, len(window) / sum(window))
                 )
             stop_now = float(shared[1]) > 0
+            # [watch] metrics.jsonl, the tracker and validation (before the checkpoint of this step)
+            terms = (shared[2:] / dist.world_size).tolist()
+            step_metrics = {
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "images_per_second": global_batch / window[-1],
+                "seconds": train.seconds,
+            }
+            if teacher is not None and settings.distill_weight > 0:
+                step_metrics.update(loss_ddpm=terms[0], loss_distill=terms[1])
+            monitor.after_step(train.step, step_metrics, ema.module, stop_now)
             due = settings.checkpoint_every and train.step % settings.checkpoint_every == 0
             if due or stop_now or train.step == settings.steps:
                 if dist.is_main:
@@ -600,6 +616,8 @@ def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, pr
     """Write the fine-tuned model into OUT (EMA weights as the main weights, the raw ones as
     ``unet/raw.safetensors``), its loss curve and optional sample preview, and move the checkpoints in:
     the model files appear in OUT only now."""
+    from dpcli.io.model_card import update_model_card
+    from dpcli.jobs.finetune.monitor import carry_run_files, curves_text
     from dpcli.plots import grid_rows, plot_training, save_image_grid
 
     output = Path(output)
@@ -615,6 +633,8 @@ def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, pr
         checkpoints = checkpoint_root(output)
         if checkpoints.is_dir():
             os.replace(checkpoints, folder / CHECKPOINT_DIR)
+        moved = carry_run_files(output, folder)  # [watch] metrics, validation grids, tracker logs
+        update_model_card(folder, "curves", curves_text(moved), "Training curves")
     return output
 
 

@@ -1,0 +1,127 @@
+"""Watching a long fine-tune: OUT/metrics.jsonl holds every step once (across kill -9 and --resume), TensorBoard
+holds the loss series and the validation grids, validation writes its grids and scores and never changes
+the weights a run ends with, and a tracker that is not installed is refused with one line."""
+
+import json
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import test_faults
+from safetensors.torch import load_file
+from test_faults import assert_same_weights, final_weights, finetune_args, one_error_line, popen_dp, wait_for
+
+from dpcli.jobs.finetune.monitor import read_metrics
+
+# test_faults' fixtures: one thread (bit-exact comparisons), and its plain 8-step run of a tiny model
+single_thread = test_faults.single_thread
+uninterrupted = test_faults.uninterrupted
+
+
+def tensorboard_events(out: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    return events
+
+
+def test_metrics_hold_every_step_once_across_kill_and_resume(dp, tmp_path, uninterrupted):
+    model, images, plain = uninterrupted
+    out = tmp_path / "killed"
+    process = popen_dp(*finetune_args(model, images, out))
+    wait_for(out / "checkpoints" / "step-00000002", process)
+    time.sleep(random.Random().uniform(0.0, 0.3))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    result = dp(*finetune_args(model, images, out, "--resume"))
+    assert result.exit_code == 0, result.stderr
+
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    # every line is a whole record (a line the kill cut short was dropped on resume)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 8
+    plain_losses = [r["loss"] for r in read_metrics(plain / "metrics.jsonl")]
+    assert [r["loss"] for r in records] == plain_losses  # the same run, step for step
+    assert {"loss", "lr", "grad_norm", "images_per_second", "seconds"} <= records[0].keys()
+    # TensorBoard drops what the killed run logged after the checkpoint it resumed from
+    assert [event.step for event in tensorboard_events(out).Scalars("train/loss")] == list(range(1, 9))
+
+
+def test_validation_grids_reach_tensorboard_and_never_change_the_weights(dp, tmp_path, uninterrupted):
+    model, images, plain = uninterrupted
+    out = tmp_path / "validated"
+    args = finetune_args(model, images, out, "--validate-every", 3, "--validation-samples", 4)
+    result = dp(*args)
+    assert result.exit_code == 0, result.stderr
+
+    # validated at steps 3 and 6 and at the end (8): the grids, the records and the tracker agree
+    for step in (3, 6, 8):
+        assert (out / "validation" / f"step-{step}.png").is_file()
+    validated = {r["step"]: r["validation"] for r in read_metrics(out / "metrics.jsonl") if "validation" in r}
+    assert sorted(validated) == [3, 6, 8]
+    assert validated[3]["grid"] == "validation/step-3.png" and validated[3]["samples"] == 4
+    events = tensorboard_events(out)
+    assert [event.step for event in events.Scalars("train/loss")] == list(range(1, 9))
+    assert [event.step for event in events.Images("validation/samples")] == [3, 6, 8]
+    assert "## Training curves" in (out / "README.md").read_text()
+
+    assert_same_weights(final_weights(plain), final_weights(out))
+    raw = "unet/raw.safetensors"
+    assert_same_weights(load_file(str(plain / raw)), load_file(str(out / raw)))
+
+
+def test_validation_on_digits_records_a_small_sample_fid_under_its_protocol(dp, tmp_path):
+    from dpcli.testing import TINY_UNET_CONFIG, save_tiny_unet
+
+    model = save_tiny_unet(
+        tmp_path / "gray", config={**TINY_UNET_CONFIG, "in_channels": 1, "out_channels": 1}
+    )
+    out = tmp_path / "out"
+    result = dp(
+        "finetune", model, "--data", "builtin:digits", "--steps", 2, "--batch-size", 4, "--validate-every", 2,
+        "--validation-samples", 8, "--report-to", "none", "-o", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    (record,) = [r for r in read_metrics(out / "metrics.jsonl") if "validation" in r]
+    assert record["step"] == 2 and record["validation"]["fid"] > 0
+    protocol = json.loads((out / "validation" / "protocol.json").read_text())
+    assert protocol["feature_network"] == "dpcli-digits"
+    assert protocol["num_samples"] == 8 and protocol["steps"] == 50 and protocol["reference_count"] == 1797
+    assert not (out / "tensorboard").exists()
+
+
+def test_report_to_wandb_without_wandb_is_refused_with_one_line(dp, tmp_path, uninterrupted, monkeypatch):
+    import importlib.util
+
+    model, images, _ = uninterrupted
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a)
+    )
+    out = tmp_path / "out"
+    line = one_error_line(dp(*finetune_args(model, images, out, "--report-to", "wandb")), 2)
+    assert "--report-to wandb needs the wandb package" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (
+            ["--validation-prompt", "a cat", "--validate-every", "2"],
+            "--validation-prompt applies to text-conditional",
+        ),
+        (["--validation-prompt", "a cat"], "--validation-prompt is used with --validate-every"),
+        (["--report-to", "mlflow"], "--report-to must be one of none, tensorboard, wandb"),
+        (["--validate-every", "-1"], "--validate-every must be 0 (off) or more"),
+    ],
+)
+def test_bad_watch_options_exit_2_with_one_line(dp, tmp_path, uninterrupted, extra, says):
+    model, images, _ = uninterrupted
+    out = tmp_path / "out"
+    line = one_error_line(dp(*finetune_args(model, images, out, *extra)), 2)
+    assert says in line
+    assert not out.exists()
