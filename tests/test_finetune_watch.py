@@ -2,10 +2,13 @@
 holds the loss series and the validation grids, validation writes its grids and scores and never changes
 the weights a run ends with, and a tracker that is not installed is refused with one line."""
 
+import importlib.machinery
 import json
 import random
 import signal
+import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,7 @@ def tensorboard_events(out: Path):
     return events
 
 
+@pytest.mark.slow
 def test_metrics_hold_every_step_once_across_kill_and_resume(dp, tmp_path, uninterrupted):
     model, images, plain = uninterrupted
     out = tmp_path / "killed"
@@ -125,3 +129,50 @@ def test_bad_watch_options_exit_2_with_one_line(dp, tmp_path, uninterrupted, ext
     line = one_error_line(dp(*finetune_args(model, images, out, *extra)), 2)
     assert says in line
     assert not out.exists()
+
+
+class FakeWandb:
+    """Stands in for the wandb package: records what dp asks of it (W&B is optional and not installed here)."""
+
+    def __init__(self):
+        self.module = types.ModuleType("wandb")
+        self.module.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+        self.module.util = types.SimpleNamespace(generate_id=lambda: "run123")
+        self.module.init = self.init
+        self.module.Image = lambda pixels, caption=None: ("image", pixels.shape, caption)
+        self.inits, self.logged, self.finished = [], [], 0
+
+    def init(self, **options):
+        self.inits.append(options)
+        return types.SimpleNamespace(
+            log=lambda values, step: self.logged.append((step, values)), finish=self.finish
+        )
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_report_to_wandb_logs_offline_into_out_and_a_resume_continues_the_same_run(
+    dp, tmp_path, uninterrupted, monkeypatch
+):
+    model, images, _ = uninterrupted
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake.module)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    out = tmp_path / "out"
+    watch = ("--report-to", "wandb", "--validate-every", 4, "--validation-samples", 2)
+    result = dp(*finetune_args(model, images, out, *watch, steps=4))
+    assert result.exit_code == 0, result.stderr
+    (options,) = fake.inits
+    assert options["mode"] == "offline" and options["dir"] == str(out) and options["id"] == "run123"
+    assert options["config"]["validate_every"] == 4 and fake.finished == 1
+    assert [step for step, values in fake.logged if "train/loss" in values] == [1, 2, 3, 4]
+    assert [step for step, values in fake.logged if "validation/samples" in values] == [4]
+    assert not (out / "tensorboard").exists() and (out / "wandb" / "dpcli-run-id").read_text() == "run123"
+
+    fake.module.util.generate_id = lambda: "another"
+    result = dp(*finetune_args(model, images, out, *watch, "--resume", steps=6))
+    assert result.exit_code == 0, result.stderr
+    assert fake.inits[-1]["id"] == "run123" and fake.inits[-1]["resume"] == "allow"
+    assert [step for step, values in fake.logged if "validation/samples" in values] == [4, 6]

@@ -379,17 +379,20 @@ class RunMonitor:
         dist,
     ):
         self.settings, self.output, self.dist = settings, Path(output), dist
+        self.record, self.start_step = record, start_step
         self.validator = Validator(loaded, settings, output, dist) if settings.validate_every else None
         self.metrics: MetricsLog | None = None
         self.tracker = None
-        if dist.is_main:
-            _clear_run_files(self.output, start_step)
-            self.output.mkdir(parents=True, exist_ok=True)
-            self.metrics = MetricsLog(self.output / METRICS_FILE, start_step)
-            if self.validator is not None:
-                (self.output / VALIDATION_DIR).mkdir(exist_ok=True)
-            report_to = settings.report_to or default_report_to()
-            self.tracker = open_tracker(report_to, self.output, start_step, _flat(record["settings"]))
+
+    def _open(self) -> None:
+        """Rank 0's files, opened once the first step is done (a run refused before then writes nothing)."""
+        _clear_run_files(self.output, self.start_step)
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.output / METRICS_FILE, self.start_step)
+        if self.validator is not None:
+            (self.output / VALIDATION_DIR).mkdir(exist_ok=True)
+        report_to = self.settings.report_to or default_report_to()
+        self.tracker = open_tracker(report_to, self.output, self.start_step, _flat(self.record["settings"]))
 
     def validation_due(self, step: int) -> bool:
         every = self.settings.validate_every
@@ -398,6 +401,8 @@ class RunMonitor:
     def after_step(self, step: int, metrics: dict, ema_module: torch.nn.Module, stopping: bool) -> None:
         """Record optimizer step ``step`` (``metrics``: loss, lr, ...), validating first when due (not when
         the run is stopping on a signal: the checkpoint comes first)."""
+        if self.dist.is_main and self.metrics is None:
+            self._open()
         validation = None
         if self.validator is not None and self.validation_due(step) and not stopping:
             result = self.validator.run(ema_module, step)
