@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import test_faults
+import test_ldm
 from safetensors.torch import load_file
 from test_faults import assert_same_weights, final_weights, finetune_args, one_error_line, popen_dp, wait_for
 
@@ -21,6 +22,7 @@ from dpcli.jobs.finetune.monitor import read_metrics
 # test_faults' fixtures: one thread (bit-exact comparisons), and its plain 8-step run of a tiny model
 single_thread = test_faults.single_thread
 uninterrupted = test_faults.uninterrupted
+built = test_ldm.built  # tiny latent pipelines (text- and class-conditional) and captioned images
 
 
 def tensorboard_events(out: Path):
@@ -176,3 +178,25 @@ def test_report_to_wandb_logs_offline_into_out_and_a_resume_continues_the_same_r
     assert result.exit_code == 0, result.stderr
     assert fake.inits[-1]["id"] == "run123" and fake.inits[-1]["resume"] == "allow"
     assert [step for step, values in fake.logged if "validation/samples" in values] == [4, 6]
+
+
+@pytest.mark.slow
+def test_text_and_class_models_validate_with_their_prompts_and_classes(dp, tmp_path, built):
+    out = tmp_path / "text"
+    watch = ("--validate-every", 2, "--validation-samples", 4, "--report-to", "none", "--workers", 0)
+    refused = dp("finetune", built["sd"], "--data", built["images"], "--steps", 2, *watch, "-o", out)
+    assert "needs at least one --validation-prompt" in one_error_line(refused, 2)
+    result = dp("finetune", built["sd"], "--data", built["images"], "--steps", 2, "--batch-size", 2, *watch,
+                "--validation-prompt", "a red square", "--validation-prompt", "a blue circle", "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    protocol = json.loads((out / "validation" / "protocol.json").read_text())
+    assert protocol["conditioning"] == "text" and protocol["prompts"]["count"] == 2
+    assert protocol["fid_unavailable"] and protocol["clip_unavailable"]  # no Inception or CLIP weights here
+    assert (out / "validation" / "step-2.png").is_file()
+
+    out = tmp_path / "class"
+    result = dp("finetune", built["class"], "--data", built["images"], "--steps", 2, "--batch-size", 2, *watch,
+                "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    protocol = json.loads((out / "validation" / "protocol.json").read_text())
+    assert protocol["conditioning"] == "class" and protocol["class_labels"] == [0, 1, 2]

@@ -180,8 +180,9 @@ def finetune(
     Global batch per optimizer step = --batch-size × processes × --grad-accum. Run data-parallel with
     `torchrun --nproc-per-node N -m dpcli finetune ...`. Ctrl-C writes a checkpoint, then stops.
 
-    Watch it while it runs: `tail -f OUTPUT/metrics.jsonl` (one record per step), `tensorboard --logdir
-    OUTPUT` (loss, lr, grad norm, validation grids), and OUTPUT/validation/ with --validate-every N.
+    Watch it while it runs: `tail -f OUTPUT/metrics.jsonl` (one record per step),
+    `tensorboard --logdir OUTPUT` (loss, lr, grad norm, validation grids and FID),
+    OUTPUT/validation/step-N.png with --validate-every N.
     """
     from dpcli.cli import render as out
     from dpcli.cli.common import default_output, limit_params, lock_output
