@@ -200,3 +200,28 @@ def test_text_and_class_models_validate_with_their_prompts_and_classes(dp, tmp_p
     assert result.exit_code == 0, result.stderr
     protocol = json.loads((out / "validation" / "protocol.json").read_text())
     assert protocol["conditioning"] == "class" and protocol["class_labels"] == [0, 1, 2]
+
+
+def test_a_full_disk_under_the_tracker_is_one_line_and_the_run_resumes(
+    dp, tmp_path, uninterrupted, monkeypatch
+):
+    import errno
+
+    from dpcli.jobs.finetune import monitor
+
+    model, images, plain = uninterrupted
+    out = tmp_path / "out"
+    log = monitor.TensorBoardTracker.log
+
+    def full_at_step_5(self, step, scalars):
+        if step == 5:  # TensorBoard's writer thread raises a failed write at the next call
+            raise OSError(errno.ENOSPC, "No space left on device")
+        log(self, step, scalars)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(monitor.TensorBoardTracker, "log", full_at_step_5)
+        line = one_error_line(dp(*finetune_args(model, images, out)), 1)
+    assert line.startswith(f"Error: no space left on the device writing {out}") and line.endswith("--resume")
+    assert dp(*finetune_args(model, images, out, "--resume")).exit_code == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 9))
+    assert_same_weights(final_weights(plain), final_weights(out))

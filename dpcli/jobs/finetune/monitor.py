@@ -36,6 +36,7 @@ import torch
 
 from dpcli.adapters.base import LoadedModel
 from dpcli.errors import BadSetting
+from dpcli.io.files import WriteFailed, atomic_write, write_failure
 from dpcli.jobs.finetune.settings import FinetuneSettings, default_report_to
 
 METRICS_FILE = "metrics.jsonl"
@@ -80,9 +81,8 @@ class MetricsLog:
     def __init__(self, path: Path, start_step: int):
         self.path = Path(path)
         kept = [r for r in read_metrics(self.path) if r["step"] <= start_step] if start_step else []
-        temporary = self.path.with_name(f".{self.path.name}.tmp")
-        temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
-        os.replace(temporary, self.path)
+        with atomic_write(self.path) as temporary:
+            temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
         self.file = open(self.path, "a")  # noqa: SIM115 (open for the whole run, closed by close())
 
     def write(self, record: dict) -> None:
@@ -329,9 +329,8 @@ class Validator:
 
         rows, captions = conditional_grid(images, self.conditions)
         path = validation_grid_path(self.output, step)
-        temporary = path.with_name(f".{path.name}.tmp.png")
-        save_image_grid(rows, temporary, captions=captions)
-        os.replace(temporary, path)
+        with atomic_write(path, suffix=".png") as temporary:
+            save_image_grid(rows, temporary, captions=captions)
         with Image.open(path) as picture:
             return path, np.asarray(picture.convert("RGB"))
 
@@ -342,8 +341,8 @@ class Validator:
             "fid_unavailable": scores.fid_reason,
             "clip_unavailable": scores.clip_reason,
         }
-        path = self.output / VALIDATION_DIR / PROTOCOL_FILE
-        path.write_text(json.dumps(protocol, indent=2))
+        with atomic_write(self.output / VALIDATION_DIR / PROTOCOL_FILE) as temporary:
+            temporary.write_text(json.dumps(protocol, indent=2))
 
 
 @contextlib.contextmanager
@@ -401,6 +400,10 @@ class RunMonitor:
     def after_step(self, step: int, metrics: dict, ema_module: torch.nn.Module, stopping: bool) -> None:
         """Record optimizer step ``step`` (``metrics``: loss, lr, ...), validating first when due (not when
         the run is stopping on a signal: the checkpoint comes first)."""
+        with writing(self.output):
+            self._after_step(step, metrics, ema_module, stopping)
+
+    def _after_step(self, step: int, metrics: dict, ema_module: torch.nn.Module, stopping: bool) -> None:
         if self.dist.is_main and self.metrics is None:
             self._open()
         validation = None
@@ -472,6 +475,17 @@ def _clear_run_files(output: Path, start_step: int) -> None:
 
 
 @contextlib.contextmanager
+def writing(output: Path):
+    """A failed write of the run's files (a full disk) is one line, and the run can go on with --resume."""
+    try:
+        yield
+    except WriteFailed as exc:
+        raise WriteFailed(f"{exc} with --resume") from exc
+    except OSError as exc:
+        raise WriteFailed(f"{write_failure(exc, output)} with --resume") from exc
+
+
+@contextlib.contextmanager
 def run_monitor(
     loaded: LoadedModel, settings: FinetuneSettings, output: Path, record: dict, start_step: int, dist
 ):
@@ -479,7 +493,11 @@ def run_monitor(
     monitor = RunMonitor(loaded, settings, output, record, start_step, dist)
     try:
         yield monitor
-    finally:
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
+            monitor.close()
+        raise
+    with writing(output):
         monitor.close()
 
 
