@@ -56,7 +56,6 @@ def validation_cost(samples: int, repeats: int) -> dict:
     import statistics
 
     from dpcli.jobs.finetune.monitor import Validator
-    from dpcli.runtime import Distributed
 
     loaded = load_model("builtin:ddpm-digits")
     settings = FinetuneSettings(
@@ -64,7 +63,7 @@ def validation_cost(samples: int, repeats: int) -> dict:
     )
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "validation").mkdir()
-        validator = Validator(loaded, settings, Path(folder), Distributed())
+        validator = Validator(loaded, settings, Path(folder))
         started, cpu = time.perf_counter(), time.process_time()
         first, _ = validator.run(loaded.model, 1)
         first_wall, first_cpu = time.perf_counter() - started, time.process_time() - cpu
@@ -83,7 +82,6 @@ def fid_spread(samples: int, seeds: int) -> tuple[float, float, list[float]]:
     import statistics
 
     from dpcli.jobs.finetune.monitor import Validator
-    from dpcli.runtime import Distributed
 
     loaded = load_model("builtin:ddpm-digits")
     values, reference = [], None
@@ -98,7 +96,7 @@ def fid_spread(samples: int, seeds: int) -> tuple[float, float, list[float]]:
                 validate_every=1,
                 validation_samples=samples,
             )
-            validator = Validator(loaded, settings, Path(folder), Distributed())
+            validator = Validator(loaded, settings, Path(folder))
             validator.scores = reference  # the reference statistics do not depend on the seed
             values.append(validator.run(loaded.model, 1)[0]["fid"])
             reference = validator.scores

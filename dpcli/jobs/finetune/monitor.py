@@ -217,12 +217,12 @@ class _Scores:
 class Validator:
     """Samples ``settings.validation_samples`` images of the EMA model and scores them."""
 
-    def __init__(self, loaded: LoadedModel, settings: FinetuneSettings, output: Path, dist):
+    def __init__(self, loaded: LoadedModel, settings: FinetuneSettings, output: Path):
         from dpcli.jobs.evaluate import resolve_sampling_conditions, with_conditions
         from dpcli.prompts import ConditioningRequest
         from dpcli.sampling import SamplerSettings
 
-        self.loaded, self.settings, self.output, self.dist = loaded, settings, Path(output), dist
+        self.loaded, self.settings, self.output = loaded, settings, Path(output)
         request = ConditioningRequest(prompts=list(settings.validation_prompt))
         self.conditions = resolve_sampling_conditions(loaded, request)
         sampling = SamplerSettings(
@@ -250,17 +250,13 @@ class Validator:
         """The FID plan against the training data and its reference statistics, or why there is none."""
         from dpcli.data import ImageTransform, example_batches, open_source
         from dpcli.jobs.evaluate import plan_fid
-        from dpcli.metrics import FidComputer, data_as_uint8, find_inception_weights
+        from dpcli.metrics import FidComputer, data_as_uint8, default_inception_path, find_inception_weights
 
         data = self.settings.data
         if self.settings.validation_samples < 2:
             return None, "FID needs at least 2 validation samples", None
         if str(data) != "builtin:digits" and find_inception_weights(None) is None:
-            return (
-                None,
-                "no Inception-v3 weights found locally (see dp eval --help: --inception-weights)",
-                None,
-            )
+            return None, f"no Inception-v3 weights at {default_inception_path()} (dp never downloads)", None
         plan = plan_fid(data, None, None, None, self.settings.validation_samples)
         source = plan.source if plan.source is not None else open_source(data)
         count = len(source)
@@ -379,7 +375,7 @@ class RunMonitor:
     ):
         self.settings, self.output, self.dist = settings, Path(output), dist
         self.record, self.start_step = record, start_step
-        self.validator = Validator(loaded, settings, output, dist) if settings.validate_every else None
+        self.validator = Validator(loaded, settings, output) if settings.validate_every else None
         self.metrics: MetricsLog | None = None
         self.tracker = None
 
