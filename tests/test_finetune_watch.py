@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import test_faults
 import test_ldm
+from helpers.processes import assert_same_weights, popen_dp, wait_for
 from safetensors.torch import load_file
-from test_faults import assert_same_weights, final_weights, finetune_args, one_error_line, popen_dp, wait_for
+from test_faults import final_weights, finetune_args, one_error_line
 
 from dpcli.jobs.finetune.monitor import read_metrics
 

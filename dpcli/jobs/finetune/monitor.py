@@ -187,7 +187,7 @@ def check_validation(loaded: LoadedModel, settings: FinetuneSettings) -> None:
     anything is trained or written)."""
     if not settings.validate_every:
         return
-    kind = loaded.adapter_object.conditioning_spec(loaded).kind
+    kind = loaded.adapter.conditioning_spec(loaded).kind
     if settings.validation_prompt and kind != "text":
         raise BadSetting(
             "validation_prompt",
@@ -218,8 +218,8 @@ class Validator:
     """Samples ``settings.validation_samples`` images of the EMA model and scores them."""
 
     def __init__(self, loaded: LoadedModel, settings: FinetuneSettings, output: Path):
+        from dpcli.conditions import ConditioningRequest
         from dpcli.jobs.evaluate import resolve_sampling_conditions, with_conditions
-        from dpcli.prompts import ConditioningRequest
         from dpcli.sampling import SamplerSettings
 
         self.loaded, self.settings, self.output = loaded, settings, Path(output)
@@ -262,7 +262,7 @@ class Validator:
         count = len(source)
         indices = [int(i * count / VALIDATION_REFERENCE_LIMIT) for i in range(VALIDATION_REFERENCE_LIMIT)]
         indices = indices if count > VALIDATION_REFERENCE_LIMIT else None
-        adapter = view.adapter_object
+        adapter = view.adapter
         transform = ImageTransform(adapter.data_size(view), adapter.data_channels(view))
         fid = FidComputer(plan.extractor, plan.inception_weights, device=device)
         for batch in example_batches(source, transform, indices=indices, workers=self.settings.workers):
