@@ -416,6 +416,10 @@ def finetune(
     workers: int | None = None,
     cache_latents: str | Path | None = None,
     preview: int = 0,
+    report_to: str | None = None,
+    validate_every: int = 0,
+    validation_samples: int = 16,
+    validation_prompt: list[str] | tuple[str, ...] = (),
     force: bool = False,
     split: str | None = None,
     image_column: str | None = None,
@@ -442,6 +446,7 @@ def finetune(
     from dpcli.io.model_format import recorded_metadata
     from dpcli.jobs import finetune as job
     from dpcli.jobs.finetune.loop import history_entry
+    from dpcli.jobs.finetune.loop import validate as validate_finetune
     from dpcli.jobs.finetune.settings import FinetuneSettings
     from dpcli.reporting import StepCallback
 
@@ -453,7 +458,8 @@ def finetune(
     settings = FinetuneSettings(
         **_options({**locals(), "teacher": teacher_source}, FinetuneSettings, "model", *_LOAD_OPTIONS)
     )
-    settings.validate()  # before the model is loaded
+    # before the model is loaded: the settings, and --resume with a checkpoint to resume
+    validate_finetune(settings, Path(output) if output is not None else None, resume)
     model = _as_model(model, reporter=reporter, adapter=adapter, config=config, max_params=max_params)
     teacher_model = (
         _as_model(teacher, "teacher", reporter, max_params=max_params) if teacher is not None else None

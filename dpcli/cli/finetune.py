@@ -98,6 +98,34 @@ CacheLatents = Annotated[
         help="LDMs: keep each image's autoencoder latents in this folder and reuse them across steps and runs.",
     ),
 ]
+ReportTo = Annotated[
+    str | None,
+    typer.Option(
+        "--report-to",
+        help="Also log metrics and validation grids to none, tensorboard (OUTPUT/tensorboard; the default when "
+        "installed) or wandb (offline unless WANDB_MODE/WANDB_API_KEY say otherwise).",
+        show_default=False,
+    ),
+]
+ValidateEvery = Annotated[
+    int,
+    typer.Option(
+        "--validate-every",
+        help="Every N steps and at the end, sample the EMA weights into OUTPUT/validation/step-N.png, with a "
+        "small-sample FID when the data allows (0: off).",
+    ),
+]
+ValidationSamples = Annotated[
+    int, typer.Option("--validation-samples", help="Images per validation (same noise every time).")
+]
+ValidationPrompt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--validation-prompt",
+        help="Text models: a prompt to validate with (repeat for more).",
+        show_default=False,
+    ),
+]
 Preview = Annotated[
     int,
     typer.Option(
@@ -141,6 +169,10 @@ def finetune(
     device: Device = "auto",
     reinit: Reinit = False,
     preview: Preview = 0,
+    report_to: ReportTo = None,
+    validate_every: ValidateEvery = 0,
+    validation_samples: ValidationSamples = 16,
+    validation_prompt: ValidationPrompt = None,
     force: Force = False,
     adapter: Adapter = None,
     config: Config = None,
@@ -151,6 +183,10 @@ def finetune(
 
     Global batch per optimizer step = --batch-size × processes × --grad-accum. Run data-parallel with
     `torchrun --nproc-per-node N -m dpcli finetune ...`. Ctrl-C writes a checkpoint, then stops.
+
+    Watch it while it runs: `tail -f OUTPUT/metrics.jsonl` (one record per step),
+    `tensorboard --logdir OUTPUT` (loss, lr, grad norm, validation grids and FID),
+    OUTPUT/validation/step-N.png with --validate-every N.
     """
     output = Path(output) if output else default_output(model, "finetuned")
     options = api_keywords(finetune, locals())

@@ -42,6 +42,9 @@ def run(
     if output is None and (resume or preview):
         name = "resume" if resume else "preview"
         raise BadSetting(name, "{" + name + "} needs {output}")
+    if output is None and (settings.validate_every or settings.report_to not in (None, "none")):
+        name = "validate_every" if settings.validate_every else "report_to"
+        raise BadSetting(name, "{" + name + "} writes into the run's folder: it needs {output}")
     with contextlib.ExitStack() as stack:
         if output is None:
             target = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dpcli-finetune-"))) / "run"

@@ -49,6 +49,7 @@ from dpcli.jobs.finetune.checkpoints import (
     save_checkpoint,
     weights_fingerprint,
 )
+from dpcli.jobs.finetune.monitor import check_validation, gradient_norm, run_monitor
 from dpcli.jobs.finetune.settings import DEFAULT_CAPTION_DROPOUT, FinetuneSettings
 from dpcli.runtime import Distributed, autocast
 
@@ -217,11 +218,11 @@ class Interrupted(DpError):
     exit_code = 130
 
 
-def validate(settings: FinetuneSettings, output: Path, resume: bool = False) -> None:
+def validate(settings: FinetuneSettings, output: Path | None, resume: bool = False) -> None:
     """Fail before anything is loaded or written: bad settings, or ``resume`` with no checkpoint in
     ``output``."""
     settings.validate()
-    if resume and latest_checkpoint(Path(output)) is None:
+    if resume and output is not None and latest_checkpoint(Path(output)) is None:
         raise BadSetting(
             "resume", "{resume}: no checkpoint in {folder}", folder=checkpoint_root(Path(output))
         )
@@ -286,6 +287,7 @@ def train(
     dropout = caption_dropout(loaded, settings)
     if settings.cache_latents:
         check_cacheable(loaded, settings)
+    check_validation(loaded, settings)
     global_batch = settings.batch_size * dist.world_size * settings.grad_accum
     if global_batch > len(source):
         raise BadInput(
@@ -376,7 +378,11 @@ def train(
     saved_step = start_step
 
     saving = (model, ema, optimizer, lr_schedule, scaler, record, settings.keep_checkpoints)
-    with _StopRequest() as stop, _checkpoint_on_too_many_bad(output, train, saving, lambda: saved_step, dist):
+    with (
+        _StopRequest() as stop,
+        _checkpoint_on_too_many_bad(output, train, saving, lambda: saved_step, dist),
+        run_monitor(loaded, settings, output, record, start_step, dist) as monitor,
+    ):
         for step in range(start_step, settings.steps):
             step_started = time.perf_counter()
             generator = step_generator(settings.seed, step, device)
@@ -384,6 +390,7 @@ def train(
             noise = torch.randn((global_batch, *noise_shape), generator=generator, device=device)
             optimizer.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            loss_terms = torch.zeros(2, dtype=torch.float64, device=device)  # DDPM, distillation
             for micro in range(settings.grad_accum):
                 first = (micro * dist.world_size + dist.rank) * batch
                 rows = slice(first, first + batch)
@@ -400,25 +407,26 @@ def train(
                         noisy = loaded.scheduler.add_noise(x0, eps, t)
                         prediction = adapter.predict(training_view, noisy, t, conditioning).float()
                     target = loss_target(loaded.scheduler, x0, eps, t).float()
-                    loss = torch.nn.functional.mse_loss(prediction, target)
+                    loss = ddpm_loss = torch.nn.functional.mse_loss(prediction, target)
+                    distill_loss = torch.zeros((), device=device)
                     if teacher is not None and settings.distill_weight > 0:
                         with torch.no_grad(), autocast(device, settings.precision):
                             guide = teacher_adapter.predict(teacher, noisy, t, conditioning).float()
-                        loss = loss + settings.distill_weight * torch.nn.functional.mse_loss(
-                            prediction, guide
-                        )
+                        distill_loss = torch.nn.functional.mse_loss(prediction, guide)
+                        loss = loss + settings.distill_weight * distill_loss
                     scaler.scale(loss / settings.grad_accum).backward()
                 step_loss += loss.detach().double() / settings.grad_accum
-            if settings.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                loss_terms += torch.stack([ddpm_loss, distill_loss]).detach().double() / settings.grad_accum
+            scaler.unscale_(optimizer)
+            grad_norm = gradient_norm(model, settings.grad_clip)  # clipped to grad_clip when > 0
             lr = _current_lr(optimizer)
             scaler.step(optimizer)
             scaler.update()
             lr_schedule.step_update(step + 1)
             ema.update(model, step=step + 1)
 
-            shared = torch.stack([step_loss, torch.tensor(float(stop.requested), device=device).double()])
+            stop_flag = torch.tensor(float(stop.requested), device=device).double()
+            shared = torch.cat([torch.stack([step_loss, stop_flag]), loss_terms])
             if dist.enabled:
                 torch.distributed.all_reduce(shared)
             loss_value = float(shared[0]) / dist.world_size
@@ -440,6 +448,18 @@ def train(
                 )
             train.bad_samples = bad_samples.state()  # what the next checkpoint keeps
             stop_now = float(shared[1]) > 0
+            # [watch] metrics.jsonl, the tracker and validation (before the checkpoint of this step)
+            terms = (shared[2:] / dist.world_size).tolist()
+            step_metrics = {
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "images_per_second": global_batch / window[-1],
+                "seconds": train.seconds,
+            }
+            if teacher is not None and settings.distill_weight > 0:
+                step_metrics.update(loss_ddpm=terms[0], loss_distill=terms[1])
+            monitor.after_step(train.step, step_metrics, ema.module, stop_now)
             due = settings.checkpoint_every and train.step % settings.checkpoint_every == 0
             if due or stop_now or train.step == settings.steps:
                 saved_step = train.step
@@ -641,6 +661,8 @@ def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, pr
     """Write the fine-tuned model into OUT (EMA weights as the main weights, the raw ones as
     ``unet/raw.safetensors``), its loss curve and optional sample preview, and move the checkpoints in:
     the model files appear in OUT only now."""
+    from dpcli.io.model_card import update_model_card
+    from dpcli.jobs.finetune.monitor import carry_run_files, curves_text
     from dpcli.plots import grid_rows, plot_training, save_image_grid
 
     output = Path(output)
@@ -656,6 +678,8 @@ def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, pr
         checkpoints = checkpoint_root(output)
         if checkpoints.is_dir():
             os.replace(checkpoints, folder / CHECKPOINT_DIR)
+        moved = carry_run_files(output, folder)  # [watch] metrics, validation grids, tracker logs
+        update_model_card(folder, "curves", curves_text(moved), "Training curves")
     return output
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dpcli.data.base import DataSpec, data_spec
 from dpcli.errors import BadSetting
@@ -15,6 +16,17 @@ CROPS = ("center", "random")
 # relearn that branch too; 0 would let guidance degrade as fine-tuning goes on.
 DEFAULT_CAPTION_DROPOUT = 0.1
 SCHEDULES = ("cosine", "constant")
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+def tracker_installed(name: str) -> bool:
+    """Whether the package of tracker ``name`` can be imported (checked without importing it)."""
+    return name == "none" or importlib.util.find_spec(name) is not None
+
+
+def default_report_to() -> str:
+    """``tensorboard`` when it is installed, else ``none``."""
+    return "tensorboard" if tracker_installed("tensorboard") else "none"
 
 
 @dataclass
@@ -26,6 +38,9 @@ class FinetuneSettings:
     ``crop``/``flip`` augment the training images, ``caption_dropout`` trains text models on the empty
     prompt that often (None: ``DEFAULT_CAPTION_DROPOUT`` for text models), ``workers`` decode images
     (None: ``dpcli.data.default_workers``), ``cache_latents`` keeps LDM latents in that folder.
+    ``report_to`` picks the tracker (None: ``default_report_to()``); every ``validate_every`` steps (0: never)
+    ``validation_samples`` images of the EMA weights are sampled, with ``validation_prompt`` for text models
+    (see ``dpcli.jobs.finetune.monitor``).
     """
 
     data: DataSpec | str | None
@@ -57,6 +72,10 @@ class FinetuneSettings:
     workers: int | None = None
     cache_latents: str | None = None
     device: str = "auto"  # where it trains (dpcli.runtime.start_distributed)
+    report_to: str | None = None
+    validate_every: int = 0
+    validation_samples: int = 16
+    validation_prompt: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.data = data_spec(
@@ -78,6 +97,7 @@ class FinetuneSettings:
             self.cache_latents = str(self.cache_latents)
         if self.teacher is not None:
             self.teacher = str(self.teacher)
+        self.validation_prompt = list(self.validation_prompt or [])
 
     def validate(self) -> None:
         checks = [  # (ok, field, what it must be, show the value given)
@@ -107,6 +127,14 @@ class FinetuneSettings:
                 "must be 0 (decode in the main process) or more",
                 True,
             ),
+            (self.validate_every >= 0, "validate_every", "must be 0 (off) or more", True),
+            (self.validation_samples >= 1, "validation_samples", "must be at least 1", True),
+            (
+                self.report_to is None or self.report_to in REPORT_TO,
+                "report_to",
+                f"must be one of {', '.join(REPORT_TO)}",
+                True,
+            ),
         ]
         for ok, name, rule, show_value in checks:
             if not ok:
@@ -114,3 +142,11 @@ class FinetuneSettings:
                 raise BadSetting(name, "{" + name + "} " + rule, got=got)
         if self.distill_weight > 0 and not self.teacher:
             raise BadSetting("distill_weight", "{distill_weight} needs {teacher} MODEL")
+        if self.report_to and not tracker_installed(self.report_to):
+            raise BadSetting(
+                "report_to",
+                "{report_to} {name} needs the {name} package (pip install {name}); or {report_to} none",
+                name=self.report_to,
+            )
+        if self.validation_prompt and not self.validate_every:
+            raise BadSetting("validation_prompt", "{validation_prompt} is used with {validate_every} N")
