@@ -50,6 +50,15 @@ MixedProtocols = Annotated[
     ),
 ]
 
+Summary = Annotated[
+    bool,
+    typer.Option(
+        "--summary",
+        help="Print only the headline, one row per model: params, MACs, measured speedup, FID, SSIM to the "
+        "first, where its samples are.",
+    ),
+]
+
 
 def compare(
     context: typer.Context,
@@ -66,6 +75,7 @@ def compare(
     guidance_scale: GuidanceScale = None,
     class_label: ClassLabels = None,
     mixed_protocols: MixedProtocols = False,
+    summary: Summary = False,
     batch_size: BatchSize = 64,
     latency_batch: LatencyBatch = 64,
     repeats: Repeats = 5,
@@ -82,7 +92,7 @@ def compare(
     same noise, prompts and labels, a grid captioned with what each column was asked for."""
     from dpcli.cli import render as out
     from dpcli.cli.common import limit_params, lock_output
-    from dpcli.cli.render.compare import render_compare
+    from dpcli.cli.render.compare import render_compare, render_compare_summary
     from dpcli.io.files import AtomicFolder, prepare_output
     from dpcli.jobs.compare import CompareSettings, write_compare_output
     from dpcli.jobs.compare import compare as run_compare
@@ -136,6 +146,8 @@ def compare(
                 write_compare_output(result, folder, final=Path(output))
         if json_output:
             out.print_json(result.to_json())
+        elif summary:
+            render_compare_summary(result.to_json())
         else:
             render_compare(result.to_json())
     finally:
