@@ -36,7 +36,7 @@ demo: $(STAMP)
 		-o $(DEMO_OUT)/scores.safetensors --plot $(DEMO_OUT)/timestep-scan.png
 	$(DP) prune builtin:ddpm-digits --scores $(DEMO_OUT)/scores.safetensors --target-macs 0.56 \
 		--yes --force -o $(DEMO_OUT)/pruned
-	$(DP) finetune $(DEMO_OUT)/pruned --data builtin:digits --steps 1000 --batch-size 64 --lr 2e-4 --warmup 30 --schedule constant --ema-decay 0.99 \
+	$(DP) finetune $(DEMO_OUT)/pruned --data builtin:digits --steps 800 --batch-size 64 --lr 4e-4 --warmup 30 --schedule cosine --ema-decay 0.99 \
 		--preview 64 --force -o $(DEMO_OUT)/finetuned
 	cp $(DEMO_OUT)/finetuned/loss.png $(DEMO_OUT)/finetune-loss.png
 	$(DP) eval builtin:ddpm-digits $(DEMO_EVAL) -o $(DEMO_OUT)/eval-original
