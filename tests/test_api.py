@@ -178,6 +178,7 @@ def test_dp_finetune_and_the_api_refuse_the_same_outputs(dp, tmp_path):
 CLI_ONLY = {
     "json_output",  # --json: how the result is printed (the API returns it)
     "yes",  # --yes: do not ask (the API never asks)
+    "summary",  # dp compare --summary: how the result is printed
 }
 
 

@@ -13,7 +13,9 @@ def default_output(model: str, suffix: str) -> Path:
 
 # Options that only the command line has: how the result is shown, whether to ask (see the parity test,
 # tests/test_api.py). ``context`` is Typer's.
-CLI_ONLY = ("context", "json_output", "yes")
+# Options about the terminal, not the job: --json and --summary choose how the result is printed, --yes
+# not to ask (the API returns its result and never asks).
+CLI_ONLY = ("context", "json_output", "summary", "yes")
 
 
 def api_keywords(command, arguments: dict) -> dict:

@@ -51,6 +51,15 @@ MixedProtocols = Annotated[
     ),
 ]
 
+Summary = Annotated[
+    bool,
+    typer.Option(
+        "--summary",
+        help="Print only the headline, one row per model: params, MACs, measured speedup, FID, SSIM to the "
+        "first, where its samples are.",
+    ),
+]
+
 
 def compare(
     context: typer.Context,
@@ -67,6 +76,7 @@ def compare(
     guidance_scale: GuidanceScale = None,
     class_label: ClassLabels = None,
     mixed_protocols: MixedProtocols = False,
+    summary: Summary = False,
     batch_size: BatchSize = 64,
     latency_batch: LatencyBatch = 64,
     repeats: Repeats = 5,
@@ -84,7 +94,7 @@ def compare(
     options = api_keywords(compare, locals())
     import dpcli
     from dpcli.cli import render as out
-    from dpcli.cli.render.compare import render_compare
+    from dpcli.cli.render.compare import render_compare, render_compare_summary
     from dpcli.cli.reporter import RichReporter
 
     with RichReporter() as reporter:
@@ -93,5 +103,7 @@ def compare(
         return
     if json_output:
         out.print_json(result.to_json())
+    elif summary:
+        render_compare_summary(result.to_json())
     else:
         render_compare(result.to_json())

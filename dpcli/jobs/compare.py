@@ -60,6 +60,7 @@ class Entry:
     clip_score: float | None = None
     protocol: dict | None = None
     protocol_note: str | None = None
+    samples_grid: str | None = None  # the report's grid of samples (reports only)
 
 
 def sampling_from_report(report: dict, base: SamplerSettings) -> SamplerSettings:
@@ -236,11 +237,18 @@ def compare_models(
                 report.get("clip_score"),
                 report.get("protocol"),
                 note,
+                report_grid(report, file),
             )
         )
     if conditions is None and read:
         conditions = conditions_from_record(read[0][0].get("protocol"), for_sampling=False)
     return compare_entries(entries, settings.num_samples, conditions)
+
+
+def report_grid(report: dict, file: Path) -> str | None:
+    """Where a dp eval report's grid of samples is (beside the report), when it is there."""
+    grid = file.parent / ((report.get("files") or {}).get("grid") or GRID_FILE)
+    return str(grid) if grid.is_file() else None
 
 
 def _same_noise(a: Entry, b: Entry) -> bool:
@@ -290,6 +298,7 @@ def compare_entries(
             "clip_score": entry.clip_score,
             "protocol": entry.protocol,
             "protocol_note": entry.protocol_note,
+            "samples_grid": entry.samples_grid,
         }
         if position > 0:
             if first.images is None or entry.images is None:
