@@ -11,10 +11,8 @@ def default_output(model: str, suffix: str) -> Path:
     return Path(f"{Path(model.rstrip('/')).name.replace(':', '-')}-{suffix}")
 
 
-# Options that only the command line has: how the result is shown, whether to ask (see the parity test,
-# tests/test_api.py). ``context`` is Typer's.
-# Options about the terminal, not the job: --json and --summary choose how the result is printed, --yes
-# not to ask (the API returns its result and never asks).
+# Options that only the command line has: how the result is shown (--json, --summary), whether to ask
+# (--yes); see the parity test, tests/test_api.py. ``context`` is Typer's.
 CLI_ONLY = ("context", "json_output", "summary", "yes")
 
 
