@@ -278,6 +278,7 @@ def prune(
     round_to: int | None = None,
     head_ratio: float | None = None,
     seed: int = 0,
+    layout: str = "free",
     **score_options: Any,
 ) -> Model:
     """Prune ``model`` IN PLACE to one of ``ratio``, ``target_macs``, ``target_params`` (as ``dp prune``)
@@ -294,7 +295,7 @@ def prune(
     from dpcli.pruning import PruneOptions
 
     model = _as_model(model)
-    settings = PruneSettings(ratio, target_macs, target_params, tolerance)
+    settings = PruneSettings(ratio, target_macs, target_params, tolerance, layout)
     validate_prune_settings(settings)
     if scores is None:
         if criterion is None:

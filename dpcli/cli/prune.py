@@ -21,6 +21,7 @@ from dpcli.cli.options import (
     ImageColumn,
     Json,
     LabelColumn,
+    Layout,
     MaxParams,
     ModelArgument,
     Output,
@@ -70,6 +71,7 @@ def prune(
     ignore: Ignore = None,
     round_to: RoundTo = None,
     head_ratio: HeadRatio = 0.0,
+    layout: Layout = "free",
     seed: Seed = 0,
     calib_size: CalibSize = None,
     batch_size: BatchSize = 256,
@@ -129,11 +131,12 @@ def prune(
         if not can_ask:
             raise BadInput("--criterion is required (or --scores FILE); see dp plugins for the choices")
         criterion = ask_criterion()
-    settings = PruneSettings(ratio, target_macs, target_params, tolerance)
+    settings = PruneSettings(ratio, target_macs, target_params, tolerance, layout)
     if ratio is None and target_macs is None and target_params is None:
         if not can_ask:
             raise BadInput("give one of --ratio, --target-macs, --target-params")
         settings = ask_target(tolerance)
+        settings.layout = layout
     validate_prune_settings(settings)
     if scores is None and data is None and can_ask and get_registry().criterion(criterion).needs_data:
         data = ask_data(criterion)
