@@ -27,6 +27,7 @@ _API = {
     "finetune": "dpcli.api",
     "evaluate": "dpcli.api",
     "export": "dpcli.api",
+    "slice": "dpcli.slicing",
     "noise_generators": "dpcli.api",
     "update_model_card": "dpcli.io.model_card",
 }
