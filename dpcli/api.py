@@ -287,7 +287,8 @@ def prune(
     ``scores`` are :func:`score`'s result or a file ``dp score`` wrote; without them, ``criterion`` and
     ``score_options`` (:func:`score`'s keyword arguments: ``data``, ``threshold``, ``calib_size``, ...) score
     the model first. ``ignore``/``round_to``/``head_ratio`` default to those the scores were computed
-    with. Keep the original with ``dpcli.load`` again: pruning changes the module.
+    with. Keep the original with ``dpcli.load`` again: pruning changes the module. ``layout="diffusers"``
+    (``dp prune --layout``) gives one width per UNet level, a config plain diffusers loads (``dpcli.layout``).
     """
     from dpcli.io.model_format import model_signature, recorded_metadata
     from dpcli.jobs.prune import PruneSettings, prune_model, pruned_metadata, validate_prune_settings

@@ -68,6 +68,15 @@ def check_supported(loaded: LoadedModel, options) -> None:
     if options.head_ratio:
         raise BadSetting("layout", "{head_ratio} is not supported with {layout} diffusers (heads are kept)")
     config = dict(loaded.model.config)
+    from dpcli.io.model_format import module_shapes
+
+    described = build(loaded.model, {k: v for k, v in config.items() if not k.startswith("_")}, "meta")
+    if module_shapes(described) != module_shapes(loaded.model):
+        raise BadSetting(
+            "layout",
+            "{layout} diffusers needs a model whose widths its config describes: this one was pruned in the "
+            "free layout (prune the original instead)",
+        )
     if config.get("time_embedding_type", "positional") != "positional":
         raise BadSetting(
             "layout",
@@ -166,7 +175,9 @@ def build(model: torch.nn.Module, config: dict, device: str | torch.device = "cp
     dtype = next(model.parameters()).dtype
     with torch.device(device):
         built = cls.from_config({k: v for k, v in config.items() if k != "_class_name"})
-    return built.to(dtype=dtype).eval()
+    if next(built.parameters()).dtype != dtype:  # (diffusers warns on every .to(dtype))
+        built = built.to(dtype=dtype)
+    return built.eval()
 
 
 @dataclass

@@ -228,9 +228,20 @@ def controlnet_samples(model, controlnet, seed: int = 0):
     ).images  # fmt: skip
 
 
+def without_effect(controlnet):
+    """A copy of ``controlnet`` whose outputs are all zero."""
+    import copy
+
+    silent = copy.deepcopy(controlnet)
+    with torch.no_grad():
+        for conv in [*silent.controlnet_down_blocks, silent.controlnet_mid_block]:
+            conv.weight.zero_()
+            conv.bias.zero_()
+    return silent
+
+
 @pytest.mark.parametrize("layout", ["free", "diffusers"])
 def test_a_controlnet_sliced_runs_with_the_pruned_pipeline(dp, built, pruned, tmp_path, layout):  # noqa: F811
-    from dpcli.metrics import ssim_psnr
     from dpcli.slicing import load_controlnet
 
     original = dpcli.load(built["sd"])
@@ -255,9 +266,10 @@ def test_a_controlnet_sliced_runs_with_the_pruned_pipeline(dp, built, pruned, tm
         original_images = controlnet_samples(original, controlnet)
     assert pruned_images.shape == original_images.shape == (2, 3, 16, 16)
     assert torch.isfinite(pruned_images).all()
-    similarity = ssim_psnr(pruned_images, original_images)["ssim"]
-    print(f"SSIM pruned ({layout}) + sliced ControlNet vs original pair: {similarity:.3f}")
-    assert -1.0 <= similarity <= 1.0
+    # the sliced ControlNet steers the pruned pipeline (how closely: benchmarks/slice_controlnet.py)
+    with torch.no_grad():
+        unsteered = controlnet_samples(model, without_effect(sliced))
+    assert not torch.allclose(pruned_images, unsteered)
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ def slice_addon_command(
     from dpcli.cli.common import default_output, lock_output
     from dpcli.slicing import slice_addon
 
-    target = Path(output) if output else default_output(str(addon), "sliced")
+    target = Path(output) if output else default_output(str(Path(addon).with_suffix("")), "sliced")
     lock_output(context, target)
     with out.stderr.status("Slicing"):
         report = slice_addon(addon, model, target, force=force).to_json()
