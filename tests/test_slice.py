@@ -307,3 +307,12 @@ def test_bad_addons_exit_2_with_one_line_and_write_nothing(dp, built, pruned, tm
     assert result.exit_code == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not out.exists()
+
+
+def test_the_python_api_slices_onto_a_loaded_pruned_model(pruned, tmp_path):
+    source = tmp_path / "lora.safetensors"
+    save_file(make_lora("kohya"), source)
+    report = dpcli.slice(source, dpcli.load(pruned["diffusers"]), tmp_path / "out").to_json()
+    assert report["layout"] == "kohya" and report["modules_sliced"] >= len(LINEAR_TARGETS) - 1
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    assert json.loads((tmp_path / "out" / "slice.json").read_text())["params_after"] == report["params_after"]
