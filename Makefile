@@ -8,7 +8,7 @@ DEMO_OUT ?= demo-output
 # Example third-party plugins: installed into the venv like any plugin, and tested by `make test`.
 PLUGINS := plugins/dpcli-obd plugins/dpcli-dit
 
-.PHONY: install demo test lint format completions bench bench-quick bench-table1 bench-gpu clean
+.PHONY: install demo test test-fast lint format completions bench bench-quick bench-table1 bench-gpu clean
 
 $(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check dpcli tests plugins
 	$(PY) -m pytest tests $(addsuffix /tests,$(PLUGINS))
+
+# The edit loop: the suite without the tests marked slow (multi-process gloo runs, killed-and-resumed
+# subprocesses, the plugin pip-install, end-to-end runs over ~10 s). `make test` runs everything.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests $(addsuffix /tests,$(PLUGINS)) -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check dpcli tests plugins

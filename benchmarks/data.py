@@ -325,7 +325,7 @@ def digits_batch_cost(batches: int = 40) -> dict:
 
     torch.set_num_threads(1)
     loaded = load_model("config:ddpm-digits")
-    adapter = loaded.adapter_object
+    adapter = loaded.adapter
     transform = ImageTransform(adapter.data_size(loaded), adapter.data_channels(loaded))
     source = open_source("builtin:digits")
     for _ in training_batches(source, transform, seed=0, batch_size=64, steps=2, workers=0):

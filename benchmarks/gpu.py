@@ -139,7 +139,7 @@ def main() -> int:
     record.update(macs_fraction=report.macs_fraction, params_after=report.params_after, trials=len(report.trials))
     pruned = work / "pruned"
     with AtomicFolder(pruned) as folder:
-        loaded.adapter_object.save(loaded, folder, pruned_metadata(report, packed, settings, PruneOptions()))
+        loaded.adapter.save(loaded, folder, pruned_metadata(report, packed, settings, PruneOptions()))
 
     # 3. finetune
     tuned = work / "tuned"

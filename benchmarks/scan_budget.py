@@ -82,7 +82,7 @@ def cifar_times(args) -> list[dict]:
     noise = torch.randn(x0.shape, generator=generator)
     rows = []
     for stride in (1, 4, 16):
-        scan = accumulate_gradients(loaded, loaded.adapter_object, x0, noise, 0.0, timesteps=args.cifar_timesteps,
+        scan = accumulate_gradients(loaded, loaded.adapter, x0, noise, 0.0, timesteps=args.cifar_timesteps,
                                     chunk=16, batch_size=64, stride=stride)
         rows.append({"stride": stride, "timesteps_scanned": len(scan.losses), "samples": scan.samples_computed,
                      "forward_passes": scan.forward_passes, "scan_seconds": scan.seconds,

@@ -74,13 +74,13 @@ class Model:
     @property
     def adapter(self) -> str:
         """The name of the adapter that handles it (``ddpm``, ``ldm``, or a plugin's)."""
-        return self.loaded.adapter
+        return self.loaded.adapter_name
 
     @property
     def record(self) -> dict | None:
         """How the model was made, as its folder's ``dpcli.json`` records it (``base``, ``pruning``,
         ``sizes``, ``history``, ``original_modules``); None for a model dp has not changed or saved."""
-        return self.loaded.pruning
+        return self.loaded.record
 
     def inspect(self, depth: int | None = None) -> dict:
         """What ``dp inspect --json`` prints: params, MACs, sample size, scheduler, per-layer rows
@@ -98,7 +98,7 @@ class Model:
         target = Path(output)
         metadata = {"extra_weights": self._extra_weights} if self._extra_weights else {}
         with output_lock(target), AtomicFolder(target, force=force) as folder:
-            self.loaded.adapter_object.save(self.loaded, folder, metadata)
+            self.loaded.adapter.save(self.loaded, folder, metadata)
         return target
 
     def pipeline(self, sampler: str = "ddim", scheduler=None):
@@ -333,7 +333,7 @@ def prune(
     else:
         options = PruneOptions(ignore=list(ignore or []), round_to=round_to, head_ratio=head_ratio or 0.0)
     report = prune_model(model.loaded, scores.job, settings, options, seed=seed)
-    model.loaded.pruning = recorded_metadata(
+    model.loaded.record = recorded_metadata(
         model.loaded, pruned_metadata(report, scores.job, settings, options)
     )
     model.report = report
@@ -457,7 +457,7 @@ def finetune(
             scratch.cleanup()
     raw = {k: v.detach().cpu().clone() for k, v in model.module.state_dict().items()}
     tuned = dataclasses.replace(model.loaded, model=result.ema_model.eval())
-    tuned.pruning = recorded_metadata(tuned, {"history": [history_entry(result.report)]})
+    tuned.record = recorded_metadata(tuned, {"history": [history_entry(result.report)]})
     finished = Model(tuned, extra_weights={"raw.safetensors": raw})
     finished.report = result.report
     return finished

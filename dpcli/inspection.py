@@ -13,7 +13,7 @@ from dpcli.io.model_format import layer_widths
 
 def macs_of(loaded: LoadedModel):
     """The MacsReport of one batch-1 forward at the native sample size, through the model's adapter."""
-    adapter = loaded.adapter_object
+    adapter = loaded.adapter
     inputs = adapter.example_inputs(loaded, batch_size=1)
     return count_macs(loaded.model, inputs, call=lambda model, *args: adapter.predict(loaded, *args))
 
@@ -38,7 +38,7 @@ def inspect_model(loaded: LoadedModel, depth: int | None = None) -> dict:
     """A JSON-ready report: summary, totals and one row per layer (or per block at ``depth``)."""
     model = loaded.model
     macs = macs_of(loaded)
-    original = (loaded.pruning or {}).get("original_modules", {})
+    original = (loaded.record or {}).get("original_modules", {})
     layers = layer_rows(loaded, macs)
     for row in layers:
         name = row["name"]
@@ -53,7 +53,7 @@ def inspect_model(loaded: LoadedModel, depth: int | None = None) -> dict:
     attention_macs = sum(r["macs"] for r in layers if "heads" in r)
     params = count_params(model)
     report = {
-        "adapter": loaded.adapter,
+        "adapter": loaded.adapter_name,
         "class": type(model).__name__,
         "source": loaded.source,
         "source_kind": loaded.source_kind,
@@ -86,16 +86,16 @@ def _scheduler_text(loaded: LoadedModel) -> str | None:
 
 
 def _pruned_summary(loaded: LoadedModel) -> dict | None:
-    if not loaded.pruning:
+    if not loaded.record:
         return None
-    pruning = loaded.pruning.get("pruning")
+    pruning = loaded.record.get("pruning")
     if not pruning:
         return None
-    sizes = loaded.pruning.get("sizes", {})
+    sizes = loaded.record.get("sizes", {})
     return {
         "criterion": pruning.get("criterion"),
         "cutoff": pruning.get("cutoff"),
-        "base": loaded.pruning.get("base", {}).get("source"),
+        "base": loaded.record.get("base", {}).get("source"),
         **sizes,
     }
 

@@ -9,14 +9,10 @@ import os
 import re
 from pathlib import Path
 
-from dpcli._deprecated import moved_names
 from dpcli.adapters.base import LoadedModel, ModelAdapter, ModelSource
-from dpcli.errors import BadInput, BadSetting
+from dpcli.errors import BadInput, BadSetting, DpError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-__getattr__ = moved_names(
-    __name__, {"load_tensor_file": "dpcli.io.weights", "TENSOR_FILE_SUFFIXES": "dpcli.io.weights"}
-)
 
 
 def resolve_source(spec: str) -> ModelSource:
@@ -86,6 +82,12 @@ def choose_adapter(source: ModelSource, name: str | None = None) -> ModelAdapter
     return scored[0][2]
 
 
+_RENAMED = (
+    "LoadedModel.adapter (the name) is now adapter_name, adapter_object is now adapter (set by dp), "
+    "pruning is now record"
+)
+
+
 def load_model(
     spec: str, adapter: str | None = None, config: Path | None = None, scheduler: Path | None = None
 ) -> LoadedModel:
@@ -98,8 +100,15 @@ def load_model(
             raise BadInput(f"{label} not found: {path}")
     source = resolve_source(spec)
     chosen = choose_adapter(source, adapter)
-    loaded = chosen.load(source, config=Path(config) if config is not None else None)
-    loaded.adapter_object = chosen
+    try:
+        loaded = chosen.load(source, config=Path(config) if config is not None else None)
+    except TypeError as exc:
+        if "LoadedModel.__init__()" not in str(exc):
+            raise
+        raise DpError(f"adapter {chosen.name!r} was written for an older dpcli ({exc}): {_RENAMED}") from None
+    if "pruning" in vars(loaded) or not isinstance(loaded.adapter_name, str):
+        raise DpError(f"adapter {chosen.name!r} was written for an older dpcli: {_RENAMED}")
+    loaded.adapter = chosen
     if scheduler is not None:
         from dpcli.io.diffusers_files import load_scheduler
 

@@ -47,12 +47,12 @@ def build_pipeline(loaded: LoadedModel, sampler: str = "ddim", scheduler=None):
         raise BadSetting(
             "scheduler", "{scheduler} must be a diffusers scheduler", got=type(scheduler).__name__
         )
-    if loaded.adapter == "ddpm":
+    if loaded.adapter_name == "ddpm":
         return _pixel_pipeline(loaded, scheduler)
-    if loaded.adapter == "ldm":
+    if loaded.adapter_name == "ldm":
         return _latent_pipeline(loaded, scheduler)
     raise BadInput(
-        f"no diffusers pipeline for models of the {loaded.adapter!r} adapter; sample them with dp eval"
+        f"no diffusers pipeline for models of the {loaded.adapter_name!r} adapter; sample them with dp eval"
     )
 
 

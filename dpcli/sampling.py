@@ -54,7 +54,7 @@ class SamplerSettings:
     batch_size: int = 64
     precision: str = "auto"
     guidance_scale: float = 1.0
-    # Conditioning by sample index: sample i gets prompts[i % P] and class_labels[i % L] (see dpcli.prompts).
+    # Conditioning by sample index: sample i gets prompts[i % P] and class_labels[i % L] (see dpcli.conditions).
     prompts: list[str] | None = None
     negative_prompt: str | None = None
     class_labels: list[int] | None = None  # None for a class-conditional model: every class in turn
@@ -64,7 +64,7 @@ class SamplerSettings:
         """A digest of the per-index conditioning (None when there is none): equal digests, equal inputs."""
         if self.prompts is None and self.negative_prompt is None and self.class_labels is None:
             return None
-        from dpcli.prompts import sha256_of_json
+        from dpcli.conditions import sha256_of_json
 
         return sha256_of_json(
             {
@@ -181,7 +181,7 @@ class Sampler:
             raise BadInput(f"{loaded.source} has no noise scheduler to sample with")
         self.loaded = loaded
         self.settings = settings
-        self.adapter = loaded.adapter_object
+        self.adapter = loaded.adapter
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.autocast_dtype = resolve_precision(settings.precision, self.device)
         self.channels_last = self.device.type == "cuda"

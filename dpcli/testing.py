@@ -75,6 +75,29 @@ def make_unet(config: dict | None = None, seed: int = 0):
         return UNet2DModel.from_config(config or TINY_UNET_CONFIG).eval()
 
 
+def tiny_loaded(seed: int = 0, config: dict | None = None):
+    """A tiny UNet2DModel (``make_unet``) as the ``ddpm`` adapter's LoadedModel, with diffusers' default
+    DDPMScheduler: for tests of scoring and pruning that need no model folder."""
+    from diffusers import DDPMScheduler
+
+    from dpcli.adapters.base import LoadedModel
+    from dpcli.plugins import get_registry
+
+    model = make_unet(config, seed=seed)
+    config = dict(model.config)
+    return LoadedModel(
+        model=model,
+        adapter_name="ddpm",
+        source="tiny",
+        source_kind="test",
+        config=config,
+        sample_size=config["sample_size"],
+        in_channels=config["in_channels"],
+        scheduler=DDPMScheduler(),
+        adapter=get_registry().adapter("ddpm"),
+    )
+
+
 def save_tiny_unet(folder: Path, config: dict | None = None, seed: int = 0) -> Path:
     """Save a tiny ``UNet2DModel`` as a diffusers model folder (config.json + safetensors); returns ``folder``."""
     folder = Path(folder)

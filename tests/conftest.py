@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny UNets built from real diffusers configs, tiny image folders, an in-process dp."""
+"""Shared fixtures (fixtures only): tiny UNets built from real diffusers configs, tiny image folders, an in-process
+dp. Helper functions live in ``dpcli.testing`` (also for plugin authors) and ``tests/helpers``."""
 
 from __future__ import annotations
 
@@ -6,10 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dpcli.testing import TINY_UNET_CONFIG as TINY_CONFIG
-from dpcli.testing import Result, invoke, make_image_folder, make_unet, run_dp_subprocess
-
-__all__ = ["TINY_CONFIG", "Result", "make_image_folder", "make_unet", "run_dp_subprocess"]
+from dpcli.testing import invoke, make_image_folder, make_unet
 
 
 @pytest.fixture(autouse=True)
@@ -51,27 +49,14 @@ def tiny_pipeline_folder(tmp_path, tiny_unet) -> Path:
 
 
 @pytest.fixture
+def pruned_folder(tmp_path, tiny_unet_folder) -> Path:
+    """``tiny_unet_folder`` pruned by half (magnitude), through the CLI."""
+    out = tmp_path / "pruned"
+    result = invoke("prune", tiny_unet_folder, "--criterion", "magnitude", "--ratio", "0.5", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "images")
-
-
-def tiny_loaded(seed: int = 0, config: dict | None = None):
-    """A tiny UNet2DModel wrapped as a LoadedModel with diffusers' default DDPMScheduler."""
-    from diffusers import DDPMScheduler
-
-    from dpcli.adapters.base import LoadedModel
-    from dpcli.plugins import get_registry
-
-    model = make_unet(config, seed=seed)
-    config = dict(model.config)
-    return LoadedModel(
-        model=model,
-        adapter="ddpm",
-        source="tiny",
-        source_kind="test",
-        config=config,
-        sample_size=config["sample_size"],
-        in_channels=config["in_channels"],
-        scheduler=DDPMScheduler(),
-        adapter_object=get_registry().adapter("ddpm"),
-    )

@@ -1,8 +1,9 @@
 """`dp compare`: models side by side from the same noise, a grid with one row per model, earlier reports."""
 
 import pytest
-from conftest import TINY_CONFIG, make_unet
 from PIL import Image
+
+from dpcli.testing import TINY_UNET_CONFIG, make_unet
 
 FAST = ["--steps", "2", "--num-samples", "3", "--no-latency"]
 MODEL_KEYS = {
@@ -30,15 +31,6 @@ MODEL_KEYS = {
     "protocol",
     "protocol_note",
 }
-
-
-@pytest.fixture
-def pruned_folder(dp, tmp_path, tiny_unet_folder):
-    out = tmp_path / "pruned"
-    assert (
-        dp("prune", tiny_unet_folder, "--criterion", "magnitude", "--ratio", "0.5", "-o", out).exit_code == 0
-    )
-    return out
 
 
 def test_three_models_side_by_side_with_one_grid_row_each(dp, tmp_path, tiny_unet_folder, pruned_folder):
@@ -110,7 +102,7 @@ def test_earlier_eval_reports_are_reused(dp, tmp_path, tiny_unet_folder, pruned_
 
 def test_bad_input_exits_2(dp, tmp_path, tiny_unet_folder):
     gray = tmp_path / "gray"
-    make_unet({**TINY_CONFIG, "in_channels": 1, "out_channels": 1}).save_pretrained(gray)
+    make_unet({**TINY_UNET_CONFIG, "in_channels": 1, "out_channels": 1}).save_pretrained(gray)
     (tmp_path / "not-a-report.json").write_text("{}")
     cases = [
         ([tiny_unet_folder], "at least two models"),

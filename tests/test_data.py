@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_folder
 
 from dpcli.data import ImageTransform, load_images, open_source, training_batches
 from dpcli.data.base import DataSpec
 from dpcli.errors import BadInput
+from dpcli.testing import make_image_folder
 
 
 def test_builtin_digits_at_16px_in_range():
@@ -140,9 +140,8 @@ def test_resumed_batches_continue_where_the_run_stopped(tmp_path):
 
 
 def test_flip_flips_about_half_the_training_images_and_never_the_calibration_batch(tmp_path):
-    from conftest import tiny_loaded
-
     from dpcli.scoring import calibration_batch
+    from dpcli.testing import tiny_loaded
 
     folder = make_image_folder(tmp_path / "images", count=8, size=16)
     batches = batches_of(str(folder), steps=25, flip=True)  # 100 samples
@@ -156,7 +155,7 @@ def test_flip_flips_about_half_the_training_images_and_never_the_calibration_bat
     assert 35 <= flipped <= 65
     assert not any(any(b.flipped) for b in batches_of(str(folder), steps=25, flip=False))
     loaded = tiny_loaded()
-    x0, _ = calibration_batch(loaded, loaded.adapter_object, str(folder), 8, seed=0)
+    x0, _ = calibration_batch(loaded, loaded.adapter, str(folder), 8, seed=0)
     chosen = torch.randperm(8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(x0, plain[chosen])
 

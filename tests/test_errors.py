@@ -63,7 +63,9 @@ def test_hints_name_the_setting_to_change(tmp_path):
     with pytest.raises(BadSetting) as caught:
         prepare_output(output, force=False)
     assert str(caught.value) == f"output folder {output} exists and is not empty (use force to replace it)"
-    assert message(caught.value) == f"output folder {output} exists and is not empty (use --force to replace it)"
+    assert (
+        message(caught.value) == f"output folder {output} exists and is not empty (use --force to replace it)"
+    )
     assert (output / "model.safetensors").read_bytes() == b"x"
 
 

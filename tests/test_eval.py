@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIG, make_image_folder, make_unet
 
 from dpcli.metrics import DIGITS, PSNR_IDENTICAL, FidComputer, data_as_uint8, load_stats
+from dpcli.testing import TINY_UNET_CONFIG, make_image_folder, make_unet
 
 FAST = ["--steps", "3", "--num-samples", "4", "--batch-size", "4", "--no-latency"]
 REPORT_KEYS = {
@@ -58,17 +58,9 @@ SAMPLING_KEYS = {
 
 
 @pytest.fixture
-def pruned_folder(dp, tmp_path, tiny_unet_folder):
-    out = tmp_path / "pruned"
-    result = dp("prune", tiny_unet_folder, "--criterion", "magnitude", "--ratio", "0.5", "-o", out)
-    assert result.exit_code == 0, result.stderr
-    return out
-
-
-@pytest.fixture
 def digits_unet_folder(tmp_path):
     folder = tmp_path / "digits-unet"
-    make_unet({**TINY_CONFIG, "in_channels": 1, "out_channels": 1}).save_pretrained(folder)
+    make_unet({**TINY_UNET_CONFIG, "in_channels": 1, "out_channels": 1}).save_pretrained(folder)
     return folder
 
 
@@ -174,7 +166,7 @@ def test_bad_input_exits_2_before_any_sampling(
 ):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     small = tmp_path / "small"
-    make_unet({**TINY_CONFIG, "sample_size": 8}).save_pretrained(small)
+    make_unet({**TINY_UNET_CONFIG, "sample_size": 8}).save_pretrained(small)
     from dpcli.metrics import FidStats, save_stats
 
     wrong_stats = tmp_path / "wrong.safetensors"

@@ -12,9 +12,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from test_ldm import (
-    HAS_TRANSFORMERS,
+from helpers.latent import (
     byte_level_tokenizer,
     cross_attention_unet,
     kl_autoencoder,
@@ -22,11 +20,10 @@ from test_ldm import (
     text_encoder,
     write_pipeline,
 )
+from safetensors.torch import load_file
 
+from dpcli.conditions import read_prompts_file
 from dpcli.errors import BadInput
-from dpcli.prompts import read_prompts_file
-
-pytestmark = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="text encoders need transformers")
 
 FAST = ["--steps", "2", "--num-samples", "4", "--batch-size", "4", "--no-latency"]
 PROTOCOL_KEYS = {

@@ -41,8 +41,7 @@ def test_onnx_export_runs_in_onnxruntime_at_any_batch_like_the_pytorch_unet(dp, 
 
 
 def test_a_pruned_text_unet_exports_with_its_text_conditioning_input(tmp_path):
-    pytest.importorskip("transformers")
-    from test_ldm import (
+    from helpers.latent import (
         byte_level_tokenizer,
         cross_attention_unet,
         kl_autoencoder,

@@ -10,27 +10,22 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIG
+from helpers.processes import assert_same_weights, one_thread, popen_dp, wait_for
 from safetensors.torch import load_file, save_file
 
 from dpcli.jobs.finetune.checkpoints import verify_checkpoint
-
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+from dpcli.testing import TINY_UNET_CONFIG
 
 
 @pytest.fixture(autouse=True)
 def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 def finetune_args(model, data, out, *extra, steps=8, every=2, keep=3):
@@ -38,24 +33,6 @@ def finetune_args(model, data, out, *extra, steps=8, every=2, keep=3):
         "finetune", model, "--data", data, "--steps", steps, "--batch-size", 2, "--lr", "1e-3",
         "--checkpoint-every", every, "--keep-checkpoints", keep, "-o", out, *extra,
     ]  # fmt: skip
-
-
-def popen_dp(*args) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dpcli", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=SUBPROCESS_ENV,
-    )
-
-
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, f"dp exited early: {process.communicate()[1]}"
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.01)
 
 
 def one_error_line(result, code: int) -> str:
@@ -89,12 +66,6 @@ def final_weights(out: Path) -> dict:
     return load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """A tiny model, its training images and a plain 8-step fine-tune of it: the run faults must not change."""
@@ -115,6 +86,7 @@ def uninterrupted(tmp_path_factory):
 # A run killed at any moment ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_is_bit_exact(dp, tmp_path, uninterrupted):
     model, images, plain = uninterrupted
     out = tmp_path / "killed"
@@ -178,6 +150,7 @@ def test_resume_refuses_when_no_checkpoint_is_intact(dp, tmp_path, uninterrupted
 # Two writers, one output ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_writer_of_a_live_output_exits_2_naming_the_holder_even_with_force(
     dp, tmp_path, uninterrupted
 ):
@@ -312,7 +285,7 @@ def test_disk_full_at_every_write_point_leaves_outputs_untouched(
 
 def test_an_oversized_config_is_refused_before_allocation(dp, tmp_path):
     config = {
-        **TINY_CONFIG,
+        **TINY_UNET_CONFIG,
         "_class_name": "UNet2DModel",
         "block_out_channels": [16384, 16384],
         "down_block_types": ["DownBlock2D", "DownBlock2D"],
@@ -324,7 +297,7 @@ def test_an_oversized_config_is_refused_before_allocation(dp, tmp_path):
 
 
 def test_max_params_guards_configs_from_outside(dp, tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({**TINY_CONFIG, "_class_name": "UNet2DModel"}))
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_UNET_CONFIG, "_class_name": "UNet2DModel"}))
     line = one_error_line(dp("inspect", tmp_path / "config.json", "--max-params", 1000), 2)
     assert "more than the limit of 1,000" in line
     assert dp("inspect", tmp_path / "config.json", "--max-params", 10**8).exit_code == 0

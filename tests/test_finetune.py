@@ -1,33 +1,26 @@
-"""`dp finetune`: it learns, resumes exactly after SIGKILL, stops cleanly on Ctrl-C, runs data-parallel
+"""`dp finetune`: it learns, stops cleanly on Ctrl-C (resuming after SIGKILL: test_faults.py), runs data-parallel
 with the same result, writes only safe files, and refuses bad input with exit code 2."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, make_image_folder, make_unet
+from helpers.processes import SUBPROCESS_ENV, assert_same_weights, one_thread, popen_dp, wait_for
 from safetensors.torch import load_file
 
 from dpcli.loading import load_model
-
-# One thread everywhere (here and in the subprocesses): runs stay comparable bit for bit, and tiny models
-# are faster single-threaded on a shared 2-core machine anyway.
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+from dpcli.testing import TINY_UNET_CONFIG, make_image_folder, make_unet
 
 
 @pytest.fixture(autouse=True)
 def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 def finetune_args(model, data, out, *extra, steps=6, batch=2, checkpoint_every=2):
@@ -54,30 +47,6 @@ def finetune_args(model, data, out, *extra, steps=6, batch=2, checkpoint_every=2
 
 def weights(folder: Path, name: str = "diffusion_pytorch_model.safetensors") -> dict:
     return load_file(str(folder / "unet" / name))
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-def popen_dp(*args) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dpcli", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=SUBPROCESS_ENV,
-    )
-
-
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, f"dp exited early: {process.communicate()[1]}"
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.01)
 
 
 def test_a_few_steps_lower_the_loss_and_the_result_is_a_model_every_command_takes(
@@ -113,29 +82,7 @@ def test_a_few_steps_lower_the_loss_and_the_result_is_a_model_every_command_take
             assert json.loads(path.read_text())["format"] == "dpcli-checkpoint"
 
 
-def test_sigkill_then_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
-    dp, tmp_path, tiny_unet_folder, image_folder
-):
-    steps = 16
-    plain = tmp_path / "plain"
-    assert dp(*finetune_args(tiny_unet_folder, image_folder, plain, steps=steps)).exit_code == 0
-    killed = tmp_path / "killed"
-    process = popen_dp(*finetune_args(tiny_unet_folder, image_folder, killed, steps=steps))
-    wait_for(killed / "checkpoints" / "step-00000004", process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    assert not (killed / "dpcli.json").exists(), "model files appear only at the end"
-    result = dp(*finetune_args(tiny_unet_folder, image_folder, killed, "--resume", "--json", steps=steps))
-    assert result.exit_code == 0, result.stderr
-    assert result.json["resumed_from"] >= 4
-    assert_same_weights(weights(plain), weights(killed))
-    assert_same_weights(weights(plain, "raw.safetensors"), weights(killed, "raw.safetensors"))
-    plain_history = json.loads((plain / "dpcli.json").read_text())["history"][-1]
-    resumed_history = json.loads((killed / "dpcli.json").read_text())["history"][-1]
-    assert plain_history["final_loss"] == resumed_history["final_loss"]
-
-
+@pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_then_stops(tmp_path, tiny_unet_folder, image_folder):
     out = tmp_path / "out"
     process = popen_dp(*finetune_args(tiny_unet_folder, image_folder, out, steps=400))
@@ -209,6 +156,7 @@ def assert_equivalent_runs(a: Path, b: Path, steps: int) -> None:
         assert beyond_rounding < 1e-3, (name, beyond_rounding)
 
 
+@pytest.mark.slow
 def test_two_processes_with_gloo_equal_one_process_with_the_same_global_batch(
     dp, tmp_path, tiny_unet_folder, image_folder
 ):
@@ -262,7 +210,7 @@ def test_distillation_from_a_teacher_and_reinit(dp, tmp_path, tiny_unet_folder, 
 @pytest.fixture
 def other_model_folder(tmp_path) -> Path:
     folder = tmp_path / "other"
-    make_unet({**TINY_CONFIG, "block_out_channels": [16, 32]}).save_pretrained(folder)
+    make_unet({**TINY_UNET_CONFIG, "block_out_channels": [16, 32]}).save_pretrained(folder)
     return folder
 
 
@@ -286,7 +234,7 @@ def test_bad_input_exits_2(dp, tmp_path, tiny_unet_folder, image_folder, other_m
     )
     fails("finetune", tiny_unet_folder, "--steps", "2", "-o", out, message="--data is required")
     wide_teacher = tmp_path / "wide-teacher"
-    make_unet({**TINY_CONFIG, "out_channels": 6}).save_pretrained(wide_teacher)
+    make_unet({**TINY_UNET_CONFIG, "out_channels": 6}).save_pretrained(wide_teacher)
     fails(
         *finetune_args(tiny_unet_folder, image_folder, out, "--teacher", wide_teacher),
         message="same output shape",
@@ -312,7 +260,7 @@ def test_builtin_digits_model_is_trained_and_config_stays_random(dp):
     trained = load_model("builtin:ddpm-digits")
     untrained = load_model("config:ddpm-digits")
     assert module_shapes(trained.model) == module_shapes(untrained.model)
-    assert trained.pruning["history"][-1]["step"] == "finetune"
+    assert trained.record["history"][-1]["step"] == "finetune"
     # The trained model predicts the noise on real digits far better than random weights do.
     x0 = load_images("builtin:digits", size=16, channels=1, limit=32)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))

@@ -5,8 +5,9 @@ import pickle
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, make_unet, run_dp_subprocess
 from safetensors.torch import save_file
+
+from dpcli.testing import TINY_UNET_CONFIG, make_unet, run_dp_subprocess
 
 
 def test_cifar10_config_matches_the_paper_model(dp):
@@ -49,7 +50,7 @@ def test_single_files_in_diffusers_layout(dp, tmp_path, tiny_unet):
     save_file(state, tmp_path / "unet.safetensors")
     torch.save(state, tmp_path / "unet.pt")
     config = tmp_path / "config.json"
-    config.write_text(json.dumps(TINY_CONFIG))
+    config.write_text(json.dumps(TINY_UNET_CONFIG))
     for name in ("unet.safetensors", "unet.pt"):
         report = dp("inspect", tmp_path / name, "--config", config, "--json")
         assert report.exit_code == 0, report.stderr
@@ -156,7 +157,7 @@ def test_original_ddpm_layout_checkpoint_is_converted(dp, tmp_path, tiny_unet):
     original = diffusers_to_original(tiny_unet.state_dict(), dict(tiny_unet.config))
     torch.save({k: v.clone() for k, v in original.items()}, tmp_path / "model.ckpt")
     config = tmp_path / "config.json"
-    config.write_text(json.dumps(TINY_CONFIG))
+    config.write_text(json.dumps(TINY_UNET_CONFIG))
     report = dp("inspect", tmp_path / "model.ckpt", "--config", config, "--json")
     assert report.exit_code == 0, report.stderr
     assert report.json["source_kind"] == "single file, original DDPM layout"

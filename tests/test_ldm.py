@@ -2,162 +2,40 @@
 
 Every model here is a tiny random-init build of the real diffusers / transformers classes (VQModel,
 AutoencoderKL, UNet2DModel, UNet2DConditionModel, CLIPTextModel) with a byte-level CLIP tokenizer written
-by the test; CompVis single files are made from them with dpcli's diffusers → CompVis mapping.
+in tests/helpers (latent.py); CompVis single files are made from them by helpers/compvis.py.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_folder
+from helpers.compvis import (
+    UNET_PREFIX,
+    clip_to_compvis,
+    compvis_checkpoint,
+    open_clip_to_compvis,
+    unet_to_compvis,
+    vae_to_compvis,
+)
+from helpers.latent import (
+    CROSS_WIDTH,
+    TOKENS,
+    byte_level_tokenizer,
+    cross_attention_unet,
+    kl_autoencoder,
+    latent_unet2d,
+    text_encoder,
+    vq_autoencoder,
+    write_pipeline,
+)
 
 from dpcli.adapters.base import ModelSource
 from dpcli.errors import BadInput
 from dpcli.loading import load_model
 from dpcli.plugins import get_registry
-
-try:
-    import transformers  # noqa: F401
-
-    HAS_TRANSFORMERS = True
-except ImportError:
-    HAS_TRANSFORMERS = False
-needs_transformers = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="text encoders need transformers")
-
-CROSS_WIDTH = 64  # text hidden size = cross-attention width (one 64-wide head, like CLIP's)
-TOKENS = 8
-
-
-def byte_level_tokenizer(folder: Path, max_length: int = TOKENS):
-    """A CLIP tokenizer with CLIP's byte alphabet and no merges, written offline."""
-    from transformers import CLIPTokenizer
-
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    characters = [chr(c) for c in printable + [256 + i for i in range(256 - len(printable))]]
-    vocab = {c: i for i, c in enumerate(characters)}
-    vocab.update({c + "</w>": len(characters) + i for i, c in enumerate(characters)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
-
-
-def text_encoder(vocab: int, act: str = "quick_gelu", layers: int = 2, seed: int = 0):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=vocab,
-        hidden_size=CROSS_WIDTH,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=1,
-        max_position_embeddings=TOKENS,
-        hidden_act=act,
-        bos_token_id=vocab - 2,
-        eos_token_id=vocab - 1,
-        pad_token_id=vocab - 1,
-    )
-    return CLIPTextModel(config).eval()
-
-
-def kl_autoencoder(groups: int = 4, widths=(8, 16), seed: int = 0):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=widths,
-        down_block_types=("DownEncoderBlock2D",) * len(widths),
-        up_block_types=("UpDecoderBlock2D",) * len(widths),
-        latent_channels=4,
-        norm_num_groups=groups,
-        layers_per_block=1,
-        sample_size=16,
-    ).eval()
-
-
-def vq_autoencoder(groups: int = 4, widths=(8, 16), seed: int = 0):
-    from diffusers import VQModel
-
-    torch.manual_seed(seed)
-    return VQModel(
-        block_out_channels=widths,
-        down_block_types=("DownEncoderBlock2D",) * len(widths),
-        up_block_types=("UpDecoderBlock2D",) * len(widths),
-        latent_channels=3,
-        num_vq_embeddings=16,
-        vq_embed_dim=3,
-        norm_num_groups=groups,
-        layers_per_block=1,
-        sample_size=16,
-        scaling_factor=1.0,
-    ).eval()
-
-
-def cross_attention_unet(groups: int = 8, seed: int = 0, **overrides):
-    """SD layout in miniature: cross-attention at the first level, 4 heads, GEGLU feed-forward."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    config = {
-        "sample_size": 8,
-        "in_channels": 4,
-        "out_channels": 4,
-        "block_out_channels": (32, 64),
-        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-        "cross_attention_dim": CROSS_WIDTH,
-        "attention_head_dim": 4,
-        "layers_per_block": 1,
-        "norm_num_groups": groups,
-        **overrides,
-    }
-    return UNet2DConditionModel(**config).eval()
-
-
-def latent_unet2d(in_channels: int = 3, num_class_embeds: int | None = None, seed: int = 0):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=8,
-        attention_head_dim=16,
-        num_class_embeds=num_class_embeds,
-    ).eval()
-
-
-def write_pipeline(folder: Path, unet, vae, vae_key="vae", text=None, tokenizer=None, scheduler=None) -> Path:
-    """A diffusers pipeline folder: each component saved with save_pretrained, plus model_index.json."""
-    from diffusers import DDIMScheduler
-
-    scheduler = scheduler or DDIMScheduler(clip_sample=False, set_alpha_to_one=False)
-    index = {"_class_name": "StableDiffusionPipeline" if text is not None else "LDMPipeline"}
-    parts = {"unet": unet, vae_key: vae, "text_encoder": text, "tokenizer": tokenizer}
-    for name, component in parts.items():
-        if component is not None:
-            component.save_pretrained(folder / name)
-            library = "transformers" if type(component).__module__.startswith("transformers") else "diffusers"
-            index[name] = [library, type(component).__name__]
-    scheduler.save_config(folder / "scheduler")
-    index["scheduler"] = ["diffusers", type(scheduler).__name__]
-    (folder / "model_index.json").write_text(json.dumps(index))
-    return folder
+from dpcli.testing import make_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -179,22 +57,21 @@ def built(tmp_path_factory):
     )
     made["images"] = images
     made["plain_images"] = make_image_folder(root / "plain", count=4, size=20)
-    if HAS_TRANSFORMERS:
-        tokenizer = byte_level_tokenizer(root / "tokenizer-files")
-        made["tokenizer"] = tokenizer
-        made["sd"] = write_pipeline(
-            root / "sd",
-            cross_attention_unet(),
-            kl_autoencoder(),
-            text=text_encoder(len(tokenizer)),
-            tokenizer=tokenizer,
-        )
+    tokenizer = byte_level_tokenizer(root / "tokenizer-files")
+    made["tokenizer"] = tokenizer
+    made["sd"] = write_pipeline(
+        root / "sd",
+        cross_attention_unet(),
+        kl_autoencoder(),
+        text=text_encoder(len(tokenizer)),
+        tokenizer=tokenizer,
+    )
     return made
 
 
 def forward(loaded, batch: int = 2, seed: int = 3):
     """One prediction of ``loaded`` with its adapter, on fixed inputs of its own shapes."""
-    adapter = get_registry().adapter(loaded.adapter)
+    adapter = get_registry().adapter(loaded.adapter_name)
     inputs = adapter.example_inputs(loaded, batch_size=batch)
     generator = torch.Generator().manual_seed(seed)
     sample = torch.randn(inputs[0].shape, generator=generator)
@@ -209,20 +86,20 @@ def test_latent_pipelines_go_to_ldm_and_pixel_ones_stay_with_ddpm(
 ):
     registry = get_registry()
     ldm, ddpm = registry.adapter("ldm"), registry.adapter("ddpm")
-    for name in ("vq", "class") + (("sd",) if HAS_TRANSFORMERS else ()):
+    for name in ("vq", "class", "sd"):
         source = ModelSource(spec=name, kind="folder", path=built[name])
         assert ldm.detect(source) >= 0.9 and ddpm.detect(source) == 0.0, name
     for folder in (tiny_pipeline_folder, tiny_unet_folder):
         source = ModelSource(spec=str(folder), kind="folder", path=folder)
         assert ldm.detect(source) == 0.0 and ddpm.detect(source) > 0.5
-    assert load_model(str(built["vq"])).adapter == "ldm"
+    assert load_model(str(built["vq"])).adapter_name == "ldm"
     assert get_registry().usable("adapter")["ldm"].plugin.builtin
 
 
 def test_hub_id_of_a_latent_pipeline_through_the_local_cache(built, tmp_path):
     import shutil
 
-    from conftest import run_dp_subprocess
+    from dpcli.testing import run_dp_subprocess
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--example--tiny-ldm"
@@ -250,7 +127,6 @@ def test_inspect_shows_latent_size_and_components(dp, built):
     assert "VQModel" in table.stdout and "down_blocks.1.attentions.0.to_q" in table.stdout
 
 
-@needs_transformers
 def test_inspect_text_pipeline_lists_autoencoder_and_text_encoder_separately(dp, built):
     report = dp("inspect", built["sd"], "--json").json
     components = {c["name"]: c for c in report["components"]}
@@ -262,7 +138,6 @@ def test_inspect_text_pipeline_lists_autoencoder_and_text_encoder_separately(dp,
 
 
 # Scoring and pruning ----------------------------------------------------------------------------------
-@needs_transformers
 def test_text_pipeline_prunes_through_the_cli_into_a_loadable_pipeline_folder(dp, built, tmp_path):
     out = tmp_path / "pruned"
     result = dp(
@@ -300,7 +175,6 @@ def test_text_pipeline_prunes_through_the_cli_into_a_loadable_pipeline_folder(dp
     assert again.exit_code == 0, again.stderr
 
 
-@needs_transformers
 def test_pruned_text_model_reloads_with_identical_outputs(built, tmp_path):
     from dpcli.jobs.prune import PruneSettings, prune_model, pruned_metadata
     from dpcli.jobs.score import ScoreSettings, compute_scores
@@ -314,12 +188,10 @@ def test_pruned_text_model_reloads_with_identical_outputs(built, tmp_path):
     scores = compute_scores(loaded, settings)
     prune_settings = PruneSettings(ratio=0.4)
     report = prune_model(loaded, scores, prune_settings, options)
-    loaded.adapter_object.save(
-        loaded, tmp_path / "out", pruned_metadata(report, scores, prune_settings, options)
-    )
+    loaded.adapter.save(loaded, tmp_path / "out", pruned_metadata(report, scores, prune_settings, options))
     reloaded = load_model(str(tmp_path / "out"))
     assert torch.equal(forward(loaded), forward(reloaded))
-    adapter = loaded.adapter_object
+    adapter = loaded.adapter
     prompts = {"prompt": ["a cat", "a dog"]}
     first = adapter.sampling_conditioning(loaded, 2, **prompts)
     second = adapter.sampling_conditioning(reloaded, 2, **prompts)
@@ -328,7 +200,6 @@ def test_pruned_text_model_reloads_with_identical_outputs(built, tmp_path):
     assert torch.equal(adapter.decode(loaded, latents), adapter.decode(reloaded, latents))
 
 
-@needs_transformers
 def test_calibration_prompt_captions_and_empty_prompt(built):
     from dpcli.scoring import calibration_batch
 
@@ -451,7 +322,6 @@ def expected_batches(data, steps: int, batch: int, flip: bool = False):
     )
 
 
-@needs_transformers
 def test_text_finetune_encodes_the_captions_of_the_images_it_trains_on(dp, built, tmp_path, monkeypatch):
     from dpcli.adapters.latent import hooks
 
@@ -575,7 +445,6 @@ def test_sampling_hooks_give_images_of_the_pixel_size(built):
         ddim_loop(labelled, 1, class_labels=5)
 
 
-@needs_transformers
 def test_text_sampling_with_classifier_free_guidance(built):
     loaded = load_model(str(built["sd"]))
     images = ddim_loop(loaded, 2, guidance=5.0, prompt="a red square")
@@ -594,143 +463,14 @@ def test_text_sampling_with_classifier_free_guidance(built):
     assert torch.allclose(guided, negative + 4.0 * (positive - negative), atol=1e-5)
 
 
-# CompVis single files ---------------------------------------------------------------------------------
-def compvis_yaml(kind: str, unet_config: dict, vae_config: dict, vq: bool = False, **params) -> str:
-    """The training YAML of a CompVis LatentDiffusion model with the tiny models' architecture."""
-    import yaml
-
-    widths = list(unet_config["block_out_channels"])
-    attention = [2**i for i, name in enumerate(unet_config["down_block_types"]) if "CrossAttn" in name]
-    unet = {
-        "image_size": unet_config["sample_size"],
-        "in_channels": unet_config["in_channels"],
-        "out_channels": unet_config["out_channels"],
-        "model_channels": widths[0],
-        "attention_resolutions": attention,
-        "num_res_blocks": unet_config["layers_per_block"],
-        "channel_mult": [w // widths[0] for w in widths],
-        "num_heads": unet_config["attention_head_dim"],
-        "use_spatial_transformer": True,
-        "transformer_depth": 1,
-        "context_dim": unet_config["cross_attention_dim"],
-        "legacy": False,
-    }
-    vae_widths = list(vae_config["block_out_channels"])
-    ddconfig = {
-        "double_z": not vq,
-        "z_channels": vae_config["latent_channels"],
-        "resolution": 16,
-        "in_channels": 3,
-        "out_ch": 3,
-        "ch": vae_widths[0],
-        "ch_mult": [w // vae_widths[0] for w in vae_widths],
-        "num_res_blocks": vae_config["layers_per_block"],
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    }
-    first_stage = {
-        "target": "ldm.models.autoencoder.AutoencoderKL",
-        "params": {"embed_dim": 4, "ddconfig": ddconfig},
-    }
-    if vq:
-        first_stage = {
-            "target": "ldm.models.autoencoder.VQModelInterface",
-            "params": {
-                "embed_dim": vae_config["vq_embed_dim"],
-                "n_embed": vae_config["num_vq_embeddings"],
-                "ddconfig": ddconfig,
-            },
-        }
-    targets = {
-        "clip": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
-        "open_clip": {
-            "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-            "params": {"freeze": True, "layer": "penultimate"},
-        },
-        "class": {
-            "target": "ldm.modules.encoders.modules.ClassEmbedder",
-            "params": {"n_classes": 5, "embed_dim": 64},
-        },
-    }
-    model = {
-        "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-        "params": {
-            "linear_start": 0.00085,
-            "linear_end": 0.012,
-            "timesteps": 1000,
-            "image_size": unet_config["sample_size"],
-            "channels": unet_config["in_channels"],
-            "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
-            "first_stage_config": first_stage,
-            "cond_stage_config": targets[kind],
-            **params,
-        },
-    }
-    return yaml.safe_dump({"model": model})
-
-
-def compvis_checkpoint(folder: Path, kind: str, suffix: str = ".ckpt", **params):
-    """A CompVis-layout checkpoint (+ config.yaml, + tokenizer/) made from tiny diffusers models."""
-    from dpcli.adapters import compvis
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vq = kind == "class"
-    channels = 3 if vq else 4
-    unet = cross_attention_unet(
-        groups=32, in_channels=channels, out_channels=channels
-    )  # CompVis: GroupNorm(32)
-    vae = vq_autoencoder(groups=32, widths=(32, 64)) if vq else kl_autoencoder(groups=32, widths=(32, 64))
-    state = {
-        **compvis.unet_to_compvis(unet.state_dict(), unet.config),
-        **compvis.vae_to_compvis(vae.state_dict(), vae.config),
-    }
-    parts = {"unet": unet, "vae": vae}
-    if kind in ("clip", "open_clip"):
-        tokenizer = byte_level_tokenizer(folder / "tokenizer-files")
-        tokenizer.save_pretrained(folder / "tokenizer")
-        layers = 2
-        text = text_encoder(len(tokenizer), act="quick_gelu" if kind == "clip" else "gelu", layers=layers)
-        parts["text_encoder"] = text
-        if kind == "clip":
-            state.update(compvis.clip_to_compvis(text.state_dict()))
-        else:
-            weights = compvis.open_clip_to_compvis(text.state_dict())
-            prefix = f"{compvis.OPEN_CLIP_PREFIX}transformer.resblocks."
-            # SD 2.x runs OpenCLIP up to its penultimate layer: the file holds one layer more.
-            weights.update({k.replace(f"{prefix}{layers - 1}.", f"{prefix}{layers}."): v.clone() + 1
-                            for k, v in weights.items() if k.startswith(f"{prefix}{layers - 1}.")})  # fmt: skip
-            state.update(weights)
-    if kind == "class":
-        torch.manual_seed(1)
-        table = torch.nn.Embedding(5, CROSS_WIDTH)
-        parts["class_embedder"] = table
-        state[f"{compvis.COND_PREFIX}embedding.weight"] = table.weight.detach().clone()
-    vae_config = dict(vae.config)
-    (folder / "config.yaml").write_text(
-        compvis_yaml(
-            kind, dict(unet.config), vae_config, vq=vq, scale_factor=0.18215 if not vq else 1.0, **params
-        )
-    )
-    path = folder / f"model{suffix}"
-    if suffix == ".ckpt":
-        torch.save({"state_dict": state, "global_step": 10}, path)  # the Lightning checkpoint layout
-    else:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return path, parts
-
-
 def test_compvis_key_mapping_round_trips_both_ways():
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-
-    from dpcli.adapters import compvis
 
     unet = cross_attention_unet(groups=32, layers_per_block=2)
     config = dict(unet.config)
     original = unet.state_dict()
-    keys = compvis.unet_to_compvis(original, config)
-    prefix = compvis.UNET_PREFIX
+    keys = unet_to_compvis(original, config)
+    prefix = UNET_PREFIX
     for name in (
         "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",  # CrossAttnDownBlock2D
         "input_blocks.3.0.op.weight",  # its downsampler
@@ -747,7 +487,7 @@ def test_compvis_key_mapping_round_trips_both_ways():
 
     for vae in (kl_autoencoder(groups=32, widths=(32, 64)), vq_autoencoder(groups=32, widths=(32, 64))):
         weights = vae.state_dict()
-        keys = compvis.vae_to_compvis(weights, vae.config)
+        keys = vae_to_compvis(weights, vae.config)
         assert keys["first_stage_model.encoder.mid.attn_1.q.weight"].dim() == 4
         assert "first_stage_model.decoder.up.1.upsample.conv.weight" in keys
         back = convert_ldm_vae_checkpoint(keys, dict(vae.config))
@@ -757,13 +497,12 @@ def test_compvis_key_mapping_round_trips_both_ways():
         assert back.keys() == weights.keys() and all(torch.equal(back[k], weights[k]) for k in weights)
 
 
-@needs_transformers
 @pytest.mark.parametrize("kind", ["clip", "open_clip"])
 def test_compvis_text_encoder_mapping_round_trips(kind):
     from dpcli.adapters import compvis
 
     text = text_encoder(300, act="quick_gelu" if kind == "clip" else "gelu")
-    to_compvis = compvis.clip_to_compvis if kind == "clip" else compvis.open_clip_to_compvis
+    to_compvis = clip_to_compvis if kind == "clip" else open_clip_to_compvis
     keys = to_compvis(text.state_dict())
     original = {"model": {"params": {"cond_stage_config": {"params": {"layer": "last"}}}}}
     back = compvis.text_encoder_from_compvis(keys, kind, original, CROSS_WIDTH)
@@ -773,7 +512,6 @@ def test_compvis_text_encoder_mapping_round_trips(kind):
     assert back.keys() == own.keys() and all(torch.equal(back[k], own[k]) for k in own)
 
 
-@needs_transformers
 def test_compvis_stable_diffusion_checkpoint_loads_identically_and_inspects(dp, tmp_path):
     path, parts = compvis_checkpoint(tmp_path / "sd1", "clip")
     result = dp("inspect", path, "--json")
@@ -809,7 +547,6 @@ def test_compvis_stable_diffusion_checkpoint_loads_identically_and_inspects(dp, 
         )
 
 
-@needs_transformers
 def test_compvis_sd2_layout_with_v_prediction_scores_with_a_prompt(dp, tmp_path, built):
     path, parts = compvis_checkpoint(
         tmp_path / "sd2", "open_clip", suffix=".safetensors", parameterization="v"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_ldm import (
+from helpers.latent import (
     byte_level_tokenizer,
     cross_attention_unet,
     kl_autoencoder,
@@ -72,7 +72,6 @@ def test_an_unconditional_latent_unet_gives_an_ldm_pipeline_with_dp_evals_images
 
 
 def test_a_pruned_text_unet_gives_a_stable_diffusion_pipeline_with_dp_evals_images(dp, tmp_path):
-    pytest.importorskip("transformers")
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     tokenizer = byte_level_tokenizer(tmp_path / "tokenizer-files")

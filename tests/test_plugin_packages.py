@@ -18,6 +18,9 @@ import pytest
 
 from dpcli.testing import Result, make_image_folder, save_tiny_unet
 
+# pip-installs six packages into a temporary folder, then runs dp in fresh interpreters.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 MISBEHAVING = ["dpcli-broken-import", "dpcli-raising-hook", "dpcli-taken-name", "dpcli-twin"]
 EXAMPLES = ["dpcli-obd", "dpcli-dit"]

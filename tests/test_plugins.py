@@ -8,6 +8,7 @@ from dpcli import plugins
 from dpcli.adapters.base import ModelAdapter
 from dpcli.errors import BadInput
 from dpcli.hookspecs import hookimpl
+from dpcli.testing import run_dp
 
 
 class ToyAdapter(ModelAdapter):
@@ -105,7 +106,7 @@ def test_disable_env_var_skips_third_party(monkeypatch):
 
 def test_name_taken_from_builtin_is_rejected_naming_both():
     registry = plugins.load_registry(extra_plugins=[("impostor", plugin_registering("ddpm"))])
-    assert registry.adapters["ddpm"].__class__.__name__ == "DDPMAdapter"
+    assert type(registry.adapters["ddpm"].implementation).__name__ == "DDPMAdapter"
     rejected = [r for r in registry.registrations if r.status == "rejected"]
     assert len(rejected) == 1 and "impostor" in rejected[0].error and "dpcli" in rejected[0].error
 
@@ -173,55 +174,70 @@ class RaisingSharedPlugin:
         raise RuntimeError("boom after claiming 'shared'")
 
 
-def test_plugin_with_the_old_method_names_still_works_and_warns(tmp_path):
-    from dpcli.adapters.base import BatchContext
-    from dpcli.adapters.ddpm import DDPMAdapter
-    from dpcli.criteria.builtin import DiffTaylor
-    from dpcli.testing import make_image_folder, run_dp, save_tiny_unet
-
-    calls = []
-    with pytest.warns(DeprecationWarning) as caught:
-
-        class OldCriterion(DiffTaylor):
-            name = "old-taylor"
-
-            def after_pruning(self, model, seed):
-                calls.append(("criterion.after_pruning", seed))
-
-        class OldAdapter(DDPMAdapter):
-            name = "old-ddpm"
-
-            def prepare_calibration(self, loaded, images, files=None):
-                calls.append(("prepare_calibration", len(files)))
-                return super().prepare_batch(loaded, images, BatchContext())
-
-            def after_pruning(self, loaded, pruner):
-                calls.append(("adapter.after_pruning",))
-                super().fix_pruned_modules(loaded, pruner)
-
-    warned = " ".join(str(warning.message) for warning in caught)
-    for old in ("after_pruning", "prepare_calibration"):
-        assert f"{old} is deprecated" in warned
-
+def plugin_with(adapter):
     class Plugin:
         @staticmethod
         @hookimpl
-        def dpcli_register_criteria(register):
-            register(OldCriterion())
-
-        @staticmethod
-        @hookimpl
         def dpcli_register_adapters(register):
-            register(OldAdapter())
+            register(adapter)
+
+    return Plugin()
+
+
+def test_an_adapter_built_on_the_old_loaded_model_fields_is_refused_with_one_line(tmp_path):
+    from dpcli.adapters.base import LoadedModel, ModelAdapter
+    from dpcli.testing import make_unet
+
+    class OldFields(ModelAdapter):  # LoadedModel(adapter=NAME, pruning=...) as before the renames
+        name = "old-fields"
+
+        def load(self, source, config=None):
+            model = make_unet()
+            return LoadedModel(model=model, adapter=self.name, source=source.spec, source_kind="test",
+                               config=dict(model.config), sample_size=16, in_channels=3, pruning=None)  # fmt: skip
+
+    result = run_dp(
+        "inspect", "config:ddpm-digits", "--adapter", "old-fields", plugins=[plugin_with(OldFields())]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "adapter 'old-fields' was written for an older dpcli" in line and "now adapter_name" in line
+
+
+def test_an_adapter_with_the_old_sampling_signature_still_samples(tmp_path):
+    from dpcli.adapters.unet2d import DDPMAdapter
+    from dpcli.testing import save_tiny_unet
+
+    seen = []
+
+    class OldSampling(DDPMAdapter):  # `generator` was always given a list of generators, positionally
+        name = "old-sampling"
+
+        def sampling_conditioning(self, loaded, batch_size, generator=None, **options):
+            seen.append(len(generator))
+            return None
 
     model = save_tiny_unet(tmp_path / "unet")
-    images = make_image_folder(tmp_path / "images")
-    args = ["--adapter", "old-ddpm", "--criterion", "old-taylor", "--data", images]
-    args += ["--calib-size", "4", "--timesteps", "10"]
-    pruning = ["--ratio", "0.3", "--seed", "7", "-o", tmp_path / "out", "--json"]
-    result = run_dp("prune", model, *args, *pruning, plugins=[Plugin()])
+    args = [
+        "--adapter",
+        "old-sampling",
+        "--num-samples",
+        "2",
+        "--steps",
+        "2",
+        "--no-latency",
+        "-o",
+        tmp_path / "e",
+    ]
+    result = run_dp("eval", model, *args, plugins=[plugin_with(OldSampling())])
     assert result.exit_code == 0, result.stderr
-    assert ("prepare_calibration", 4) in calls and ("criterion.after_pruning", 7) in calls
-    assert ("adapter.after_pruning",) in calls
-    refused = run_dp("score", model, *args, "--prompt", "a cat", plugins=[Plugin()])
-    assert refused.exit_code == 2 and "--prompt is not supported by the old-ddpm adapter" in refused.stderr
+    assert seen == [2]
+
+
+def test_a_lazy_adapter_whose_class_cannot_be_imported_fails_with_one_line():
+    from dpcli.adapters.base import LazyAdapter
+
+    broken = LazyAdapter("broken", "x", detect=lambda source: 0.0, target="no_such_module:Adapter")
+    result = run_dp("inspect", "config:ddpm-digits", "--adapter", "broken", plugins=[plugin_with(broken)])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "adapter 'broken' cannot import its implementation no_such_module:Adapter" in result.stderr

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, make_unet
 
 from dpcli.jobs.prune import PruneSettings, prune_model, pruned_metadata
 from dpcli.jobs.score import ScoreSettings, compute_scores
 from dpcli.loading import load_model
+from dpcli.testing import TINY_UNET_CONFIG, make_unet
 
 
 def prune_args(model, data, out, *extra):
@@ -56,9 +56,7 @@ def test_reload_gives_identical_outputs(tmp_path, tiny_unet_folder, image_folder
     )
     settings = PruneSettings(ratio=0.4)
     report = prune_model(loaded, scores, settings, scores_options())
-    loaded.adapter_object.save(
-        loaded, tmp_path / "out", pruned_metadata(report, scores, settings, scores_options())
-    )
+    loaded.adapter.save(loaded, tmp_path / "out", pruned_metadata(report, scores, settings, scores_options()))
     reloaded = load_model(str(tmp_path / "out"))
     sample = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     timesteps = torch.tensor([5, 700])
@@ -80,7 +78,7 @@ def scores_options():
 
 
 def test_multi_head_attention_and_head_pruning_reload_identically(tmp_path, image_folder):
-    config = {**TINY_CONFIG, "attention_head_dim": 8}
+    config = {**TINY_UNET_CONFIG, "attention_head_dim": 8}
     folder = tmp_path / "mh"
     make_unet(config).save_pretrained(folder)
     from dpcli.pruning import PruneOptions
@@ -92,7 +90,7 @@ def test_multi_head_attention_and_head_pruning_reload_identically(tmp_path, imag
     report = prune_model(loaded, scores, settings, options)
     attention = loaded.model.down_blocks[1].attentions[0]
     assert attention.heads == 6 and attention.to_q.out_features % attention.heads == 0
-    loaded.adapter_object.save(loaded, tmp_path / "out", pruned_metadata(report, scores, settings, options))
+    loaded.adapter.save(loaded, tmp_path / "out", pruned_metadata(report, scores, settings, options))
     reloaded = load_model(str(tmp_path / "out"))
     sample = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -101,7 +99,7 @@ def test_multi_head_attention_and_head_pruning_reload_identically(tmp_path, imag
 
 def test_target_macs_lands_within_five_percent(dp, tmp_path, image_folder):
     folder = tmp_path / "wide"
-    make_unet({**TINY_CONFIG, "norm_num_groups": 4}).save_pretrained(folder)
+    make_unet({**TINY_UNET_CONFIG, "norm_num_groups": 4}).save_pretrained(folder)
     result = dp(
         "prune", folder, "--criterion", "magnitude", "--target-macs", "0.6", "-o", tmp_path / "out", "--json"
     )
@@ -259,7 +257,7 @@ def test_kept_channels_are_recorded_and_match_the_saved_weights(dp, tmp_path, im
     from safetensors.torch import load_file
 
     folder = tmp_path / "mh"
-    base = make_unet({**TINY_CONFIG, "attention_head_dim": 8})
+    base = make_unet({**TINY_UNET_CONFIG, "attention_head_dim": 8})
     base.save_pretrained(folder)
     out = tmp_path / "out"
     extra = (

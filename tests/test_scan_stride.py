@@ -4,12 +4,13 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_loaded
+from helpers.scan import calibration
 
 from dpcli.errors import BadSetting
 from dpcli.jobs.score import BUDGET_MAX_CALIB, BUDGET_MIN_CALIB, plan_scan
 from dpcli.plugins import get_registry
 from dpcli.scoring import accumulate_gradients
+from dpcli.testing import tiny_loaded
 
 
 def strided_reference(model, scheduler, clean_images, noise, threshold, total, stride):
@@ -29,13 +30,6 @@ def strided_reference(model, scheduler, clean_images, noise, threshold, total, s
         if loss.item() < loss_max * threshold:
             break
     return scanned, losses, {n: p.grad.clone() * stride for n, p in model.named_parameters()}
-
-
-def calibration(count=6):
-    generator = torch.Generator().manual_seed(0)
-    return torch.rand(count, 3, 16, 16, generator=generator) * 2 - 1, torch.randn(
-        count, 3, 16, 16, generator=generator
-    )
 
 
 @pytest.mark.parametrize(

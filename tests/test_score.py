@@ -2,15 +2,12 @@
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, tiny_loaded
+from helpers.scan import calibration
 
 from dpcli.errors import DpError
 from dpcli.plugins import get_registry
 from dpcli.scoring import accumulate_gradients
-
-
-def loaded_tiny(seed=0, config=None):
-    return tiny_loaded(seed=seed, config=config)
+from dpcli.testing import tiny_loaded
 
 
 def reference_scan(model, scheduler, clean_images, noise, threshold, total):
@@ -33,13 +30,6 @@ def reference_scan(model, scheduler, clean_images, noise, threshold, total):
     return step_k, losses, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def calibration(seed=0, count=6):
-    generator = torch.Generator().manual_seed(seed)
-    x0 = torch.rand(count, 3, 16, 16, generator=generator) * 2 - 1
-    noise = torch.randn(count, 3, 16, 16, generator=generator)
-    return x0, noise
-
-
 @pytest.mark.parametrize(
     "threshold, chunk, batch_size",
     [(0.0, 7, 256), (0.995, 4, 256), (0.999, 3, 256), (0.995, 1, 256), (0.995, 8, 4)],
@@ -48,11 +38,11 @@ def calibration(seed=0, count=6):
 def test_packed_scan_equals_reference(threshold, chunk, batch_size):
     adapter = get_registry().adapter("ddpm")
     x0, noise = calibration()
-    reference = loaded_tiny()
+    reference = tiny_loaded()
     ref_cutoff, ref_losses, ref_grads = reference_scan(
         reference.model, reference.scheduler, x0, noise, threshold, 24
     )
-    packed = loaded_tiny()
+    packed = tiny_loaded()
     scan = accumulate_gradients(
         packed, adapter, x0, noise, threshold, timesteps=24, chunk=chunk, batch_size=batch_size
     )
@@ -68,7 +58,7 @@ def test_packed_scan_equals_reference(threshold, chunk, batch_size):
 
 def test_nan_in_the_model_is_an_error_not_garbage():
     adapter = get_registry().adapter("ddpm")
-    loaded = loaded_tiny()
+    loaded = tiny_loaded()
     with torch.no_grad():
         loaded.model.conv_in.weight[0, 0, 0, 0] = float("nan")
     x0, noise = calibration()
@@ -138,10 +128,3 @@ def test_score_is_deterministic(tiny_unet_folder, image_folder, tmp_path, dp):
     first, second = (load_file(p) for p in paths)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
-
-
-def test_multi_head_config_scores():
-    config = {**TINY_CONFIG, "attention_head_dim": 8}
-    loaded = loaded_tiny(config=config)
-    attention = loaded.model.down_blocks[1].attentions[0]
-    assert attention.heads == 8

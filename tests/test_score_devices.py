@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-from conftest import make_image_folder, tiny_loaded
-from test_ldm import kl_autoencoder, latent_unet2d, write_pipeline
+from helpers.latent import kl_autoencoder, latent_unet2d, write_pipeline
+from helpers.scan import calibration
 
 from dpcli.errors import BadSetting
 from dpcli.jobs.score import ScoreSettings, compute_scores, default_chunk
@@ -22,7 +22,7 @@ from dpcli.scoring import (
     gradient_checkpointing,
     share_rows,
 )
-from dpcli.testing import invoke
+from dpcli.testing import invoke, make_image_folder, tiny_loaded
 
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1"}
 CUDA = torch.cuda.is_available()
@@ -71,7 +71,7 @@ def test_the_model_calibration_batch_and_scan_live_on_the_chosen_device(tmp_path
     pipeline = write_pipeline(tmp_path / "class-ldm", latent_unet2d(4, num_class_embeds=3), kl_autoencoder())
     images = make_image_folder(tmp_path / "images", count=4, size=20)
     loaded = load_model(str(pipeline))
-    adapter = loaded.adapter_object
+    adapter = loaded.adapter
     seen = {}
 
     def spy_encode(module, inputs):
@@ -99,13 +99,6 @@ def test_default_chunk_depends_on_the_device():
     assert default_chunk(32, 256, "cuda") == 8  # 256 per pass on a GPU (not measured here)
     assert default_chunk(32, 128, "cuda") == 4  # --batch-size still caps a pass
     assert default_chunk(32, 256, "mps") == 2
-
-
-def calibration(count=6, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(count, 3, 16, 16, generator=generator) * 2 - 1, torch.randn(
-        count, 3, 16, 16, generator=generator
-    )
 
 
 def test_bf16_runs_the_forward_under_autocast_and_keeps_float32_gradients(monkeypatch):
@@ -228,6 +221,7 @@ def run(args, processes: int):
     return json.loads(proc.stdout)  # one JSON object: rank 0 alone prints
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "scan",
     [["--calib-size", "5", "--timestep-stride", "2"], ["--scan-budget", "100"]],
@@ -257,6 +251,7 @@ def test_two_gloo_processes_score_like_one(tmp_path, scan):
         )
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_prune_like_one(tmp_path):
     kept = []
     for processes in (1, 2):

@@ -2,14 +2,10 @@
 
 import pytest
 import torch
-from conftest import tiny_loaded
 
 from dpcli.plugins import get_registry
 from dpcli.scoring import accumulate_gradients
-
-
-def loaded_tiny():
-    return tiny_loaded(seed=1)
+from dpcli.testing import tiny_loaded
 
 
 def reference_squared_scan(model, scheduler, x0, noise, threshold, total):
@@ -37,10 +33,10 @@ def test_squared_scan_matches_per_timestep_reference(chunk, batch_size):
     generator = torch.Generator().manual_seed(0)
     x0 = torch.rand(4, 3, 16, 16, generator=generator) * 2 - 1
     noise = torch.randn(4, 3, 16, 16, generator=generator)
-    reference = loaded_tiny()
+    reference = tiny_loaded(seed=1)
     cutoff, expected = reference_squared_scan(reference.model, reference.scheduler, x0, noise, 0.995, 5)
 
-    loaded = loaded_tiny()
+    loaded = tiny_loaded(seed=1)
     adapter = get_registry().adapter("ddpm")
     result = accumulate_gradients(
         loaded, adapter, x0, noise, 0.995, timesteps=5, chunk=chunk, batch_size=batch_size, squared=True

@@ -1,13 +1,20 @@
-"""The adapter contract. Kept free of heavy imports: adapters are discovered on every command."""
+"""The adapter contract. Kept free of heavy imports: adapters are discovered on every command.
+
+An adapter is a ``ModelAdapter`` subclass. Registering it through ``LazyAdapter(name, description,
+detect, target="pkg.module:Class")`` keeps the plugin's entry-point module cheap: the class, and with it
+torch/diffusers, is imported only when a model is used. ``DiffusersAdapter`` holds the pruning defaults
+of diffusers denoisers.
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpcli._deprecated import renamed_methods
-from dpcli.errors import BadInput, BadSetting
+from dpcli.errors import BadInput, BadSetting, DpError
 from dpcli.io.files import read_json
 
 if TYPE_CHECKING:
@@ -51,7 +58,7 @@ class LoadedModel:
     """A model ready for dp: the denoiser that gets pruned, its scheduler and what else it needs."""
 
     model: torch.nn.Module
-    adapter: str
+    adapter_name: str
     source: str
     source_kind: str
     config: dict
@@ -60,12 +67,12 @@ class LoadedModel:
     scheduler: Any = None
     scheduler_origin: str = ""
     components: dict[str, Any] = field(default_factory=dict)
-    pruning: dict | None = None
+    record: dict | None = None
     notes: list[str] = field(default_factory=list)
     # Adapter-specific facts the hooks need (the ldm adapter: latent scaling factor, conditioning kind).
     extras: dict[str, Any] = field(default_factory=dict)
-    # The adapter object named by ``adapter``; dpcli.loading.load_model sets it.
-    adapter_object: ModelAdapter | None = field(default=None, repr=False)
+    # The adapter object named by ``adapter_name``; dpcli.loading.load_model sets it (never None after).
+    adapter: ModelAdapter = field(default=None, repr=False)
 
 
 @dataclass
@@ -104,13 +111,6 @@ class ModelAdapter:
     name: str = ""
     description: str = ""
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        renamed_methods(cls, ModelAdapter, {"after_pruning": "fix_pruned_modules"})
-        if "prepare_calibration" in vars(cls) and "prepare_batch" not in vars(cls):
-            renamed_methods(cls, ModelAdapter, {"prepare_calibration": "prepare_batch"})  # warns
-            cls.prepare_batch = _prepare_batch_with_old_signature
-
     def detect(self, source: ModelSource) -> float:
         """How sure this adapter is that it can load ``source``: 0 (not mine) to 1 (certainly mine)."""
         return 0.0
@@ -138,9 +138,13 @@ class ModelAdapter:
         and ``class_labels`` (one per sample) to ``sampling_conditioning`` accordingly."""
         return ConditioningSpec()
 
-    def sampling_conditioning(self, loaded: LoadedModel, batch_size: int, generator=None, **options):
-        """Conditioning for ``batch_size`` samples (None for unconditional models). Latent adapters return
-        e.g. class labels or prompt embeddings here; ``options`` carries command options such as a prompt."""
+    def sampling_conditioning(
+        self, loaded: LoadedModel, batch_size: int, generators: list[torch.Generator] | None = None, **options
+    ):
+        """Conditioning for ``batch_size`` samples (None for unconditional models). ``generators``: one CPU
+        ``torch.Generator`` per sample, for whatever is drawn at random (``random_class_labels``).
+        ``options``: ``prompt``/``negative_prompt`` (text models), ``class_labels`` (class models, one
+        per sample), as ``conditioning_spec`` allows."""
         return None
 
     def denoise(self, loaded: LoadedModel, sample, timesteps, conditioning=None, guidance_scale: float = 1.0):
@@ -163,8 +167,7 @@ class ModelAdapter:
         """Turn images in [-1, 1] into ``(x0, conditioning)`` for the denoiser (latent models encode here,
         unless ``context.latents`` holds them already; conditional models read ``context.captions`` /
         ``context.labels``).
-
-        Formerly ``prepare_calibration``. Raise BadInput for a ``context.prompt`` the model cannot take."""
+        Raise BadInput for a ``context.prompt`` the model cannot take."""
         if context.prompt is not None:
             raise no_prompt(self.name)
         parameter = next(loaded.model.parameters())
@@ -199,11 +202,115 @@ class ModelAdapter:
         return {}
 
     def fix_pruned_modules(self, loaded: LoadedModel, pruner) -> None:
-        """Fix attributes the pruned modules left stale. Formerly ``after_pruning``."""
+        """Fix attributes the pruned modules left stale."""
 
     def save(self, loaded: LoadedModel, folder: Path, metadata: dict) -> dict:
         """Write ``loaded`` into ``folder`` in the dpcli format; return the metadata written."""
         raise NotImplementedError
+
+
+class DiffusersAdapter(ModelAdapter):
+    """Defaults for diffusers denoisers: the output layer (``output_layer``, a module path, ``conv_out``
+    for UNets) is never pruned, attention heads and GEGLU halves are kept whole
+    (``dpcli.adapters.diffusers_fixes.pruning_options``), the attributes of pruned diffusers modules are
+    fixed afterwards, and the model is saved in the dpcli format (``dpcli.io.model_format.save_model``)."""
+
+    output_layer: str = "conv_out"
+
+    def ignored_layers(self, loaded: LoadedModel) -> list:
+        return [loaded.model.get_submodule(self.output_layer)]
+
+    def pruner_options(self, loaded: LoadedModel) -> dict:
+        from dpcli.adapters.diffusers_fixes import pruning_options
+
+        return pruning_options(loaded.model)
+
+    def fix_pruned_modules(self, loaded: LoadedModel, pruner) -> None:
+        from dpcli.adapters.diffusers_fixes import fix_attributes, heads_after_pruning
+
+        fix_attributes(loaded.model, heads_after_pruning(loaded.model, pruner))
+
+    def save(self, loaded: LoadedModel, folder: Path, metadata: dict) -> dict:
+        from dpcli.io.model_format import save_model
+
+        return save_model(loaded, folder, metadata)
+
+
+def _import(path: str) -> Any:
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+class LazyAdapter(ModelAdapter):
+    """An adapter registered by name whose implementation is imported on first use.
+
+    ``detect``: a function ``(ModelSource) -> float``, or its path ``"pkg.module:function"`` (imported when
+    dp first asks). ``target``: ``"pkg.module:Class"``, a ``ModelAdapter`` subclass, imported and
+    instantiated on the first call of any other method; it gets this adapter's ``name`` and
+    ``description``. Every method of the contract, and any other attribute, is served by that instance.
+    """
+
+    def __init__(self, name: str, description: str, detect: Callable | str, target: str) -> None:
+        self.name = name
+        self.description = description
+        self._detect = detect
+        self._target = target
+        self._implementation: ModelAdapter | None = None
+
+    def detect(self, source: ModelSource) -> float:
+        detect = _import(self._detect) if isinstance(self._detect, str) else self._detect
+        return detect(source)
+
+    @property
+    def implementation(self) -> ModelAdapter:
+        """The ``target`` adapter instance (imported on first use)."""
+        if self._implementation is None:
+            try:
+                cls = _import(self._target)
+            except (ImportError, AttributeError, ValueError) as exc:
+                raise DpError(
+                    f"adapter {self.name!r} cannot import its implementation {self._target}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
+            if not (isinstance(cls, type) and issubclass(cls, ModelAdapter)):
+                raise DpError(f"adapter {self.name!r}: {self._target} is not a ModelAdapter subclass")
+            implementation = cls()
+            implementation.name, implementation.description = self.name, self.description
+            self._implementation = implementation
+        return self._implementation
+
+    def __getattr__(self, attribute: str) -> Any:
+        # Only reached for names LazyAdapter does not have: an implementation's own helpers.
+        if attribute.startswith("_"):
+            raise AttributeError(attribute)
+        return getattr(self.implementation, attribute)
+
+    def __repr__(self) -> str:
+        return f"LazyAdapter({self.name!r}, target={self._target!r})"
+
+
+def _forwarded(method: str) -> Callable:
+    def forward(self: LazyAdapter, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.implementation, method)(*args, **kwargs)
+
+    forward.__name__ = forward.__qualname__ = method
+    forward.__doc__ = getattr(ModelAdapter, method).__doc__
+    return forward
+
+
+CONTRACT_METHODS = tuple(
+    name for name, value in vars(ModelAdapter).items() if callable(value) and not name.startswith("_")
+)
+for _method in CONTRACT_METHODS:
+    if _method != "detect":
+        setattr(LazyAdapter, _method, _forwarded(_method))
+
+
+def random_class_labels(generators: list[torch.Generator], num_classes: int) -> torch.Tensor:
+    """One label in ``0..num_classes-1`` per sample, each drawn from that sample's generator."""
+    import torch
+
+    return torch.cat([torch.randint(0, num_classes, (1,), generator=g) for g in generators])
 
 
 def no_prompt(adapter: str) -> BadInput:
@@ -212,15 +319,3 @@ def no_prompt(adapter: str) -> BadInput:
         "{prompt} is not supported by the {adapter} adapter (its models take no text)",
         adapter=adapter,
     )
-
-
-def _prepare_batch_with_old_signature(self, loaded: LoadedModel, images, context: BatchContext):
-    """``prepare_batch`` of a plugin that defines only the deprecated ``prepare_calibration(loaded, images,
-    [files, root, prompt])``: passes the context's fields that method accepts."""
-    import inspect
-
-    accepted = inspect.signature(self.prepare_calibration).parameters
-    if context.prompt is not None and "prompt" not in accepted:
-        raise no_prompt(self.name)
-    extra = {name: value for name, value in vars(context).items() if name in accepted and value is not None}
-    return self.prepare_calibration(loaded, images, **extra)

@@ -1,4 +1,4 @@
-"""Single-file CompVis latent-diffusion / Stable Diffusion checkpoints, to diffusers components and back.
+"""Single-file CompVis latent-diffusion / Stable Diffusion checkpoints, to diffusers components.
 
 A CompVis checkpoint holds the whole ``LatentDiffusion`` module: ``model.diffusion_model.*`` (the UNet),
 ``first_stage_model.*`` (the KL or VQ autoencoder) and ``cond_stage_model.*`` (CLIP / OpenCLIP text encoder,
@@ -6,15 +6,15 @@ or the class embedder of class-conditional LDMs); its architecture is in the ``c
 trained with. CompVis → diffusers uses diffusers' own single-file conversion
 (``diffusers.loaders.single_file_utils``) for the UNet, the KL autoencoder and the text encoders. Written
 here is what diffusers lacks: the VQ autoencoder (codebook), the class embedder, text-encoder configs
-inferred from weight shapes (diffusers fetches them from the Hub), the scheduler from the YAML, and the
-reverse direction diffusers → CompVis, so the mapping is checked both ways.
+inferred from weight shapes (diffusers fetches them from the Hub) and the scheduler from the YAML. The
+reverse direction (diffusers → CompVis), which only the tests need to make checkpoints and check the
+mapping both ways, is in ``tests/helpers/compvis.py``.
 
 Everything heavy is imported inside the functions.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,24 +30,6 @@ COND_PREFIX = "cond_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 CONFIG_NAMES = ("config.yaml", "config.yml")
-# diffusers UNet resnet sub-layer -> CompVis ResBlock sub-layer.
-_RESNET_PARTS = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "time_emb_proj": "emb_layers.1",
-    "conv_shortcut": "skip_connection",
-}
-_UNET_TOP = {
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "conv_in": "input_blocks.0.0",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-    "class_embedding": "label_emb",
-}
-_VAE_ATTENTION_PARTS = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
 def is_compvis_state_dict(keys: Iterable[str]) -> bool:
@@ -319,125 +301,3 @@ def _dropped_layers(original: Mapping) -> int:
 
 def _count(state_dict: Mapping[str, Any], prefix: str) -> int:
     return len({key[len(prefix) :].split(".")[0] for key in state_dict if key.startswith(prefix)})
-
-
-# diffusers -> CompVis ---------------------------------------------------------------------------------
-def unet_to_compvis(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
-    """UNet2DConditionModel weights under CompVis ``openaimodel.UNetModel`` names (prefixed)."""
-    per_block = int(config["layers_per_block"])
-    levels = len(config["block_out_channels"])
-    up_has_attention = ["CrossAttn" in name for name in config["up_block_types"]]
-    out = {}
-    for key, tensor in state_dict.items():
-        out[UNET_PREFIX + _unet_key_to_compvis(key, per_block, levels, up_has_attention)] = tensor
-    return out
-
-
-def _unet_key_to_compvis(key: str, per_block: int, levels: int, up_has_attention: list[bool]) -> str:
-    for diffusers_name, compvis_name in _UNET_TOP.items():
-        if key.startswith(diffusers_name + "."):
-            return compvis_name + key[len(diffusers_name) :]
-    match = re.match(
-        r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)", key
-    )
-    if match:
-        side, block, part, layer, rest = match.groups()
-        block, layer = int(block), int(layer)
-        if side == "down_blocks":
-            if part == "downsamplers":
-                return f"input_blocks.{(block + 1) * (per_block + 1)}.0.op.{rest.removeprefix('conv.')}"
-            index = 1 + block * (per_block + 1) + layer
-            slot = 0 if part == "resnets" else 1
-            prefix = f"input_blocks.{index}.{slot}"
-        else:
-            if part == "upsamplers":
-                slot = 2 if up_has_attention[block] else 1
-                return f"output_blocks.{block * (per_block + 1) + per_block}.{slot}.{rest}"
-            index = block * (per_block + 1) + layer
-            prefix = f"output_blocks.{index}.{0 if part == 'resnets' else 1}"
-        return f"{prefix}.{_resnet_part(rest) if part == 'resnets' else rest}"
-    match = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key)
-    if match:
-        part, layer, rest = match.groups()
-        index = {"resnets": {"0": 0, "1": 2}, "attentions": {"0": 1}}[part][layer]
-        return f"middle_block.{index}.{_resnet_part(rest) if part == 'resnets' else rest}"
-    raise BadInput(f"no CompVis name for UNet weight {key}")
-
-
-def _resnet_part(rest: str) -> str:
-    name, _, tail = rest.partition(".")
-    return f"{_RESNET_PARTS.get(name, name)}.{tail}"
-
-
-def vae_to_compvis(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
-    """AutoencoderKL / VQModel weights under CompVis (taming) names, prefixed; attention as 1x1 convs."""
-    levels = len(config["block_out_channels"])
-    out = {}
-    for key, tensor in state_dict.items():
-        name = key
-        name = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", name)
-        name = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", name)
-        name = re.sub(
-            r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", name
-        )
-        name = re.sub(
-            r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.",
-            lambda m: (
-                f"decoder.up.{levels - 1 - int(m.group(1))}."
-                + ("block." if m.group(2) == "resnets" else "upsample.")
-            ),
-            name,
-        )
-        name = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m.group(1)) + 1}.", name)
-        attention = re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$", name)
-        if attention:
-            coder, part, kind = attention.groups()
-            name = f"{coder}.mid.attn_1.{_VAE_ATTENTION_PARTS[part]}.{kind}"
-            if kind == "weight" and tensor.dim() == 2:
-                tensor = tensor[:, :, None, None]
-        name = name.replace("conv_shortcut", "nin_shortcut")
-        out[VAE_PREFIX + name] = tensor
-    return out
-
-
-def clip_to_compvis(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CLIPTextModel weights under ``cond_stage_model.transformer.text_model.*`` (SD 1.x)."""
-    return {
-        CLIP_PREFIX + (key if key.startswith("text_model.") else f"text_model.{key}"): tensor
-        for key, tensor in state_dict.items()
-    }
-
-
-def open_clip_to_compvis(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CLIPTextModel weights under OpenCLIP names (``cond_stage_model.model.*``, SD 2.x); q/k/v fused."""
-    import torch
-
-    flat = {key.removeprefix("text_model."): tensor for key, tensor in state_dict.items()}
-    out = {}
-    renames = {
-        "embeddings.token_embedding.weight": "token_embedding.weight",
-        "embeddings.position_embedding.weight": "positional_embedding",
-        "final_layer_norm.weight": "ln_final.weight",
-        "final_layer_norm.bias": "ln_final.bias",
-    }
-    parts = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-    for key, tensor in flat.items():
-        if key in renames:
-            out[renames[key]] = tensor
-            continue
-        match = re.match(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", key)
-        if not match:
-            continue  # buffers such as position_ids
-        layer, part, kind = match.groups()
-        base = f"transformer.resblocks.{layer}."
-        if part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-            if part.endswith("q_proj"):
-                prefix = f"encoder.layers.{layer}.self_attn."
-                fused = [flat[f"{prefix}{p}_proj.{kind}"] for p in "qkv"]
-                out[f"{base}attn.in_proj_{kind}"] = torch.cat(fused, 0)
-            continue
-        name = "attn.out_proj" if part == "self_attn.out_proj" else parts[part]
-        out[f"{base}{name}.{kind}"] = tensor
-    hidden = out["token_embedding.weight"].shape[1]
-    out["text_projection"] = torch.eye(hidden)
-    return {OPEN_CLIP_PREFIX + key: tensor for key, tensor in out.items()}

@@ -1,4 +1,5 @@
-"""Loading and running diffusers ``UNet2DModel`` denoisers (the ``ddpm`` adapter's machinery)."""
+"""Loading and running diffusers ``UNet2DModel`` denoisers: the ``ddpm`` adapter (``DDPMAdapter``), imported
+when a model is used (``dpcli.adapters.ddpm`` registers it lazily)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,12 @@ from pathlib import Path
 
 import torch
 
-from dpcli._deprecated import moved_names
-from dpcli.adapters.base import LoadedModel, ModelSource
+from dpcli.adapters.base import DiffusersAdapter, LoadedModel, ModelSource
 from dpcli.errors import BadInput, BadSetting
 from dpcli.io import diffusers_files, model_format
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 CONFIGS = RESOURCES / "configs"
-# Generic diffusers file helpers that lived here before dpcli.io; docs/plugins.md promised them.
-__getattr__ = moved_names(
-    __name__,
-    {
-        name: "dpcli.io.diffusers_files"
-        for name in ("folder_weights", "load_weights_into", "load_scheduler", "default_scheduler")
-    },
-)
 
 
 def builtin_config_names() -> list[str]:
@@ -143,7 +135,7 @@ def load_unet2d(source: ModelSource, adapter_name: str, config_path: Path | None
         scheduler = diffusers_files.default_scheduler()
     return LoadedModel(
         model=model,
-        adapter=adapter_name,
+        adapter_name=adapter_name,
         source=source.spec,
         source_kind=source_kind,
         config=dict(model.config),
@@ -230,7 +222,7 @@ def load_saved_unet2d(source: ModelSource, adapter_name: str) -> LoadedModel:
     pruned = info.get("pruning") is not None
     return LoadedModel(
         model=model,
-        adapter=adapter_name,
+        adapter_name=adapter_name,
         source=source.spec,
         source_kind="dpcli " + ("pruned model" if pruned else "model"),
         config=dict(config),
@@ -238,7 +230,7 @@ def load_saved_unet2d(source: ModelSource, adapter_name: str) -> LoadedModel:
         in_channels=int(config.get("in_channels", 3)),
         scheduler=scheduler,
         scheduler_origin=origin,
-        pruning=info,
+        record=info,
     )
 
 
@@ -251,3 +243,16 @@ def example_inputs(loaded: LoadedModel, batch_size: int = 1) -> tuple[torch.Tens
     )
     timesteps = torch.full((batch_size,), 10, dtype=torch.long)
     return sample.to(parameter.device, parameter.dtype), timesteps.to(parameter.device)
+
+
+class DDPMAdapter(DiffusersAdapter):
+    """Pixel-space diffusers ``UNet2DModel`` DDPMs (the pruning and saving defaults of DiffusersAdapter)."""
+
+    def load(self, source: ModelSource, config: Path | None = None) -> LoadedModel:
+        return load_unet2d(source, self.name, config)
+
+    def example_inputs(self, loaded: LoadedModel, batch_size: int = 1) -> tuple:
+        return example_inputs(loaded, batch_size)
+
+    def predict(self, loaded: LoadedModel, sample, timesteps, conditioning=None):
+        return loaded.model(sample, timesteps, return_dict=False)[0]

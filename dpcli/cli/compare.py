@@ -83,11 +83,11 @@ def compare(
     from dpcli.cli import render as out
     from dpcli.cli.common import limit_params, lock_output
     from dpcli.cli.render.compare import render_compare
+    from dpcli.conditions import ConditioningRequest
     from dpcli.io.files import AtomicFolder, prepare_output
     from dpcli.jobs.compare import CompareSettings, write_compare_output
     from dpcli.jobs.compare import compare as run_compare
     from dpcli.jobs.evaluate import LatencySettings
-    from dpcli.prompts import ConditioningRequest
     from dpcli.runtime import start_distributed
     from dpcli.sampling import SamplerSettings
 

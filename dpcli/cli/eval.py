@@ -109,12 +109,12 @@ def evaluate(
     from dpcli.cli import render as out
     from dpcli.cli.common import limit_params, lock_output
     from dpcli.cli.render.eval import render_eval
+    from dpcli.conditions import ConditioningRequest
     from dpcli.data.base import data_spec
     from dpcli.errors import BadInput
     from dpcli.io.files import AtomicFolder, prepare_output
     from dpcli.jobs.evaluate import EvalSettings, LatencySettings, write_eval_output
     from dpcli.jobs.evaluate import evaluate as run_eval
-    from dpcli.prompts import ConditioningRequest
     from dpcli.runtime import start_distributed
     from dpcli.sampling import SamplerSettings
 

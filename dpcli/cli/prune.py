@@ -201,7 +201,7 @@ def prune(
 
         report = prune_model(loaded, computed, settings, options, seed=seed, on_trial=on_trial)
     with AtomicFolder(target, force=force) as folder:
-        loaded.adapter_object.save(loaded, folder, pruned_metadata(report, computed, settings, options))
+        loaded.adapter.save(loaded, folder, pruned_metadata(report, computed, settings, options))
     report = report.to_json(output=target)
     if json_output:
         out.print_json(report)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpcli._deprecated import renamed_methods
-
 
 class Criterion:
     """Base class for importance criteria.
@@ -37,9 +35,5 @@ class Criterion:
         """A torch-pruning ``Importance`` (callable on a dependency group, returning one score per channel)."""
         raise NotImplementedError
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        renamed_methods(cls, Criterion, {"after_pruning": "finalize"})
-
     def finalize(self, model: Any, seed: int) -> None:
-        """Hook run on the pruned model (``reinit`` re-initialises weights here). Formerly ``after_pruning``."""
+        """Hook run on the pruned model (``reinit`` re-initialises weights here)."""

@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 
 from dpcli.errors import BadInput
+from dpcli.io.files import atomic_write
+from dpcli.io.metadata import read_metadata
 
 CARD_FILE = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -172,9 +174,6 @@ def update_model_card(folder: Path, section: str, text: str, title: str | None =
     such as ``evaluation``), titled ``title`` (default: the name, capitalised): an existing section of
     that name is replaced, otherwise the section is added at the end. A dpcli folder without a card gets
     one first. The card is replaced atomically."""
-    from dpcli.io.files import atomic_write
-    from dpcli.io.model_format import read_metadata
-
     folder = Path(folder)
     if not _SECTION_NAME.match(section):
         raise BadInput(f"model card section names are lower-case words with - or _, got {section!r}")

@@ -30,14 +30,17 @@ from dpcli.io.diffusers_files import (
     load_scheduler,
     load_weights_into,
 )
-from dpcli.io.files import final_name, read_json
+from dpcli.io.files import final_name
+from dpcli.io.metadata import (  # noqa: F401  (re-exported: part of the stable plugin API)
+    FORMAT,
+    FORMAT_VERSION,
+    METADATA_FILE,
+    read_metadata,
+)
 from dpcli.io.model_card import write_model_card
 from dpcli.io.weights import load_tensor_file
 from dpcli.sizing import check_fits
 
-FORMAT = "dpcli-model"
-FORMAT_VERSION = 1
-METADATA_FILE = "dpcli.json"
 WEIGHTS_FILE = "unet/diffusion_pytorch_model.safetensors"
 
 
@@ -207,7 +210,7 @@ def write_model(
 def save_model(loaded, folder: Path, metadata: dict, base_config: dict | None = None) -> dict:
     """Write ``loaded`` (a ``LoadedModel``) into ``folder`` in the dpcli format; what adapters' ``save`` call.
 
-    The base config, original widths and history carry over from a dpcli source (``loaded.pruning``);
+    The base config, original widths and history carry over from a dpcli source (``loaded.record``);
     ``metadata`` may hold ``original_modules`` (widths before pruning), ``history`` entries to append and
     ``extra_weights`` (more state dicts of the same shapes, saved under ``unet/``); everything else in it is
     recorded in dpcli.json. ``base_config`` overrides ``loaded.config`` as the config of a first save.
@@ -227,7 +230,7 @@ def save_model(loaded, folder: Path, metadata: dict, base_config: dict | None = 
     return write_model(
         folder,
         loaded.model,
-        loaded.adapter,
+        loaded.adapter_name,
         base["config"],
         base["source"],
         original,
@@ -241,10 +244,10 @@ def recorded_metadata(loaded, metadata: dict, base_config: dict | None = None) -
     """What a save of ``loaded`` with ``metadata`` records (see ``save_model``): ``base``,
     ``original_modules``, ``pruning`` and ``sizes`` (carried over unless ``metadata`` replaces them), the
     ``history`` so far plus the new entries, and the other keys of ``metadata``. The Python API keeps this
-    as ``loaded.pruning`` after an in-memory prune or fine-tune, so a model is recorded the same whether
+    as ``loaded.record`` after an in-memory prune or fine-tune, so a model is recorded the same whether
     it was saved and reloaded between steps or not."""
     metadata = {k: v for k, v in metadata.items() if k != "extra_weights"}
-    previous = loaded.pruning or {}
+    previous = loaded.record or {}
     given_original = metadata.pop("original_modules", None)
     base = previous.get("base") or {"config": base_config or loaded.config, "source": loaded.source}
     original = previous.get("original_modules") or given_original or module_shapes(loaded.model)
@@ -252,21 +255,6 @@ def recorded_metadata(loaded, metadata: dict, base_config: dict | None = None) -
     merged.update(metadata)
     merged["history"] = list(previous.get("history", [])) + list(metadata.get("history", []))
     return {"base": base, "original_modules": original, **merged}
-
-
-def read_metadata(folder: Path) -> dict | None:
-    """The dpcli.json of a saved model folder, or None when ``folder`` is not one."""
-    file = Path(folder) / METADATA_FILE
-    if not file.is_file():
-        return None
-    info = read_json(file)
-    if info.get("format") != FORMAT:
-        return None
-    if int(info.get("format_version", 0)) > FORMAT_VERSION:
-        raise BadInput(
-            f"{folder} was written by a newer dpcli (format {info['format_version']}); upgrade dpcli"
-        )
-    return info
 
 
 def load_weights(folder: Path, info: dict, name: str | None = None) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from dpcli import __version__
+from dpcli.conditions import ConditioningRequest, Conditions, conditions_from_record
 from dpcli.errors import BadSetting
 from dpcli.jobs.evaluate import (
     GRID_FILE,
@@ -28,7 +29,6 @@ from dpcli.jobs.protocol import describe_difference, protocol_differences
 from dpcli.metrics import (
     ssim_psnr,
 )
-from dpcli.prompts import ConditioningRequest, Conditions, conditions_from_record
 from dpcli.runtime import is_main_process
 from dpcli.sampling import SamplerSettings
 

@@ -17,6 +17,7 @@ import torch
 
 from dpcli import __version__
 from dpcli.adapters.base import LoadedModel
+from dpcli.conditions import ConditioningRequest, Conditions, resolve_conditions
 from dpcli.data import DataSpec, Source, open_source
 from dpcli.errors import BadInput, BadSetting
 from dpcli.io.files import read_json
@@ -35,7 +36,6 @@ from dpcli.metrics import (
     save_stats,
     ssim_psnr,
 )
-from dpcli.prompts import ConditioningRequest, Conditions, resolve_conditions
 from dpcli.runtime import is_main_process
 from dpcli.sampling import Sampler, SamplerSettings, Samples, generate, steps_for_rank
 
@@ -60,7 +60,7 @@ Progress = Callable[[str, int], contextlib.AbstractContextManager]
 def block_widths(loaded: LoadedModel) -> list[dict]:
     """Output width of every top-level block (``conv_in``, ``down_blocks.0``, ..., ``mid_block``, ...,
     ``conv_out``): out channels of its last convolution or linear layer, with the width before pruning."""
-    original = (loaded.pruning or {}).get("original_modules", {})
+    original = (loaded.record or {}).get("original_modules", {})
     blocks: dict[str, dict] = {}
     for name, module in loaded.model.named_modules():
         if not isinstance(module, (torch.nn.modules.conv._ConvNd, torch.nn.Linear)):
@@ -90,7 +90,7 @@ def model_summary(loaded: LoadedModel) -> dict:
 
     return {
         "model": loaded.source,
-        "adapter": loaded.adapter,
+        "adapter": loaded.adapter_name,
         "params": count_params(loaded.model),
         "macs": macs_of(loaded).total,
         "blocks": block_widths(loaded),
@@ -156,9 +156,9 @@ def resolve_sampling_conditions(
 ) -> Conditions:
     """The prompts, labels and guidance ``loaded`` (and every model in ``others``, sampled from the same
     inputs) will sample with; options a model cannot take are refused before any sampling."""
-    conditions = resolve_conditions(request, loaded.adapter_object.conditioning_spec(loaded), loaded.source)
+    conditions = resolve_conditions(request, loaded.adapter.conditioning_spec(loaded), loaded.source)
     for other in others:
-        theirs = resolve_conditions(request, other.adapter_object.conditioning_spec(other), other.source)
+        theirs = resolve_conditions(request, other.adapter.conditioning_spec(other), other.source)
         if theirs.kind != conditions.kind:
             raise BadInput(
                 f"{other.source} is conditioned on {theirs.kind} but {loaded.source} on {conditions.kind}: they "
@@ -330,7 +330,7 @@ def compute_fid(
         fid.set_real_stats(plan.stats)
         reference_count = plan.stats.count
     else:
-        adapter = loaded.adapter_object
+        adapter = loaded.adapter
         source = plan.source if plan.source is not None else open_source(plan.data)
         if len(source) < 2:
             raise BadInput(f"FID needs at least 2 reference images; {plan.data} has {len(source)}")
@@ -391,8 +391,8 @@ class EvalSettings:
 
 def check_same_noise(model: LoadedModel, reference: LoadedModel, what: str = "reference") -> None:
     """Two models compared from the same noise must sample the same shape."""
-    mine = tuple(model.adapter_object.noise_shape(model))
-    theirs = tuple(reference.adapter_object.noise_shape(reference))
+    mine = tuple(model.adapter.noise_shape(model))
+    theirs = tuple(reference.adapter.noise_shape(reference))
     if mine != theirs:
         raise BadInput(
             f"{what} {reference.source} samples {_shape_text(theirs)} but {model.source} samples "

@@ -69,7 +69,7 @@ class Denoiser(torch.nn.Module):
         super().__init__()
         self.model = loaded.model
         self.loaded = loaded
-        self.adapter = loaded.adapter_object
+        self.adapter = loaded.adapter
         self.conditioning_names = list(conditioning_names)
 
     def forward(self, sample, timestep, *conditioning):
@@ -79,7 +79,7 @@ class Denoiser(torch.nn.Module):
 
 def example_inputs(loaded: LoadedModel, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Named inputs of one forward at ``batch_size``: the adapter's example inputs, with random timesteps."""
-    inputs = loaded.adapter_object.example_inputs(loaded, batch_size=batch_size)
+    inputs = loaded.adapter.example_inputs(loaded, batch_size=batch_size)
     sample, conditioning = inputs[0], (inputs[2] if len(inputs) > 2 else None) or {}
     total = int(loaded.scheduler.config.num_train_timesteps) if loaded.scheduler is not None else 1000
     generator = torch.Generator().manual_seed(seed)
@@ -90,7 +90,7 @@ def example_inputs(loaded: LoadedModel, batch_size: int, seed: int = 0) -> dict[
     for name, value in conditioning.items():
         if not isinstance(value, torch.Tensor):
             raise BadInput(
-                f"the {loaded.adapter} adapter's conditioning {name!r} is not a tensor: cannot export"
+                f"the {loaded.adapter_name} adapter's conditioning {name!r} is not a tensor: cannot export"
             )
         named[name] = value.detach().cpu()
     return named

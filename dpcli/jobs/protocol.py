@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dpcli import __version__
-from dpcli.prompts import Conditions, sha256_of_file
+from dpcli.conditions import Conditions, sha256_of_file
 from dpcli.sampling import SamplerSettings
 
 VERSION_KEYS = ("dpcli_version", "torch_version", "diffusers_version", "torchmetrics_version")

@@ -120,7 +120,7 @@ def prune_model(
 
     validate_prune_settings(settings)
     criterion = get_registry().criterion(scores.criterion)
-    adapter = loaded.adapter_object
+    adapter = loaded.adapter
     shape_before = output_shape(loaded, adapter)
     before_rows = layer_rows(loaded)
     original_modules = module_shapes(loaded.model)

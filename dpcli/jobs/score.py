@@ -263,7 +263,7 @@ def compute_scores(
 
     settings.validate()
     criterion = get_registry().criterion(settings.criterion)
-    adapter = loaded.adapter_object
+    adapter = loaded.adapter
     dist = dist or Distributed(device=next(loaded.model.parameters()).device)
     check_precision(settings.precision, dist.device)
     place(loaded, dist.device)

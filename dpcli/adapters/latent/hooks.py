@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dpcli.adapters.base import LoadedModel
+from dpcli.adapters.base import LoadedModel, random_class_labels
 from dpcli.adapters.latent.facts import _device, has_cross_attention, require_autoencoder
 from dpcli.errors import BadInput, BadSetting
 
@@ -175,7 +175,7 @@ def prepare_batch(loaded: LoadedModel, images, context):
 def sampling_conditioning(
     loaded: LoadedModel,
     batch_size: int,
-    generator=None,
+    generators: list[torch.Generator] | None = None,
     prompt=None,
     negative_prompt=None,
     class_labels=None,
@@ -184,8 +184,8 @@ def sampling_conditioning(
     """Conditioning for sampling, with the unconditional counterpart under ``negative_*`` keys when one exists.
 
     Text models: ``prompt`` (one string or one per sample; default the empty prompt) and ``negative_prompt``
-    (default empty). Class models: ``class_labels`` (an int, or one per sample; default random from
-    ``generator``); the unconditional class is used for guidance where the model has one.
+    (default empty). Class models: ``class_labels`` (an int, or one per sample; default one random label per
+    sample, drawn from its generator in ``generators``); the unconditional class is used for guidance where the model has one.
     """
     refuse_missing_conditioning(loaded)
     kind = loaded.extras["conditioning"]
@@ -204,7 +204,7 @@ def sampling_conditioning(
         ]
         return conditioning
     if kind in ("class", "class-context"):
-        labels = _sampling_labels(loaded, batch_size, class_labels, generator)
+        labels = _sampling_labels(loaded, batch_size, class_labels, generators)
         conditioning = _conditioning_for(loaded, labels, None)
         null_class = loaded.extras.get("null_class")
         if null_class is not None:
@@ -225,10 +225,10 @@ def _per_sample(value, batch_size: int, what: str) -> list[str]:
     return values
 
 
-def _sampling_labels(loaded: LoadedModel, batch_size: int, class_labels, generator) -> torch.Tensor:
+def _sampling_labels(loaded: LoadedModel, batch_size: int, class_labels, generators) -> torch.Tensor:
     classes = int(loaded.extras["num_classes"])
     if class_labels is None:
-        return torch.randint(0, classes, (batch_size,), generator=generator)
+        return random_class_labels(generators or [None] * batch_size, classes)
     values = (
         [int(class_labels)] * batch_size if isinstance(class_labels, int) else [int(v) for v in class_labels]
     )

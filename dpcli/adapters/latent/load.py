@@ -65,7 +65,7 @@ def load_latent(source: ModelSource, adapter_name: str, config_path: Path | None
 
 
 def finish_loading(
-    unet, components, scheduler, scheduler_origin, adapter_name, spec, source_kind, notes, pruning=None
+    unet, components, scheduler, scheduler_origin, adapter_name, spec, source_kind, notes, record=None
 ) -> LoadedModel:
     """The LoadedModel of a latent model: checks what dp can run, works out the ``extras``."""
     _check_supported(unet)
@@ -75,7 +75,7 @@ def finish_loading(
     config = dict(unet.config)
     loaded = LoadedModel(
         model=unet.eval(),
-        adapter=adapter_name,
+        adapter_name=adapter_name,
         source=spec,
         source_kind=source_kind,
         config=config,
@@ -84,7 +84,7 @@ def finish_loading(
         scheduler=scheduler,
         scheduler_origin=scheduler_origin,
         components=components,
-        pruning=pruning,
+        record=record,
         notes=list(notes),
     )
     loaded.extras = latent_facts(loaded)
@@ -422,5 +422,5 @@ def load_saved_latent(source: ModelSource, adapter_name: str) -> LoadedModel:
         source.spec,
         "dpcli " + ("pruned latent model" if pruned else "latent model"),
         [],
-        pruning=info,
+        record=info,
     )

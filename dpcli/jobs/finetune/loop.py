@@ -79,13 +79,13 @@ def open_training_data(loaded: LoadedModel, settings: FinetuneSettings):
     from dpcli.data import open_source
 
     source = open_source(settings.data)
-    loaded.adapter_object.check_data(loaded, source)
+    loaded.adapter.check_data(loaded, source)
     return source
 
 
 def caption_dropout(loaded: LoadedModel, settings: FinetuneSettings) -> float:
     """The caption dropout of this run: as set, or the default for text models; refused for other models."""
-    text = loaded.adapter_object.conditioning_spec(loaded).kind == "text"
+    text = loaded.adapter.conditioning_spec(loaded).kind == "text"
     if settings.caption_dropout is None:
         return DEFAULT_CAPTION_DROPOUT if text else 0.0
     if settings.caption_dropout > 0 and not text:
@@ -99,13 +99,13 @@ def caption_dropout(loaded: LoadedModel, settings: FinetuneSettings) -> float:
 
 def check_teacher(student: LoadedModel, teacher: LoadedModel) -> None:
     """The teacher must take the student's noisy input and predict a tensor of the student's shape."""
-    inputs = student.adapter_object.example_inputs(student, 1)
+    inputs = student.adapter.example_inputs(student, 1)
     teacher_device = next(teacher.model.parameters()).device
     with torch.no_grad():
-        expected = student.adapter_object.predict(student, *inputs)
+        expected = student.adapter.predict(student, *inputs)
         try:
             moved = [x.to(teacher_device) if isinstance(x, torch.Tensor) else x for x in inputs]
-            got = teacher.adapter_object.predict(teacher, *moved)
+            got = teacher.adapter.predict(teacher, *moved)
         except (RuntimeError, ValueError, AssertionError) as exc:
             raise BadInput(
                 f"the teacher {teacher.source} does not take the student's input of shape "
@@ -121,7 +121,7 @@ def check_teacher(student: LoadedModel, teacher: LoadedModel) -> None:
 def prepare_training_batch(loaded: LoadedModel, batch, cache=None):
     """``(x0, conditioning)`` of a training batch: the adapter encodes the pixels (or takes the latents
     the cache completed) and conditions on the batch's captions and labels."""
-    adapter = loaded.adapter_object
+    adapter = loaded.adapter
     latents = cache.complete(batch, lambda pixels: adapter.encode_images(loaded, pixels)) if cache else None
     context = BatchContext(captions=batch.captions, labels=batch.labels, latents=latents)
     return adapter.prepare_batch(loaded, batch.pixels if latents is None else None, context)
@@ -129,7 +129,7 @@ def prepare_training_batch(loaded: LoadedModel, batch, cache=None):
 
 def check_cacheable(loaded: LoadedModel, settings: FinetuneSettings) -> None:
     """``--cache-latents`` needs a latent model and deterministic crops."""
-    if loaded.adapter_object.autoencoder(loaded) is None:
+    if loaded.adapter.autoencoder(loaded) is None:
         raise BadSetting(
             "cache_latents",
             "{cache_latents}: {model} works on pixels, there are no latents to cache",
@@ -147,7 +147,7 @@ def open_latent_cache(loaded: LoadedModel, settings: FinetuneSettings):
     """The ``--cache-latents`` folder for this model's autoencoder and this run's transform."""
     from dpcli.data.latent_cache import LatentCache
 
-    adapter = loaded.adapter_object
+    adapter = loaded.adapter
     autoencoder = adapter.autoencoder(loaded)
     transform = ImageTransform(adapter.data_size(loaded), adapter.data_channels(loaded), crop=settings.crop)
     return LatentCache(Path(settings.cache_latents), weights_fingerprint(autoencoder), transform.key())
@@ -292,7 +292,7 @@ def finetune(
             f"{settings.grad_accum} accumulation step(s) = {global_batch}) is larger than the data "
             f"({len(source)} images in {settings.data})"
         )
-    adapter = loaded.adapter_object
+    adapter = loaded.adapter
     cache = open_latent_cache(loaded, settings) if settings.cache_latents else None
     model = loaded.model
     if settings.reinit:
@@ -341,7 +341,7 @@ def finetune(
 
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     training_view = dataclasses.replace(loaded, model=trained)
-    teacher_adapter = teacher.adapter_object if teacher is not None else None
+    teacher_adapter = teacher.adapter if teacher is not None else None
     transform = ImageTransform(
         adapter.data_size(loaded), adapter.data_channels(loaded), crop=settings.crop, flip=settings.flip
     )
@@ -607,7 +607,7 @@ def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, pr
     ema_view = dataclasses.replace(loaded, model=result.ema_model.eval())
     metadata = {"history": [history_entry(result.report)], "extra_weights": {"raw.safetensors": raw}}
     with _resumable_on_failure(), AtomicFolder(output, force=True) as folder:
-        loaded.adapter_object.save(ema_view, folder, metadata)
+        loaded.adapter.save(ema_view, folder, metadata)
         plot_training(result.losses, result.lrs, folder / "loss.png", title=f"dp finetune {loaded.source}")
         if preview:
             pixels = preview_samples(ema_view, preview, seed=result.report.seed)

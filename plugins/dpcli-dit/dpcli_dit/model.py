@@ -9,9 +9,14 @@ Pixel or latent: a DiT loaded with an ``AutoencoderKL`` (a pipeline folder with 
 folder saved from one) works on latents: calibration images are encoded (posterior mean × scaling
 factor) and samples decoded. Without a VAE the DiT works on pixels (1 or 3 input channels).
 
-Conditioning: a dict ``{"class_labels": LongTensor}``. Calibration and fine-tuning images carry no
-labels, so they use the null class (index ``num_embeds_ada_norm``, the one classifier-free guidance
-drops labels to); sampling draws random classes or takes ``class_labels=[...]``.
+Conditioning: a dict ``{"class_labels": LongTensor}``. Calibration and fine-tuning images carry their
+class labels from the data layer (class sub-folders, a label column, ``.cls`` shard members); data without
+labels is refused before any work, rather than silently training only the null class (index
+``num_embeds_ada_norm``, the label classifier-free guidance drops to). Sampling takes one label per sample
+(``dp eval --class-label``, else every class in turn) and guides against the null class (default scale 4.0,
+as DiTPipeline).
+
+``DiTAdapter`` (at the end) is the adapter class; ``dpcli_dit.plugin`` registers it lazily.
 """
 
 from __future__ import annotations
@@ -23,7 +28,15 @@ from pathlib import Path
 
 import torch
 
-from dpcli.adapters.base import LoadedModel, ModelSource
+from dpcli.adapters.base import (
+    BatchContext,
+    ConditioningSpec,
+    DiffusersAdapter,
+    LoadedModel,
+    ModelSource,
+    no_prompt,
+    random_class_labels,
+)
 from dpcli.errors import BadInput
 from dpcli.io.diffusers_files import default_scheduler, folder_weights, load_scheduler, load_weights_into
 from dpcli.io.files import read_json
@@ -187,7 +200,7 @@ def load_saved(source: ModelSource, adapter_name: str) -> LoadedModel:
     pruned = info.get("pruning") is not None
     kind = "dpcli pruned DiT" if pruned else "dpcli DiT"
     loaded = _loaded(model, adapter_name, source, kind, scheduler, origin, vae, [])
-    loaded.pruning = info
+    loaded.record = info
     return loaded
 
 
@@ -201,7 +214,7 @@ def _loaded(model, adapter_name, source, source_kind, scheduler, scheduler_origi
         )
     return LoadedModel(
         model=model,
-        adapter=adapter_name,
+        adapter_name=adapter_name,
         source=source.spec,
         source_kind=source_kind,
         config=config,
@@ -279,15 +292,24 @@ def denoise(loaded: LoadedModel, sample, timesteps, conditioning=None, guidance_
     return unconditional + guidance_scale * (conditional - unconditional)
 
 
-def sampling_conditioning(loaded: LoadedModel, batch_size: int, generator=None, **options) -> dict:
-    """``{"class_labels": ...}``: ``class_labels=[...]`` repeated to the batch, else random classes."""
+def conditioning_spec(loaded: LoadedModel) -> ConditioningSpec:
+    """Class labels ``0..num_embeds_ada_norm-1``, guided against the null class at 4.0 (DiTPipeline's default)."""
+    return ConditioningSpec(
+        "class", num_classes=null_class(loaded), default_guidance_scale=4.0, guidance=True
+    )
+
+
+def sampling_conditioning(
+    loaded: LoadedModel, batch_size: int, generators: list[torch.Generator] | None = None, **options
+) -> dict:
+    """``{"class_labels": ...}``: ``class_labels=[...]`` repeated to the batch, else one random class per
+    sample, drawn from that sample's generator."""
     if options.get("prompt"):
         raise BadInput("DiT models are class-conditional: give class labels, not a prompt")
     classes = null_class(loaded)
     given = options.get("class_labels")
     if given is None:
-        device = generator.device if generator is not None else "cpu"
-        labels = torch.randint(0, classes, (batch_size,), generator=generator, device=device)
+        labels = random_class_labels(generators or [None] * batch_size, classes)
     else:
         labels = torch.as_tensor(given, dtype=torch.long).flatten()
         if labels.numel() == 0 or bool(((labels < 0) | (labels >= classes)).any()):
@@ -325,19 +347,41 @@ def data_channels(loaded: LoadedModel) -> int:
     return loaded.in_channels if vae is None else int(vae.config.in_channels)
 
 
-def prepare_batch(loaded: LoadedModel, images):
-    """``(x0, {"class_labels": null class})``: pixels as they are, or the VAE's posterior mean × scale."""
-    parameter = next(loaded.model.parameters())
+def encode_images(loaded: LoadedModel, images) -> torch.Tensor | None:
+    """The VAE's posterior mean × scaling factor (what the latent cache keeps); None for a pixel DiT."""
     vae = _vae(loaded, "calibration data")
     if vae is None:
-        x0 = images.to(parameter.device, parameter.dtype)
+        return None
+    parameter = next(loaded.model.parameters())
+    vae.to(parameter.device)
+    with torch.no_grad():
+        posterior = vae.encode(images.to(parameter.device, vae.dtype)).latent_dist
+        return (posterior.mode() * vae.config.scaling_factor).to(parameter.dtype)
+
+
+def autoencoder(loaded: LoadedModel):
+    """The VAE ``encode_images`` runs (its weights key ``--cache-latents``), or None for a pixel DiT."""
+    return _vae(loaded, "calibration data")
+
+
+def prepare_batch(loaded: LoadedModel, images, context: BatchContext):
+    """``(x0, {"class_labels": context.labels})``: pixels as they are, or latents (``context.latents`` from
+    the cache, else ``encode_images``). Labels are required: ``check_data`` refused unlabelled data."""
+    if context.prompt is not None:
+        raise no_prompt(loaded.adapter_name)
+    if context.labels is None:
+        raise BadInput(
+            f"{loaded.source} is class-conditional: its calibration and fine-tuning data need labels"
+        )
+    parameter = next(loaded.model.parameters())
+    if context.latents is not None:
+        x0 = context.latents
     else:
-        vae.to(parameter.device)
-        with torch.no_grad():
-            posterior = vae.encode(images.to(parameter.device, vae.dtype)).latent_dist
-            x0 = (posterior.mode() * vae.config.scaling_factor).to(parameter.dtype)
-    labels = torch.full((x0.shape[0],), null_class(loaded), dtype=torch.long, device=parameter.device)
-    return x0, {"class_labels": labels}
+        x0 = encode_images(loaded, images)
+        if x0 is None:
+            x0 = images
+    labels = torch.as_tensor(context.labels, dtype=torch.long, device=parameter.device)
+    return x0.to(parameter.device, parameter.dtype), {"class_labels": labels}
 
 
 # Pruning and saving -------------------------------------------------------------------------------
@@ -374,3 +418,24 @@ def save(loaded: LoadedModel, folder: Path, metadata: dict) -> dict:
     if vae is not None:
         vae.save_pretrained(Path(folder) / "vae", safe_serialization=True)
     return info
+
+
+class DiTAdapter(DiffusersAdapter):
+    """diffusers ``DiTTransformer2DModel``: class-conditional, pixel or latent (with its VAE)."""
+
+    example_inputs = staticmethod(example_inputs)
+    predict = staticmethod(predict)
+    conditioning_spec = staticmethod(conditioning_spec)
+    sampling_conditioning = staticmethod(sampling_conditioning)
+    denoise = staticmethod(denoise)
+    decode = staticmethod(decode)
+    data_size = staticmethod(data_size)
+    data_channels = staticmethod(data_channels)
+    prepare_batch = staticmethod(prepare_batch)
+    encode_images = staticmethod(encode_images)
+    autoencoder = staticmethod(autoencoder)
+    ignored_layers = staticmethod(ignored_layers)
+    save = staticmethod(save)
+
+    def load(self, source: ModelSource, config: Path | None = None) -> LoadedModel:
+        return load(source, self.name, config)

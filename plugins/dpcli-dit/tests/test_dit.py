@@ -168,14 +168,16 @@ def test_latent_pipeline_scores_prunes_and_keeps_its_vae(files):
     assert "DDIMScheduler" in inspected["scheduler"]
 
 
-def sample_images(adapter, loaded, generator, steps=4, guidance_scale=4.0, **options):
-    """A deterministic DDIM loop over the adapter's sampling hooks, as dp eval drives them."""
+def sample_images(adapter, loaded, seed, steps=4, guidance_scale=4.0, **options):
+    """A deterministic DDIM loop over the adapter's sampling hooks, as dp eval drives them: one generator
+    per sample for ``sampling_conditioning``."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(loaded.scheduler.config)
     scheduler.set_timesteps(steps)
-    conditioning = adapter.sampling_conditioning(loaded, 2, generator=generator, **options)
-    sample = torch.randn((2, *adapter.noise_shape(loaded)), generator=generator)
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(2)]
+    conditioning = adapter.sampling_conditioning(loaded, 2, generators, **options)
+    sample = torch.randn((2, *adapter.noise_shape(loaded)), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         for t in scheduler.timesteps:
             prediction = adapter.denoise(loaded, sample, t, conditioning, guidance_scale=guidance_scale)
@@ -190,9 +192,9 @@ def test_sampling_hooks_make_images_in_range(files, model):
     with plugins_loaded([plugin]) as registry:
         loaded = load_model(str(files[model]))
         adapter = registry.adapter("dit")
-        first = sample_images(adapter, loaded, torch.Generator().manual_seed(0))
-        again = sample_images(adapter, loaded, torch.Generator().manual_seed(0))
-        labelled = sample_images(adapter, loaded, torch.Generator().manual_seed(0), class_labels=[3])
+        first = sample_images(adapter, loaded, 0)
+        again = sample_images(adapter, loaded, 0)
+        labelled = sample_images(adapter, loaded, 0, class_labels=[3])
     assert first.shape == (2, 3, 16, 16) and first.min() >= -1 and first.max() <= 1
     assert torch.equal(first, again) and not torch.equal(first, labelled)
 
@@ -240,3 +242,71 @@ def test_once_installed_dp_finds_it_through_its_entry_point():
     assert result.exit_code == 0, result.stderr
     row = next(row for row in result.json["adapters"] if row["name"] == "dit")
     assert row["package"] == "dpcli-dit" and row["version"] == installed_version() and not row["builtin"]
+
+
+def class_folders(root, counts, size=16, channels=1):
+    """An image folder with one sub-folder per class, named by class index (``{"3": 2}``: two images of 3)."""
+    for name, count in counts.items():
+        make_image_folder(root / name, count=count, size=size, channels=channels, classes=1, seed=int(name))
+    return root
+
+
+@pytest.mark.slow
+def test_prune_finetune_eval_a_class_conditional_dit_through_the_cli(tmp_path, monkeypatch):
+    from dpcli_dit import model
+
+    data = class_folders(tmp_path / "digits", {"3": 2, "7": 2})
+    seen = []
+    prepare = model.DiTAdapter.prepare_batch
+
+    def recording(loaded, images, context):
+        seen.extend(context.labels.tolist())
+        return prepare(loaded, images, context)
+
+    monkeypatch.setattr(model.DiTAdapter, "prepare_batch", staticmethod(recording))
+    pruned, tuned = tmp_path / "pruned", tmp_path / "tuned"
+    scan = ["--data", data, "--calib-size", "4", "--timesteps", "3"]
+    result = dit("prune", "config:dit-s-2-digits", "--criterion", "diff-taylor", *scan, "--ratio", "0.3",
+                 "-o", pruned, "--yes", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert sorted(seen) == [3, 3, 7, 7]  # the calibration batch is conditioned on its class folders
+    seen.clear()
+    result = dit(
+        "finetune", pruned, "--data", data, "--steps", "2", "--batch-size", "2", "-o", tuned, "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert len(seen) == 4 and set(seen) == {3, 7}
+    common = ["--num-samples", "2", "--batch-size", "2", "--steps", "2", "--no-latency", "--json"]
+    evaluated = dit("eval", tuned, *common, "--class-label", "3", "-o", tmp_path / "eval")
+    assert evaluated.exit_code == 0, evaluated.stderr
+    protocol = evaluated.json["protocol"]
+    assert protocol["class_labels"] == [3] and protocol["guidance_scale"] == 4.0  # DiTPipeline's default
+    unguided = dit(
+        "eval", tuned, *common, "--class-label", "3", "--guidance-scale", "1", "-o", tmp_path / "u"
+    )
+    assert unguided.exit_code == 0 and unguided.json["protocol"]["guidance_scale"] == 1
+    from safetensors.torch import load_file
+
+    guided, plain = (load_file(tmp_path / name / "samples.safetensors")["images"] for name in ("eval", "u"))
+    assert guided.shape == (2, 1, 16, 16) and not torch.equal(guided, plain)
+    out_of_range = dit("eval", tuned, *common, "--class-label", "10", "-o", tmp_path / "bad")
+    assert out_of_range.exit_code == 2 and "--class-label 10 is out of range" in out_of_range.stderr
+
+
+def test_unlabelled_data_is_refused_before_any_work(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    make_image_folder(tmp_path / "made", count=2, size=16, channels=1, classes=1)
+    for image in (tmp_path / "made").rglob("*.png"):
+        image.rename(flat / image.name)
+    result = dit("finetune", "config:dit-s-2-digits", "--data", flat, "--steps", "1", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "class sub-folder" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_latent_dit_fine_tunes_from_cached_latents(files, tmp_path):
+    cache = tmp_path / "latents"
+    args = ["--data", files["data"], "--steps", "1", "--batch-size", "2", "--cache-latents", cache]
+    result = dit("finetune", files["pipeline"], *args, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    assert len(list(cache.rglob("*.safetensors"))) == 2  # the batch's two images, encoded by the VAE
