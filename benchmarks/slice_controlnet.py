@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def main() -> None:
     import torch
     from _common import RESULTS, machine_info
-    from test_ldm import (
+    from helpers.latent import (
         byte_level_tokenizer,
         cross_attention_unet,
         kl_autoencoder,

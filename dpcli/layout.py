@@ -437,8 +437,8 @@ def prune_to_layout(
     result.load_state_dict(state, strict=True, assign=True)
     loaded.model = result.eval()
     loaded.config = dict(plan.config)
-    if loaded.pruning and "base" in loaded.pruning:
-        loaded.pruning = {**loaded.pruning, "base": {**loaded.pruning["base"], "config": dict(plan.config)}}
+    if loaded.record and "base" in loaded.record:
+        loaded.record = {**loaded.record, "base": {**loaded.record["base"], "config": dict(plan.config)}}
     for name in kept:
         if name not in widths_before:
             raise DpError(f"kept channels recorded for unknown module {name}")

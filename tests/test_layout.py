@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from test_ldm import built, needs_transformers  # noqa: F401  (``built`` is a fixture)
+from test_ldm import built  # noqa: F401  (``built`` is a fixture)
 
 import dpcli
 
@@ -100,7 +100,6 @@ def test_digits_in_the_diffusers_layout_load_with_plain_from_pretrained(dp, tmp_
         assert torch.equal(expected_pruned(original[name], kept.get(module, {})), tensor), name
 
 
-@needs_transformers
 def test_tiny_stable_diffusion_in_the_diffusers_layout_loads_as_a_plain_pipeline(dp, built, tmp_path):  # noqa: F811
     out = tmp_path / "pruned"
     result = dp(

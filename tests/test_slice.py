@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
+from helpers.latent import cross_attention_unet
 from safetensors.torch import load_file, save_file
-from test_ldm import built, cross_attention_unet, needs_transformers  # noqa: F401  (``built`` is a fixture)
+from test_ldm import built  # noqa: F401  (``built`` is a fixture)
 
 import dpcli
-
-pytestmark = needs_transformers
 
 BLOCK = "down_blocks.0.attentions.0.transformer_blocks.0"
 LINEAR_TARGETS = [
@@ -165,7 +164,6 @@ def expected_pruned(tensor: torch.Tensor, kept: dict) -> torch.Tensor:
     return tensor
 
 
-@needs_transformers
 def test_a_lora_on_the_plain_diffusers_pipeline_of_a_diffusers_layout_model(pruned, dp, tmp_path):
     from diffusers import StableDiffusionPipeline
 
