@@ -28,6 +28,7 @@ _API = {
     "evaluate": "dpcli.api",
     "compare": "dpcli.api",
     "export": "dpcli.api",
+    "slice": "dpcli.slicing",
     "noise_generators": "dpcli.api",
     "Reporter": "dpcli.reporting",
     "update_model_card": "dpcli.io.model_card",

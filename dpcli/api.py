@@ -312,6 +312,7 @@ def prune(
     prompt: str | None = None,
     device: str = "auto",
     precision: str = "fp32",
+    layout: str = "free",
     gradient_checkpointing: bool = False,
     output: str | Path | None = None,
     force: bool = False,
@@ -329,7 +330,8 @@ def prune(
     ``scores`` are :func:`score`'s result or a file ``dp score`` wrote; without them, ``criterion`` and the
     scoring keywords (:func:`score`'s: ``data``, ``threshold``, ``calib_size``, ...) score the model first.
     ``ignore``/``round_to``/``head_ratio`` default to those the scores were computed with. Keep the
-    original with ``dpcli.load`` again: pruning changes the module.
+    original with ``dpcli.load`` again: pruning changes the module. ``layout="diffusers"`` (``dp prune
+    --layout``) gives one width per UNet level, a config plain diffusers loads (``dpcli.layout``).
     """
     from dpcli.jobs import prune as job
     from dpcli.jobs.score import ScoreSettings

@@ -190,7 +190,7 @@ def test_every_cli_option_is_a_keyword_of_its_api_function():
     commands = {info.name or info.callback.__name__: info.callback for info in app.app.registered_commands}
     functions = {
         "score": dpcli.score, "prune": dpcli.prune, "finetune": dpcli.finetune, "eval": dpcli.evaluate,
-        "compare": dpcli.compare, "export": dpcli.export,
+        "compare": dpcli.compare, "export": dpcli.export, "slice": dpcli.slice,
     }  # fmt: skip
     load = set(inspect.signature(dpcli.load).parameters) - {"reporter"}
     assert {"adapter", "config", "scheduler", "max_params"} <= load

@@ -160,6 +160,14 @@ Ignore = Annotated[
 RoundTo = Annotated[
     int | None, typer.Option("--round-to", min=1, help="Round kept channels to a multiple of N.")
 ]
+Layout = Annotated[
+    str,
+    typer.Option(
+        "--layout",
+        help="free: per-layer widths (dp loads it); diffusers: one width per UNet level, a real diffusers "
+        "config that plain from_pretrained loads.",
+    ),
+]
 HeadRatio = Annotated[
     float,
     typer.Option("--head-ratio", min=0.0, max=0.95, help="Also remove this fraction of attention heads."),

@@ -43,6 +43,7 @@ class PruneSettings(ScoreSettings):
     target_macs: float | None = None
     target_params: float | None = None
     tolerance: float = 0.05
+    layout: str = "free"
 
     def validate(self, scores_given: bool = False) -> None:
         """The target, and the scoring settings: all of them when prune scores, the threshold when the
@@ -68,6 +69,9 @@ class PruneSettings(ScoreSettings):
 
 
 def validate_prune_settings(settings: PruneSettings) -> None:
+    from dpcli.layout import check_layout
+
+    check_layout(settings.layout)
     given = [v for v in (settings.ratio, settings.target_macs, settings.target_params) if v is not None]
     if len(given) != 1:
         raise BadSetting("ratio", "give exactly one of {ratio}, {target_macs}, {target_params}")
@@ -100,6 +104,8 @@ class PruneReport:
     original_modules: dict = field(repr=False)
     kept_channels: dict = field(repr=False, default_factory=dict)
     bad_samples: list[dict] = field(default_factory=list)  # calibration images skipped as unreadable
+    layout: str = "free"
+    layout_details: dict = field(repr=False, default_factory=dict)
 
     @property
     def macs_fraction(self) -> float:
@@ -128,6 +134,8 @@ class PruneReport:
             "prune_seconds": self.prune_seconds,
             "layers": self.layers,
             "bad_samples": self.bad_samples,
+            "layout": self.layout,
+            **({"level_widths": self.layout_details["level_widths"]} if self.layout_details else {}),
             "output": str(output) if output is not None else None,
         }
 
@@ -151,7 +159,10 @@ def prune_model(
     original_modules = module_shapes(loaded.model)
     params_before, macs_before = measure(loaded)
     started = time.perf_counter()
-    ratio, trials, kept = prune_to_target(
+    search = prune_to_target
+    if settings.layout == "diffusers":
+        from dpcli.layout import prune_to_layout as search
+    found = search(
         loaded,
         adapter,
         scores.tensors,
@@ -164,6 +175,8 @@ def prune_model(
         tolerance=settings.tolerance,
         on_trial=on_trial,
     )
+    ratio, trials, kept = found[:3]
+    details = found[3] if len(found) > 3 else {}
     criterion.finalize(loaded.model, seed)
     shape_after = output_shape(loaded, adapter)
     if shape_after != shape_before:
@@ -199,7 +212,7 @@ def prune_model(
         ratio=ratio,
         target_macs=settings.target_macs,
         target_params=settings.target_params,
-        trials=[vars(t) for t in trials],
+        trials=[t if isinstance(t, dict) else vars(t) for t in trials],
         params_before=params_before,
         params_after=params_after,
         macs_before=macs_before,
@@ -210,6 +223,8 @@ def prune_model(
         original_modules=original_modules,
         kept_channels=kept,
         bad_samples=scores.settings.get("bad_samples", []),
+        layout=settings.layout,
+        layout_details=details,
     )
 
 
@@ -230,6 +245,8 @@ def pruned_metadata(
         # indices into the widths of the model that was pruned, per changed module (kept out/in channels,
         # kept attention heads): weights after = weights before at these indices
         "kept_channels": report.kept_channels,
+        "layout": report.layout,
+        **({"layout_details": report.layout_details} if report.layout_details else {}),
     }
     sizes = {k: getattr(report, k) for k in ("params_before", "params_after", "macs_before", "macs_after")}
     return {
