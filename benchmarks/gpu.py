@@ -102,13 +102,14 @@ def main() -> int:
         return 2
 
     from dpcli.io.files import AtomicFolder
-    from dpcli.jobs.compare import CompareSettings, compare
-    from dpcli.jobs.evaluate import EvalSettings, LatencySettings, evaluate
-    from dpcli.jobs.finetune.loop import finetune, save_finetuned
+    from dpcli.jobs.compare import CompareSettings, compare_models
+    from dpcli.jobs.evaluate import EvalSettings, LatencySettings, sample_and_measure
+    from dpcli.jobs.finetune.loop import save_finetuned, train
     from dpcli.jobs.finetune.settings import FinetuneSettings
     from dpcli.jobs.prune import PruneSettings, prune_model, pruned_metadata
     from dpcli.loading import load_model
     from dpcli.pruning import PruneOptions
+    from dpcli.reporting import Reporter
     from dpcli.runtime import Distributed, start_distributed
     from dpcli.sampling import SamplerSettings
 
@@ -147,20 +148,23 @@ def main() -> int:
                               ema_decay=0.99, checkpoint_every=0)
     student = load_model(str(pruned))
     result, record = steps.run(f"finetune: {args.finetune_steps} steps, batch 128, bf16",
-                               lambda: finetune(student, None, tuning, tuned, dist=dist))
+                               lambda: train(student, None, tuning, tuned, dist=dist))
     save_finetuned(student, result, tuned)
     record.update(steps_per_second=args.finetune_steps / record["seconds"],
                   final_loss=result.report.to_json(output=tuned)["final_loss"])
 
     # 4. eval, 5. compare
     latency = LatencySettings(batch=CALIB_IMAGES)
-    evaluation = EvalSettings(model=str(tuned), num_samples=CALIB_IMAGES, latency=latency, device=str(device),
-                              sampling=SamplerSettings(steps=20, batch_size=CALIB_IMAGES))
-    eval_report, record = steps.run("eval: 128 samples, DDIM 20 steps", lambda: evaluate(evaluation).to_json())
+    evaluation = EvalSettings(num_samples=CALIB_IMAGES, latency_batch=CALIB_IMAGES, device=str(device), steps=20,
+                              batch_size=CALIB_IMAGES)
+    eval_report, record = steps.run("eval: 128 samples, DDIM 20 steps",
+                                    lambda: sample_and_measure(load_model(str(tuned)), evaluation, None,
+                                                               Reporter()).to_json())
     record.update(images_per_second=eval_report["sampling"]["images_per_second"], latency=eval_report["latency"])
     comparison = CompareSettings(models=[args.model, str(pruned)], num_samples=8, latency=latency,
                                  device=str(device), sampling=SamplerSettings(steps=10, batch_size=8))
-    compared, record = steps.run("compare: original vs pruned", lambda: compare(comparison).to_json())
+    compared, record = steps.run("compare: original vs pruned", lambda: compare_models(comparison, Reporter().progress, Reporter().status,
+                                                                          False).to_json())
     models = compared["models"]
     record.update(models=[{k: m.get(k) for k in ("model", "macs", "latency", "speedup_batch_1", "speedup_batch",
                                                   "speedup_per_macs_ratio_batch_1", "speedup_per_macs_ratio_batch")}

@@ -55,6 +55,10 @@ VARIANTS = {  # name -> (criterion, threshold)
     # The unpruned base fine-tuned with the same recipe: how much of a pruned model's FID is just more training.
     "unpruned (control)": ("none", None),
 }
+# The same pruning constrained to the diffusers layout (dp prune --layout diffusers: one width per level, a
+# config plain diffusers loads): what the constraint costs. Not in the default variants (benchmarks/layout.md).
+LAYOUTS = {"diff-taylor thr 0.05 (diffusers layout)": "diffusers"}
+VARIANTS.update({name: ("diff-taylor", 0.05) for name in LAYOUTS})
 CONTROL = "unpruned (control)"  # shown beside the original, not ranked among the pruning criteria
 DETERMINISTIC = {"magnitude", CONTROL}  # pruning without randomness: vary the fine-tune seed only
 LOG_LOCK = threading.Lock()
@@ -66,7 +70,7 @@ def log(message: str) -> None:
 
 
 def slug(text: str) -> str:
-    return text.replace(" (scratch)", "").replace(" (control)", "").replace(" thr ", "-").replace(" ", "-")
+    return text.replace(" (diffusers layout)", "-diffusers").replace(" (scratch)", "").replace(" (control)", "").replace(" thr ", "-").replace(" ", "-")
 
 
 def dp_json(args: list[str], env: dict, log_file: Path) -> dict:
@@ -110,11 +114,11 @@ class Runner:
 
     # -- pruning -------------------------------------------------------------------------------------------
 
-    def prune_key(self, criterion: str, threshold, prune_seed: int) -> str:
+    def prune_key(self, criterion: str, threshold, prune_seed: int, layout: str = "free") -> str:
         thr = "" if threshold is None else f"-thr{threshold:g}"
-        return f"{criterion}{thr}-p{prune_seed}"
+        return f"{criterion}{thr}-p{prune_seed}" + ("" if layout == "free" else f"-{layout}")
 
-    def pruned(self, criterion: str, threshold, prune_seed: int) -> tuple[Path, dict]:
+    def pruned(self, criterion: str, threshold, prune_seed: int, layout: str = "free") -> tuple[Path, dict]:
         """The pruned model folder and its record (scores: cutoff, losses; prune: sizes), made once.
         Criterion "none" (the control) is the unpruned base model itself."""
         if criterion == "none":
@@ -122,7 +126,8 @@ class Runner:
             sizes = {"params_before": original["params"], "params_after": original["params"],
                      "macs_before": original["macs"], "macs_after": original["macs"], "macs_fraction": 1.0}
             return BASE, {"key": "none", "criterion": "none", "cutoff": None, **sizes}
-        key = self.prune_key(criterion, threshold, prune_seed)
+        key = self.prune_key(criterion, threshold, prune_seed, layout)
+        scores_key = self.prune_key(criterion, threshold, prune_seed)  # the layouts share the scores
         record_file = self.out / "prune" / f"{key}.json"
         folder = self.work / "pruned" / key
         with self.lock("prune:" + key):
@@ -133,7 +138,7 @@ class Runner:
             common = ["--seed", str(prune_seed)]
             score = None
             if criterion in ("taylor", "diff-taylor"):
-                scores = self.work / "scores" / f"{key}.safetensors"
+                scores = self.work / "scores" / f"{scores_key}.safetensors"
                 scores.parent.mkdir(parents=True, exist_ok=True)
                 score_args = ["score", BASE, "--criterion", criterion, "--data", DATA, *common,
                               "--calib-size", str(self.args.calib_size), "-o", str(scores)]
@@ -141,19 +146,25 @@ class Runner:
                     score_args += ["--threshold", str(threshold)]
                 if self.args.scan_timesteps:
                     score_args += ["--timesteps", str(self.args.scan_timesteps)]
-                log(f"score {key}")
-                score = dp_json(score_args, self.env, logs)
+                with self.lock("score:" + scores_key):
+                    if not scores.is_file() or read_json(scores.with_suffix(".json")) is None:
+                        log(f"score {scores_key}")
+                        write_json(scores.with_suffix(".json"), dp_json(score_args, self.env, logs))
+                    score = read_json(scores.with_suffix(".json"))
                 source = ["--scores", str(scores)]
             else:
                 source = ["--criterion", criterion, *common]
             log(f"prune {key}")
             report = dp_json(["prune", BASE, *source, "--target-macs", str(self.args.target_macs), "--yes",
+                              "--layout", layout,
                               "--force", "-o", str(folder)], self.env, logs)
             record = {
                 "key": key,
                 "criterion": criterion,
                 "threshold": threshold,
                 "prune_seed": prune_seed,
+                "layout": layout,
+                "level_widths": report.get("level_widths"),
                 "cutoff": score["cutoff"] if score else None,
                 "timesteps_scanned": score["timesteps_scanned"] if score else None,
                 "scan_seconds": score["scan_seconds"] if score else None,
@@ -215,7 +226,7 @@ class Runner:
         if record.get("complete") and record.get("steps") == self.args.steps:
             return record  # (a run recorded for fewer --steps is continued from its last checkpoint)
         self.original_eval()
-        pruned, prune_record = self.pruned(criterion, threshold, prune_seed)
+        pruned, prune_record = self.pruned(criterion, threshold, prune_seed, LAYOUTS.get(variant, "free"))
         record.update(variant=variant, criterion=criterion, threshold=threshold, prune_seed=prune_seed,
                       ft_seed=ft_seed, prune=prune_record["key"], curve=curve, complete=False)
         record.setdefault("points", {})
@@ -278,7 +289,7 @@ class Runner:
         variants = [variant for variant in variants if variant != CONTROL]  # the original's shape: timed already
         if record is not None and set(record["models"]) >= set(variants):
             return record
-        models = {variant: self.pruned(*VARIANTS[variant], 0)[0] for variant in variants}
+        models = {variant: self.pruned(*VARIANTS[variant], 0, LAYOUTS.get(variant, "free"))[0] for variant in variants}
         log("latency: dp compare of the original and the pruned shapes (run alone)")
         compare = dp_json(["compare", BASE, *map(str, models.values()), "--num-samples", "1", "--steps", "2",
                            "--repeats", str(self.args.latency_repeats), "--latency-batch", "64", "--force",
@@ -548,7 +559,7 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="scratch folder (default /tmp/dp-table1[-quick])")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each dp process")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in LAYOUTS))
     parser.add_argument("--seed-pairs", default="0:0,0:1,1:0,0:2,2:0",
                         help="prune:finetune seed pairs (the first one also records the recovery curve)")
     parser.add_argument("--steps", type=int, default=500, help="fine-tune steps (rerun with more to extend)")

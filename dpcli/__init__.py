@@ -26,8 +26,11 @@ _API = {
     "prune": "dpcli.api",
     "finetune": "dpcli.api",
     "evaluate": "dpcli.api",
+    "compare": "dpcli.api",
     "export": "dpcli.api",
+    "slice": "dpcli.slicing",
     "noise_generators": "dpcli.api",
+    "Reporter": "dpcli.reporting",
     "update_model_card": "dpcli.io.model_card",
 }
 

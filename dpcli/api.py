@@ -20,11 +20,10 @@ keyword argument at fault). Nothing here imports torch until it is called.
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from dpcli.errors import BadInput, BadSetting
+from dpcli.errors import BadSetting
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +32,7 @@ if TYPE_CHECKING:
     from dpcli.data.base import DataSpec
     from dpcli.jobs.evaluate import EvalReport
     from dpcli.jobs.export import ExportReport
+    from dpcli.reporting import Reporter
 
 
 class Model:
@@ -129,9 +129,11 @@ class Scores:
     ``save(path)`` writes the file ``dp score -o`` writes; ``to_json()`` is ``dp score --json``.
     """
 
-    def __init__(self, job_scores, model_source: str):
+    def __init__(self, job_scores, model_source: str, report=None):
         self.job = job_scores
         self.model_source = model_source
+        # The score job's report (``dpcli.jobs.score.ScoreReport``: the files written), when it ran here.
+        self.report = report
 
     def __repr__(self) -> str:
         return f"<dpcli.Scores {self.criterion} of {self.model_source!r}, cutoff={self.cutoff}>"
@@ -172,7 +174,7 @@ class Scores:
         """What ``dp score --json`` prints for these scores."""
         from dpcli.jobs.score import ScoreReport
 
-        return ScoreReport(self.job).to_json()
+        return (self.report or ScoreReport(self.job)).to_json()
 
 
 def load(
@@ -180,31 +182,48 @@ def load(
     adapter: str | None = None,
     config: str | Path | None = None,
     scheduler: str | Path | None = None,
+    max_params: int | None = None,
+    *,
+    reporter: Reporter | None = None,
 ) -> Model:
     """Load anything dp accepts as MODEL: a diffusers model or pipeline folder, a Hub id (from the local
     Hugging Face cache), a weights file, a folder written by dp, ``config:NAME`` or ``builtin:NAME``.
 
     ``adapter`` forces an adapter, ``config`` gives the config of a single weights file, ``scheduler``
-    (a scheduler_config.json or a folder with one) replaces the model's scheduler; as the CLI's
-    ``--adapter``, ``--config`` and ``--scheduler``.
+    (a scheduler_config.json or a folder with one) replaces the model's scheduler, ``max_params`` refuses
+    a model with more parameters before building it; as the CLI's ``--adapter``, ``--config``,
+    ``--scheduler`` and ``--max-params``. The functions below that take a model path take these keywords
+    too and pass them here.
     """
     from dpcli.loading import load_model
+    from dpcli.sizing import params_limit
 
-    return Model(
-        load_model(
-            str(model),
-            adapter=adapter,
-            config=Path(config) if config is not None else None,
-            scheduler=Path(scheduler) if scheduler is not None else None,
+    if reporter is not None:
+        reporter.status(f"Loading {model}")
+    with params_limit(max_params):
+        return Model(
+            load_model(
+                str(model),
+                adapter=adapter,
+                config=Path(config) if config is not None else None,
+                scheduler=Path(scheduler) if scheduler is not None else None,
+            )
         )
-    )
 
 
-def _as_model(model: Model | str | Path, argument: str = "model") -> Model:
+def _as_model(
+    model: Model | str | Path, argument: str = "model", reporter: Reporter | None = None, **load_options
+) -> Model:
+    """``model``, or what :func:`load` makes of a path with ``load_options`` (which only a path takes)."""
     if isinstance(model, Model):
+        given = sorted(name for name, value in load_options.items() if value is not None)
+        if given:
+            raise BadSetting(
+                given[0], "{" + given[0] + "} applies when {" + argument + "} is a path, not a loaded model"
+            )
         return model
     if isinstance(model, (str, Path)):
-        return load(model)
+        return load(model, reporter=reporter, **load_options)
     raise BadSetting(
         argument,
         "{" + argument + "} must be a dpcli.Model or what dpcli.load accepts",
@@ -213,7 +232,7 @@ def _as_model(model: Model | str | Path, argument: str = "model") -> Model:
 
 
 def score(
-    model: Model,
+    model: Model | str | Path,
     criterion: str = "diff-taylor",
     data: str | Path | DataSpec | None = None,
     threshold: float | None = None,
@@ -233,40 +252,37 @@ def score(
     image_column: str | None = None,
     caption_column: str | None = None,
     label_column: str | None = None,
+    on_bad_sample: str | None = None,
+    max_bad_fraction: float | None = None,
     output: str | Path | None = None,
+    *,
+    device: str = "auto",
+    precision: str = "fp32",
+    gradient_checkpointing: bool = False,
+    plot: str | Path | None = None,
+    adapter: str | None = None,
+    config: str | Path | None = None,
+    scheduler: str | Path | None = None,
+    max_params: int | None = None,
+    reporter: Reporter | None = None,
 ) -> Scores:
     """Importance scores of every prunable channel group of ``model``, as ``dp score`` computes them (the
     timestep scan on ``data`` for gradient criteria). The keyword arguments are ``dp score``'s options
-    (``--calib-size`` is ``calib_size``, ...); ``output`` also writes the scores file."""
-    from dpcli.data.base import data_spec
-    from dpcli.jobs.score import ScoreSettings, compute_scores, save_scores
-    from dpcli.pruning import PruneOptions
+    (``--calib-size`` is ``calib_size``, ...); ``output`` also writes the scores file, ``plot`` the loss
+    curve. ``reporter`` (a ``dpcli.reporting.Reporter``) hears the scan's progress."""
+    from dpcli.jobs import score as job
 
-    model = _as_model(model)
-    settings = ScoreSettings(
-        criterion=criterion,
-        data=data_spec(data, split, image_column, caption_column, label_column),
-        threshold=threshold,
-        calib_size=calib_size,
-        batch_size=batch_size,
-        chunk=chunk,
-        timesteps=timesteps,
-        timestep_stride=timestep_stride,
-        scan_budget=scan_budget,
-        seed=seed,
-        options=PruneOptions(ignore=list(ignore or []), round_to=round_to, head_ratio=head_ratio),
-        prompt=prompt,
-        workers=workers,
+    settings = job.ScoreSettings(
+        **_options(locals(), job.ScoreSettings, "model", "output", "plot", "reporter", *_LOAD_OPTIONS)
     )
-    settings.validate()
-    computed = compute_scores(model.loaded, settings)
-    if output is not None:
-        save_scores(computed, Path(output), model.source)
-    return Scores(computed, model.source)
+    settings.validate()  # before the model is loaded
+    model = _as_model(model, reporter=reporter, **_load_options(locals()))
+    report = job.run(model.loaded, settings, output=output, plot=plot, reporter=reporter)
+    return Scores(report.scores, model.source, report)
 
 
 def prune(
-    model: Model,
+    model: Model | str | Path,
     scores: Scores | str | Path | None = None,
     *,
     criterion: str | None = None,
@@ -278,64 +294,99 @@ def prune(
     round_to: int | None = None,
     head_ratio: float | None = None,
     seed: int = 0,
-    **score_options: Any,
+    data: str | Path | DataSpec | None = None,
+    split: str | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    label_column: str | None = None,
+    on_bad_sample: str | None = None,
+    max_bad_fraction: float | None = None,
+    workers: int | None = None,
+    threshold: float | None = None,
+    calib_size: int | None = None,
+    batch_size: int = 256,
+    chunk: int | None = None,
+    timesteps: int | None = None,
+    timestep_stride: int | None = None,
+    scan_budget: int | None = None,
+    prompt: str | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    layout: str = "free",
+    gradient_checkpointing: bool = False,
+    output: str | Path | None = None,
+    force: bool = False,
+    adapter: str | None = None,
+    config: str | Path | None = None,
+    scheduler: str | Path | None = None,
+    max_params: int | None = None,
+    reporter: Reporter | None = None,
 ) -> Model:
     """Prune ``model`` IN PLACE to one of ``ratio``, ``target_macs``, ``target_params`` (as ``dp prune``)
-    and return it, now recording how it was pruned (``save()`` writes the folder ``dp prune`` writes).
+    and return it, now recording how it was pruned (``save()`` writes the folder ``dp prune`` writes;
+    ``output`` writes it now, ``force`` over a non-empty folder). ``report`` on the result is the
+    ``PruneReport`` (``to_json()`` is ``dp prune --json``).
 
-    ``scores`` are :func:`score`'s result or a file ``dp score`` wrote; without them, ``criterion`` and
-    ``score_options`` (:func:`score`'s keyword arguments: ``data``, ``threshold``, ``calib_size``, ...) score
-    the model first. ``ignore``/``round_to``/``head_ratio`` default to those the scores were computed
-    with. Keep the original with ``dpcli.load`` again: pruning changes the module.
+    ``scores`` are :func:`score`'s result or a file ``dp score`` wrote; without them, ``criterion`` and the
+    scoring keywords (:func:`score`'s: ``data``, ``threshold``, ``calib_size``, ...) score the model first.
+    ``ignore``/``round_to``/``head_ratio`` default to those the scores were computed with. Keep the
+    original with ``dpcli.load`` again: pruning changes the module. ``layout="diffusers"`` (``dp prune
+    --layout``) gives one width per UNet level, a config plain diffusers loads (``dpcli.layout``).
     """
-    from dpcli.io.model_format import model_signature, recorded_metadata
-    from dpcli.jobs.prune import PruneSettings, prune_model, pruned_metadata, validate_prune_settings
-    from dpcli.jobs.score import load_scores
-    from dpcli.pruning import PruneOptions
+    from dpcli.jobs import prune as job
+    from dpcli.jobs.score import ScoreSettings
 
-    model = _as_model(model)
-    settings = PruneSettings(ratio, target_macs, target_params, tolerance)
-    validate_prune_settings(settings)
-    if scores is None:
-        if criterion is None:
-            raise BadSetting("criterion", "give {criterion} (or scores) to prune")
-        scores = score(
-            model,
-            criterion=criterion,
-            seed=seed,
-            ignore=ignore,
-            round_to=round_to,
-            head_ratio=head_ratio or 0.0,
-            **score_options,
+    settings = job.PruneSettings(
+        **_options(
+            locals(), job.PruneSettings, "model", "scores", "output", "force", "reporter", *_LOAD_OPTIONS
         )
-    elif score_options:
-        name = sorted(score_options)[0]
-        raise BadSetting(name, "{" + name + "} applies when prune computes the scores, not to given scores")
-    if isinstance(scores, (str, Path)):
-        scores = Scores(load_scores(Path(scores), model.loaded), model.source)
-    if not isinstance(scores, Scores):
+    )
+    if scores is not None:
+        _refuse_scoring_options(locals(), ScoreSettings)
+    settings.validate(scores_given=scores is not None)  # before the model is loaded
+    if isinstance(scores, Scores):
+        scores = scores.job
+    elif scores is not None and not isinstance(scores, (str, Path)):
         raise BadSetting(
             "scores", "{scores} must be dpcli.score's result or a scores file", got=type(scores).__name__
         )
-    if criterion is not None and criterion != scores.criterion:
-        raise BadSetting(
-            "criterion",
-            "{criterion} {given} differs from the scores' criterion {recorded}",
-            given=criterion,
-            recorded=scores.criterion,
-        )
-    if scores.job.model_signature != model_signature(model.module):
-        raise BadInput(f"the scores were computed for a model of another shape ({scores.model_source})")
-    if ignore is None and round_to is None and head_ratio is None:
-        options = scores.job.recorded_options()
-    else:
-        options = PruneOptions(ignore=list(ignore or []), round_to=round_to, head_ratio=head_ratio or 0.0)
-    report = prune_model(model.loaded, scores.job, settings, options, seed=seed)
-    model.loaded.record = recorded_metadata(
-        model.loaded, pruned_metadata(report, scores.job, settings, options)
+    model = _as_model(model, reporter=reporter, **_load_options(locals()))
+    # None on a torchrun rank other than 0, which ends after the scan
+    model.report = job.run(
+        model.loaded, settings, scores=scores, output=output, force=force, reporter=reporter
     )
-    model.report = report
     return model
+
+
+_LOAD_OPTIONS = ("adapter", "config", "scheduler", "max_params")
+
+
+def _load_options(arguments: dict) -> dict:
+    """The :func:`load` keywords among a function's ``arguments``."""
+    return {name: arguments[name] for name in _LOAD_OPTIONS if name in arguments}
+
+
+def _text(path: str | Path | None) -> str | None:
+    return str(path) if path is not None else None
+
+
+def _options(arguments: dict, settings_class, *leave_out: str) -> dict:
+    """The keyword ``arguments`` of an API function that are fields of its job's ``settings_class``."""
+    names = {f.name for f in dataclasses.fields(settings_class)} - set(leave_out)
+    return {name: value for name, value in arguments.items() if name in names}
+
+
+def _refuse_scoring_options(arguments: dict, score_settings) -> None:
+    """Given scores were computed already: a scoring keyword away from its default is a mistake."""
+    shared = {"criterion", "seed", "ignore", "round_to", "head_ratio", "threshold"}
+    for option in dataclasses.fields(score_settings):
+        if option.name in shared or option.name not in arguments:
+            continue
+        if arguments[option.name] != option.default:
+            raise BadSetting(
+                option.name,
+                "{" + option.name + "} applies when prune computes the scores, not to given scores",
+            )
 
 
 def finetune(
@@ -367,12 +418,22 @@ def finetune(
     workers: int | None = None,
     cache_latents: str | Path | None = None,
     preview: int = 0,
+    report_to: str | None = None,
+    validate_every: int = 0,
+    validation_samples: int = 16,
+    validation_prompt: list[str] | tuple[str, ...] = (),
     force: bool = False,
     split: str | None = None,
     image_column: str | None = None,
     caption_column: str | None = None,
     label_column: str | None = None,
+    on_bad_sample: str | None = None,
+    max_bad_fraction: float | None = None,
     on_step=None,
+    adapter: str | None = None,
+    config: str | Path | None = None,
+    max_params: int | None = None,
+    reporter: Reporter | None = None,
 ) -> Model:
     """Fine-tune ``model`` on ``data`` for ``steps`` optimizer steps, as ``dp finetune`` (same keyword
     arguments as its options); returns the fine-tuned model with the EMA weights (``model``'s module is
@@ -381,78 +442,40 @@ def finetune(
     With ``output``, the folder ``dp finetune -o`` writes is written there (checkpoints under
     OUTPUT/checkpoints while it runs, ``resume`` continues them). Without it, checkpoints go to a temporary
     folder that is removed at the end, and ``save()`` on the result writes the model folder.
-    ``on_step(info)`` is called after every step (``info.step``, ``info.loss``, ``info.lr``, ...).
+    ``reporter`` (a ``dpcli.reporting.Reporter``) hears every step through ``step(info)`` (``info.step``,
+    ``info.loss``, ``info.lr``, ...); ``on_step(info)`` is a shortcut for a reporter that only does that.
     """
-    from dpcli.data.base import data_spec
     from dpcli.io.model_format import recorded_metadata
-    from dpcli.jobs.finetune.loop import finetune as train
-    from dpcli.jobs.finetune.loop import (
-        history_entry,
-        open_training_data,
-        prepare_output_folder,
-        save_finetuned,
-    )
+    from dpcli.jobs import finetune as job
+    from dpcli.jobs.finetune.loop import history_entry
+    from dpcli.jobs.finetune.loop import validate as validate_finetune
     from dpcli.jobs.finetune.settings import FinetuneSettings
-    from dpcli.runtime import start_distributed
+    from dpcli.reporting import StepCallback
 
-    model = _as_model(model)
-    teacher_model = _as_model(teacher, "teacher") if teacher is not None else None
-    if distill_weight is None:
-        distill_weight = 1.0 if teacher_model is not None else 0.0
+    if on_step is not None:
+        if reporter is not None:
+            raise BadSetting("on_step", "give {on_step} or {reporter}, not both")
+        reporter = StepCallback(on_step)
+    teacher_source = teacher.source if isinstance(teacher, Model) else teacher
     settings = FinetuneSettings(
-        data=data_spec(data, split, image_column, caption_column, label_column),
-        steps=steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        warmup=warmup,
-        schedule=schedule,
-        weight_decay=weight_decay,
-        ema_decay=ema_decay,
-        grad_clip=grad_clip,
-        seed=seed,
-        precision=precision,
-        teacher=teacher_model.source if teacher_model is not None else None,
-        distill_weight=distill_weight,
-        reinit=reinit,
-        checkpoint_every=checkpoint_every,
-        keep_checkpoints=keep_checkpoints,
-        crop=crop,
-        flip=flip,
-        caption_dropout=caption_dropout,
-        workers=workers,
-        cache_latents=str(cache_latents) if cache_latents else None,
+        **_options({**locals(), "teacher": teacher_source}, FinetuneSettings, "model", *_LOAD_OPTIONS)
     )
-    if output is None and (resume or preview):
-        raise BadSetting(
-            "resume" if resume else "preview", "{" + ("resume" if resume else "preview") + "} needs {output}"
-        )
-    scratch = tempfile.TemporaryDirectory(prefix="dpcli-finetune-") if output is None else None
-    target = Path(output) if output is not None else Path(scratch.name) / "run"
-    try:
-        inputs = {"model": model.source, "teacher": teacher_model.source if teacher_model else None}
-        prepare_output_folder(settings, target, resume, force, inputs)
-        dist = start_distributed(device)
-        try:
-            source = open_training_data(model.loaded, settings)
-            result = train(
-                model.loaded,
-                source,
-                settings,
-                target,
-                teacher=teacher_model.loaded if teacher_model is not None else None,
-                resume=resume,
-                dist=dist,
-                on_step=on_step,
-            )
-            if output is not None and dist.is_main:
-                save_finetuned(model.loaded, result, target, preview=preview)
-            dist.barrier()
-        finally:
-            dist.close()
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
+    # before the model is loaded: the settings, and --resume with a checkpoint to resume
+    validate_finetune(settings, Path(output) if output is not None else None, resume)
+    model = _as_model(model, reporter=reporter, adapter=adapter, config=config, max_params=max_params)
+    teacher_model = (
+        _as_model(teacher, "teacher", reporter, max_params=max_params) if teacher is not None else None
+    )
+    result = job.run(
+        model.loaded,
+        settings,
+        teacher=teacher_model.loaded if teacher_model is not None else None,
+        output=Path(output) if output is not None else None,
+        resume=resume,
+        force=force,
+        preview=preview,
+        reporter=reporter,
+    )
     raw = {k: v.detach().cpu().clone() for k, v in model.module.state_dict().items()}
     tuned = dataclasses.replace(model.loaded, model=result.ema_model.eval())
     tuned.record = recorded_metadata(tuned, {"history": [history_entry(result.report)]})
@@ -470,8 +493,20 @@ def evaluate(
     spacing: str = "uniform",
     sampler: str = "ddim",
     seed: int = 0,
+    prompt: str | list[str] | None = None,
+    prompts: str | Path | None = None,
+    negative_prompt: str | None = None,
+    guidance_scale: float | None = None,
+    class_label: int | list[int] | None = None,
+    clip_model: str | None = None,
     batch_size: int = 64,
     data: str | Path | DataSpec | None = None,
+    split: str | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    label_column: str | None = None,
+    on_bad_sample: str | None = None,
+    max_bad_fraction: float | None = None,
     fid_stats: str | Path | None = None,
     inception_weights: str | Path | None = None,
     save_stats: str | Path | None = None,
@@ -480,64 +515,110 @@ def evaluate(
     repeats: int = 5,
     device: str | None = None,
     precision: str = "auto",
-    prompt: str | list[str] | None = None,
-    guidance_scale: float = 1.0,
     output: str | Path | None = None,
     force: bool = False,
-    split: str | None = None,
-    image_column: str | None = None,
-    caption_column: str | None = None,
-    label_column: str | None = None,
+    adapter: str | None = None,
+    config: str | Path | None = None,
+    scheduler: str | Path | None = None,
+    max_params: int | None = None,
+    reporter: Reporter | None = None,
 ) -> EvalReport:
     """Sample ``model`` as ``dp eval`` does (same keyword arguments as its options; ``latency=False`` is
-    ``--no-latency``): latency, FID against ``data`` or ``fid_stats``, SSIM/PSNR to ``reference`` from the
-    same noise. Returns the report: ``to_json()`` is ``dp eval --json``, ``samples.images`` the uint8
-    images. ``output`` also writes report.json, grid.png and samples.safetensors there. ``prompt`` and
-    ``guidance_scale`` condition text models."""
-    from dpcli.data.base import data_spec
-    from dpcli.io.files import AtomicFolder, output_lock, prepare_output
-    from dpcli.jobs.evaluate import EvalSettings, LatencySettings, write_eval_output
-    from dpcli.jobs.evaluate import evaluate as run_eval
-    from dpcli.sampling import SamplerSettings
+    ``--no-latency``): latency, FID against ``data`` or ``fid_stats``, CLIP score for text models,
+    SSIM/PSNR to ``reference`` from the same noise. ``prompt`` (one or a list; sample i gets prompt i mod
+    P), ``prompts`` (a file), ``negative_prompt``, ``guidance_scale`` (None: the model's default) and
+    ``class_label`` condition the samples, checked against the model as the CLI checks them. Returns the
+    report: ``to_json()`` is ``dp eval --json``, ``samples.images`` the uint8 images. ``output`` also
+    writes report.json, grid.png and samples.safetensors there. ``scheduler`` replaces the scheduler of
+    the model and of the reference (loaded from paths)."""
+    from dpcli.jobs import evaluate as job
 
-    model = _as_model(model)
-    reference_model = _as_model(reference, "reference") if reference is not None else None
-    if output is not None:
-        prepare_output(Path(output), force)
-    if save_stats is not None and Path(save_stats).exists() and not force:
-        raise BadSetting(
-            "save_stats", "{save_stats} {path} exists (use {force} to replace it)", path=save_stats
+    settings = job.EvalSettings(
+        **_options(locals(), job.EvalSettings, "model", "reference", "output", "force", *_LOAD_OPTIONS),
+        reference=reference.source if isinstance(reference, Model) else _text(reference),
+    )
+    settings.validate()  # before the models are loaded
+    model = _as_model(model, reporter=reporter, **_load_options(locals()))
+    reference_model = None
+    if reference is not None:
+        reference_model = _as_model(
+            reference, "reference", reporter, scheduler=scheduler, max_params=max_params
         )
-    settings = EvalSettings(
-        model=model.source,
-        reference=reference_model.source if reference_model is not None else None,
-        num_samples=num_samples,
-        sampling=SamplerSettings(
-            sampler=sampler,
-            steps=steps,
-            spacing=spacing,
-            seed=seed,
-            batch_size=batch_size,
-            precision=precision,
-            guidance_scale=guidance_scale,
-            options={"prompt": prompt} if prompt is not None else {},
-        ),
-        latency=LatencySettings(batch=latency_batch, repeats=repeats) if latency else None,
-        data=data_spec(data, split, image_column, caption_column, label_column),
-        fid_stats=Path(fid_stats) if fid_stats is not None else None,
-        inception_weights=Path(inception_weights) if inception_weights is not None else None,
-        save_stats=Path(save_stats) if save_stats is not None else None,
-        device=device,
-    )
-    report = run_eval(
+    return job.run(
+        model.loaded,
         settings,
-        loaded=model.loaded,
-        reference_loaded=reference_model.loaded if reference_model is not None else None,
+        reference=reference_model.loaded if reference_model is not None else None,
+        output=output,
+        force=force,
+        reporter=reporter,
     )
-    if report is not None and output is not None:
-        with output_lock(Path(output)), AtomicFolder(Path(output), force=force) as folder:
-            write_eval_output(report, folder, final=Path(output))
-    return report
+
+
+def compare(
+    models: list[Model | str | Path] | None = None,
+    *,
+    report: list[str | Path] | None = None,
+    num_samples: int = 8,
+    steps: int | None = None,
+    spacing: str | None = None,
+    sampler: str | None = None,
+    seed: int | None = None,
+    prompt: str | list[str] | None = None,
+    prompts: str | Path | None = None,
+    negative_prompt: str | None = None,
+    guidance_scale: float | None = None,
+    class_label: int | list[int] | None = None,
+    mixed_protocols: bool = False,
+    batch_size: int = 64,
+    latency_batch: int = 64,
+    repeats: int = 5,
+    latency: bool = True,
+    device: str | None = None,
+    precision: str = "auto",
+    scheduler: str | Path | None = None,
+    output: str | Path | None = None,
+    force: bool = False,
+    max_params: int | None = None,
+    reporter: Reporter | None = None,
+):
+    """Compare models side by side as ``dp compare`` does (same keyword arguments as its options; ``models``
+    are its MODEL arguments, loaded models or paths, ``report`` its ``--report`` files): size, MACs,
+    latency, speedup, per-block widths, SSIM/PSNR to the first from the same noise and conditions.
+    ``steps``/``spacing``/``sampler``/``seed`` left unset take a first report's settings (else DDIM, 100
+    uniform steps, seed 0). Returns the comparison (``to_json()`` is ``dp compare --json``); ``output``
+    also writes report.json and the grid there."""
+    from dpcli.jobs import compare as job
+    from dpcli.jobs.evaluate import EvalSettings
+    from dpcli.sizing import params_limit
+
+    chosen = {"steps": steps, "spacing": spacing, "sampler": sampler, "seed": seed}
+    given = EvalSettings(
+        **{name: value for name, value in chosen.items() if value is not None},
+        prompt=prompt, prompts=prompts, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+        class_label=class_label, batch_size=batch_size, latency_batch=latency_batch, repeats=repeats,
+        latency=latency, precision=precision,
+    )  # fmt: skip
+    request = given.conditioning
+    settings = job.CompareSettings(
+        models=[entry.loaded if isinstance(entry, Model) else str(entry) for entry in models or []],
+        reports=[Path(path) for path in report or []],
+        num_samples=num_samples,
+        sampling=given.sampling,
+        latency=given.latency_settings,
+        device=device,
+        scheduler=Path(scheduler) if scheduler is not None else None,
+        conditioning=request,
+        mixed_protocols=mixed_protocols,
+    )
+    explicit = any(value is not None for value in chosen.values()) or not request.is_empty
+    with params_limit(max_params):
+        return job.run(
+            settings,
+            explicit_sampling=explicit,
+            output=Path(output) if output is not None else None,
+            force=force,
+            reporter=reporter,
+        )
 
 
 def export(
@@ -548,18 +629,21 @@ def export(
     opset: int = 17,
     tolerance: float = 1e-3,
     force: bool = False,
+    adapter: str | None = None,
+    config: str | Path | None = None,
+    max_params: int | None = None,
+    reporter: Reporter | None = None,
 ) -> ExportReport:
     """Export the model's denoiser as ``dp export`` does: ONNX (dynamic batch; ``sample``, ``timestep`` and
     conditioning inputs; ``opset``) or TorchScript, verified against PyTorch (max abs difference at most
     ``tolerance``, else DpError and nothing written). Returns the report (``to_json()`` is ``dp export
     --json``)."""
-    from dpcli.io.files import output_lock
-    from dpcli.jobs.export import ExportSettings, export_model
+    from dpcli.jobs import export as job
 
-    model = _as_model(model)
-    settings = ExportSettings(format=format, opset=opset, tolerance=tolerance)
-    with output_lock(Path(output)):
-        return export_model(model.loaded, Path(output), settings, force=force)
+    settings = job.ExportSettings(format=format, opset=opset, tolerance=tolerance)
+    settings.validate()  # before the model is loaded
+    model = _as_model(model, reporter=reporter, adapter=adapter, config=config, max_params=max_params)
+    return job.run(model.loaded, settings, output=Path(output), force=force, reporter=reporter)
 
 
 def noise_generators(count: int, seed: int = 0) -> list[torch.Generator]:

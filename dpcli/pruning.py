@@ -135,9 +135,15 @@ def collect_scores(
 
 
 def prune_in_place(
-    loaded: LoadedModel, adapter, scores: dict[str, torch.Tensor], ratio: float, options: PruneOptions
+    loaded: LoadedModel,
+    adapter,
+    scores: dict[str, torch.Tensor],
+    ratio: float,
+    options: PruneOptions,
+    select: Callable | None = None,
 ) -> dict[str, dict[str, list[int]]]:
     """Remove channels from ``loaded.model`` at ``ratio`` per layer, ranked by ``scores``; fix attributes.
+    ``select(pruner)``, when given, yields the groups to prune instead (``dpcli.layout``'s fixed widths).
 
     Returns the kept channels of every module pruning changed (see ``kept_channels``)."""
     from torch_pruning._helpers import to_plain_idxs
@@ -148,10 +154,12 @@ def prune_in_place(
     names = module_names(model)
     widths = {name: layer_widths(module) for name, module in model.named_modules()}
     pruner = build_pruner(loaded, adapter, SavedImportance(scores, names), ratio, options)
-    removed: dict[str, dict[str, set[int]]] = {}
-    for group in pruner.step(interactive=True):
-        # Every (module, side) belongs to one group and is pruned once, so each item's indices are
-        # positions in that module's original width.
+    # The original channels each (module, side) still has. A group's indices are positions in the
+    # module's width at the time it is pruned: a norm or conv over a concatenation is cut by one group
+    # per input, the second one after the first has already shrunk it.
+    alive: dict[str, dict[str, list[int]]] = {}
+    for group in pruner.step(interactive=True) if select is None else select(pruner):
+        positions: dict[tuple[str, str], set[int]] = {}
         for dependency, indices in group.items:
             name = names.get(dependency.target.module)  # None for a bare nn.Parameter
             if name is not None:
@@ -159,8 +167,17 @@ def prune_in_place(
                 side = "out" if out or "in_channels" not in widths[name] else "in"
                 if isinstance(dependency.target.module, _NORMS):
                     side = "out"  # one width: the channels
-                removed.setdefault(name, {}).setdefault(side, set()).update(to_plain_idxs(indices))
+                positions.setdefault((name, side), set()).update(to_plain_idxs(indices))
+        for (name, side), removed_now in positions.items():
+            current = alive.setdefault(name, {}).setdefault(
+                side, list(range(widths[name][f"{side}_channels"]))
+            )
+            alive[name][side] = [c for i, c in enumerate(current) if i not in removed_now]
         group.prune()
+    removed = {
+        name: {side: set(range(widths[name][f"{side}_channels"])) - set(kept) for side, kept in sides.items()}
+        for name, sides in alive.items()
+    }
     adapter.fix_pruned_modules(loaded, pruner)
     model.zero_grad(set_to_none=True)
     return kept_channels(model, widths, removed)

@@ -95,9 +95,13 @@ def calibration_batch(
     if rows is not None:
         chosen = chosen[rows]
     transform = ImageTransform(adapter.data_size(loaded), adapter.data_channels(loaded))
-    batches = list(example_batches(source, transform, chosen, batch_size=calib_size, workers=workers))
+    batches = list(
+        example_batches(
+            source, transform, chosen, batch_size=calib_size, workers=workers, shared=rows is not None
+        )
+    )
     batch = batches[0]
-    files = [source.path(i) for i in chosen] if hasattr(source, "path") else None
+    files = [source.path(i) for i in batch.indices] if hasattr(source, "path") else None
     context = BatchContext(
         files=files,
         root=getattr(source, "root", None),

@@ -160,7 +160,7 @@ def test_dp_finetune_and_the_api_refuse_the_same_outputs(dp, tmp_path):
     model_folder = save_tiny_unet(tmp_path / "unet")
     images = make_image_folder(tmp_path / "images")
     itself = dp("finetune", model_folder, "--data", images, "--steps", "1", "-o", model_folder)
-    assert itself.exit_code == 2 and f"--output {model_folder} is the MODEL" in itself.stderr
+    assert itself.exit_code == 2 and f"--output {model_folder} is the model" in itself.stderr
     with pytest.raises(BadSetting, match="is the model: inputs are never modified"):
         dpcli.finetune(dpcli.load(model_folder), data=images, steps=1, output=model_folder)
     checkpoint = tmp_path / "run" / "checkpoints" / "step-00000001"  # an earlier run's (never read here)
@@ -172,3 +172,57 @@ def test_dp_finetune_and_the_api_refuse_the_same_outputs(dp, tmp_path):
         "finetune", model_folder, "--data", images, "--steps", "1", "--resume", "-o", tmp_path / "new"
     )
     assert resume.exit_code == 2 and "--resume: no checkpoint in" in resume.stderr
+
+
+# Options only the command line has, because they are about the terminal, not the job.
+CLI_ONLY = {
+    "json_output",  # --json: how the result is printed (the API returns it)
+    "yes",  # --yes: do not ask (the API never asks)
+    "summary",  # dp compare --summary: how the result is printed
+}
+
+
+def test_every_cli_option_is_a_keyword_of_its_api_function():
+    import inspect
+
+    from dpcli.cli import app
+
+    commands = {info.name or info.callback.__name__: info.callback for info in app.app.registered_commands}
+    functions = {
+        "score": dpcli.score, "prune": dpcli.prune, "finetune": dpcli.finetune, "eval": dpcli.evaluate,
+        "compare": dpcli.compare, "export": dpcli.export, "slice": dpcli.slice,
+    }  # fmt: skip
+    load = set(inspect.signature(dpcli.load).parameters) - {"reporter"}
+    assert {"adapter", "config", "scheduler", "max_params"} <= load
+    for name, function in functions.items():
+        options = set(inspect.signature(commands[name]).parameters) - {"context"} - CLI_ONLY
+        keywords = set(inspect.signature(function).parameters)
+        # a command's model: its API function's first parameter
+        options.discard("model")
+        missing = sorted(options - keywords)
+        assert not missing, f"dp {name} options without a dpcli.{function.__name__} keyword: {missing}"
+        assert "reporter" in keywords, name
+
+
+def test_score_and_prune_take_the_device_and_scan_options(tmp_path):
+    model_folder = save_tiny_unet(tmp_path / "unet")
+    images = make_image_folder(tmp_path / "images")
+    scores = dpcli.score(
+        model_folder, criterion="diff-taylor", data=images, device="cpu", precision="bf16",
+        gradient_checkpointing=True, max_params=10**7, **SCAN,
+    )  # fmt: skip
+    assert scores.to_json()["precision"] == "bf16" and scores.to_json()["device"] == "cpu"
+    with pytest.raises(BadSetting, match="precision fp16 needs a CUDA GPU"):
+        dpcli.score(
+            model_folder, criterion="diff-taylor", data=images, device="cpu", precision="fp16", **SCAN
+        )
+    pruned = dpcli.prune(
+        model_folder, criterion="diff-taylor", data=images, device="cpu", precision="bf16", scan_budget=600,
+        ratio=0.3, workers=0, threshold=0.05,
+    )  # fmt: skip
+    assert pruned.record["pruning"]["scores"]["precision"] == "bf16"
+    assert pruned.record["pruning"]["scores"]["scan_budget"] is not None
+    with pytest.raises(BadSetting, match="data applies when prune computes the scores"):
+        dpcli.prune(model_folder, scores, ratio=0.3, data=images)
+    with pytest.raises(BadInput, match="parameters"):
+        dpcli.load(model_folder, max_params=10)

@@ -30,6 +30,7 @@ MODEL_KEYS = {
     "clip_score",
     "protocol",
     "protocol_note",
+    "samples_grid",
 }
 
 
@@ -98,6 +99,30 @@ def test_earlier_eval_reports_are_reused(dp, tmp_path, tiny_unet_folder, pruned_
     mixed = dp("compare", tiny_unet_folder, "--report", tmp_path / "a", "--no-latency", "--json")
     assert mixed.exit_code == 0, mixed.stderr
     assert mixed.json["sampling"]["seed"] == 4 and mixed.json["models"][1]["ssim"] == pytest.approx(1.0)
+
+
+def test_summary_of_eval_reports_is_one_row_per_model(dp, tmp_path):
+    gray = tmp_path / "gray"
+    make_unet({**TINY_UNET_CONFIG, "in_channels": 1, "out_channels": 1}).save_pretrained(gray)
+    pruned_folder = tmp_path / "gray-pruned"
+    assert dp("prune", gray, "--criterion", "magnitude", "--ratio", "0.5", "-o", pruned_folder).exit_code == 0
+    common = ["--steps", "2", "--num-samples", "3", "--latency-batch", "2", "--repeats", "1"]
+    common += ["--data", "builtin:digits"]
+    assert dp("eval", gray, *common, "-o", tmp_path / "original").exit_code == 0
+    assert dp("eval", pruned_folder, *common, "-o", tmp_path / "pruned").exit_code == 0
+    reports = ["--report", tmp_path / "original", "--report", tmp_path / "pruned"]
+    result = dp("compare", *reports, "--num-samples", "3", "--summary")
+    assert result.exit_code == 0, result.stderr
+    table = result.stdout
+    for text in ("params", "MACs", "speedup, batch 1", "speedup, batch 2", "FID", "SSIM to 1st", "baseline"):
+        assert text in table, text
+    assert "width conv_in" not in table and "PSNR" not in table  # the headline only
+    compared = dp("compare", *reports, "--num-samples", "3", "--json").json
+    original, pruned = compared["models"]
+    assert original["samples_grid"] == str(tmp_path / "original" / "grid.png")
+    assert pruned["samples_grid"] == str(tmp_path / "pruned" / "grid.png")
+    for value in (f"{original['fid']:.1f}", f"{pruned['fid']:.1f}", f"{pruned['ssim']:.3f}"):
+        assert value in table, value
 
 
 def test_bad_input_exits_2(dp, tmp_path, tiny_unet_folder):

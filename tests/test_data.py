@@ -230,7 +230,7 @@ def test_bad_sources_exit_2_naming_the_problem_and_write_nothing(dp, tmp_path, t
         (["--data", hf, "--caption-column", "prompt"], "no column 'prompt'"),
         (["--data", hf, "--split", "validation"], "no split 'validation'"),
         (["--data", str(empty / "0.tar")], "holds no samples"),
-        (["--data", corrupt, "--batch-size", "6"], "sample0003"),
+        (["--data", corrupt, "--batch-size", "6", "--on-bad-sample", "fail"], "sample0003"),
         (["--data", str(tmp_path / "not-a-tar.tar")], "not a readable tar shard"),
         (["--data", str(tmp_path / "shards" / "{0..3}.tar")], "shard not found"),
         (["--data", str(folder), "--split", "train"], "apply to Hugging Face datasets"),

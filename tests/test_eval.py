@@ -37,6 +37,7 @@ REPORT_KEYS = {
     "output",
     "files",
     "grid",
+    "bad_samples",
 }
 SAMPLING_KEYS = {
     "sampler",

@@ -316,3 +316,29 @@ def test_a_live_model_samples_with_the_prompts_of_a_report(dp, models, tmp_path)
     prompts.write_text("something else\n")
     changed = dp("compare", models["sd"], "--report", report, "--num-samples", "4", "--no-latency")
     assert changed.exit_code == 2 and "changed since the report was made" in changed.stderr
+
+
+def test_the_api_conditions_and_guides_as_dp_eval_does(dp, models, tiny_unet_folder, tmp_path):
+    import dpcli
+    from dpcli.errors import BadSetting
+
+    prompts = ["a red square", "a blue circle"]
+    report = dpcli.evaluate(
+        models["sd"], prompt=prompts, guidance_scale=2.0, clip_model=models["clip"],
+        steps=2, num_samples=4, batch_size=4, latency=False,
+    ).to_json()  # fmt: skip
+    cli = dp("eval", models["sd"], *FAST, "--prompt", prompts[0], "--prompt", prompts[1], "--guidance-scale",
+             "2.0", "--clip-model", models["clip"], "-o", tmp_path / "cli", "--json")  # fmt: skip
+    assert cli.exit_code == 0, cli.stderr
+    assert report["sampling"]["guidance_scale"] == 2.0 and report["protocol"]["guidance_scale"] == 2.0
+    assert report["protocol"] == cli.json["protocol"] and report["protocol"]["prompts"]["prompts"] == prompts
+    assert report["clip_score"] == pytest.approx(cli.json["clip_score"]) and report["clip_score"] is not None
+    images = dpcli.evaluate(
+        models["sd"], prompt=prompts, guidance_scale=2.0, steps=2, num_samples=4, batch_size=4, latency=False
+    ).samples.images
+    assert torch.equal(images, samples_of(tmp_path / "cli"))
+    # A pixel DDPM has no text input: refused as dp eval refuses it, not sampled without the prompt.
+    with pytest.raises(BadSetting, match="prompt applies to text-conditional models"):
+        dpcli.evaluate(tiny_unet_folder, prompt="a cat", steps=2, num_samples=4, latency=False)
+    with pytest.raises(BadSetting, match="class_label applies to class-conditional models"):
+        dpcli.evaluate(models["sd"], class_label=1, steps=2, num_samples=4, latency=False)

@@ -183,7 +183,7 @@ def test_pruned_text_model_reloads_with_identical_outputs(built, tmp_path):
     loaded = load_model(str(built["sd"]))
     options = PruneOptions(head_ratio=0.25)
     settings = ScoreSettings(
-        "diff-taylor", data=str(built["images"]), calib_size=3, timesteps=4, options=options
+        "diff-taylor", data=str(built["images"]), calib_size=3, timesteps=4, head_ratio=0.25
     )
     scores = compute_scores(loaded, settings)
     prune_settings = PruneSettings(ratio=0.4)

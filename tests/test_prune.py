@@ -85,7 +85,7 @@ def test_multi_head_attention_and_head_pruning_reload_identically(tmp_path, imag
 
     loaded = load_model(str(folder))
     options = PruneOptions(head_ratio=0.25)
-    scores = compute_scores(loaded, ScoreSettings("magnitude", options=options))
+    scores = compute_scores(loaded, ScoreSettings("magnitude", head_ratio=0.25))
     settings = PruneSettings(ratio=0.25)
     report = prune_model(loaded, scores, settings, options)
     attention = loaded.model.down_blocks[1].attentions[0]

@@ -17,6 +17,7 @@ from dpcli.cli import inspect as inspect_command
 from dpcli.cli import plugins as plugins_command
 from dpcli.cli import prune as prune_command
 from dpcli.cli import score as score_command
+from dpcli.cli import slice as slice_command
 from dpcli.cli.options import Json
 
 state = {"debug": os.environ.get("DPCLI_DEBUG", "") not in ("", "0")}
@@ -67,6 +68,7 @@ app.command("finetune")(finetune_command.finetune)
 app.command("eval")(eval_command.evaluate)
 app.command("compare")(compare_command.compare)
 app.command("export")(export_command.export)
+app.command("slice")(slice_command.slice_addon_command)
 app.command("plugins")(plugins_command.plugins)
 
 

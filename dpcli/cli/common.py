@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -12,26 +11,18 @@ def default_output(model: str, suffix: str) -> Path:
     return Path(f"{Path(model.rstrip('/')).name.replace(':', '-')}-{suffix}")
 
 
-@contextmanager
-def scan_progress(loaded, settings):
-    """A progress bar over timesteps with the current loss; yields the callback the scan calls.
+# Options that only the command line has: how the result is shown (--json, --summary), whether to ask
+# (--yes); see the parity test, tests/test_api.py. ``context`` is Typer's.
+CLI_ONLY = ("context", "json_output", "summary", "yes")
 
-    Criteria that need no gradients get no bar (and a None callback)."""
-    from dpcli.cli import render as output
-    from dpcli.plugins import get_registry
 
-    if not get_registry().criterion(settings.criterion).needs_gradients:
-        yield None
-        return
-    total = int(settings.timesteps or loaded.scheduler.config.num_train_timesteps)
-    with output.progress(extra=("loss",)) as bar:
-        task = bar.add_task("Timestep scan", total=total, loss="")
+def api_keywords(command, arguments: dict) -> dict:
+    """The parsed options of ``command`` (a Typer command function; ``arguments`` its ``locals()``) as the
+    keywords of its ``dpcli`` function: the command's parameters but the CLI-only ones."""
+    import inspect
 
-        def on_progress(step: int, loss: float) -> None:
-            bar.update(task, completed=step + 1, loss=f"t={step} loss={loss:.4f}")
-
-        yield on_progress
-        bar.update(task, total=bar.tasks[0].completed or total)
+    names = set(inspect.signature(command).parameters) - set(CLI_ONLY)
+    return {name: value for name, value in arguments.items() if name in names}
 
 
 def interactive() -> bool:
@@ -63,28 +54,27 @@ def ask_data(criterion: str) -> str:
     return typer.prompt(f"{criterion} needs calibration images: folder or builtin:digits", err=True)
 
 
-def ask_target(tolerance: float):
+def ask_target() -> float:
     """Ask for a MACs target (fraction kept)."""
     import typer
 
-    from dpcli.jobs.prune import PruneSettings
-
-    value = typer.prompt("Keep what fraction of the MACs? (e.g. 0.5)", type=float, default=0.5, err=True)
-    return PruneSettings(target_macs=value, tolerance=tolerance)
+    return typer.prompt("Keep what fraction of the MACs? (e.g. 0.5)", type=float, default=0.5, err=True)
 
 
-def confirm_plan(loaded, criterion: str, settings, params: int, macs: int, output_path) -> None:
-    """Show what will happen and ask to go on."""
+def confirm_plan(loaded, criterion: str, options: dict, output_path) -> None:
+    """Show what ``dp prune`` with ``options`` (its keywords) will do to ``loaded`` and ask to go on."""
     import typer
 
     from dpcli.cli import render as output
+    from dpcli.jobs.prune import measure
 
-    if settings.ratio is not None:
-        goal = f"remove {settings.ratio:.0%} of the channels in every prunable layer"
-    elif settings.target_macs is not None:
-        goal = f"keep ~{settings.target_macs:.0%} of the MACs (~{output.fmt_count(macs * settings.target_macs, 'MAC')})"
+    params, macs = measure(loaded)
+    if options["ratio"] is not None:
+        goal = f"remove {options['ratio']:.0%} of the channels in every prunable layer"
+    elif options["target_macs"] is not None:
+        goal = f"keep ~{options['target_macs']:.0%} of the MACs (~{output.fmt_count(macs * options['target_macs'], 'MAC')})"
     else:
-        goal = f"keep ~{settings.target_params:.0%} of the params (~{output.fmt_count(params * settings.target_params)})"
+        goal = f"keep ~{options['target_params']:.0%} of the params (~{output.fmt_count(params * options['target_params'])})"
     output.stderr.print(
         f"Plan: prune {loaded.source} ({output.fmt_count(params)} params, {output.fmt_count(macs, 'MAC')}) "
         f"with [bold]{criterion}[/] to {goal}; write {output_path}"
@@ -99,13 +89,3 @@ def limit_params(context, max_params: int | None) -> None:
     from dpcli.sizing import params_limit
 
     context.with_resource(params_limit(max_params))
-
-
-def lock_output(context, target: Path) -> None:
-    """Hold the output lock of ``target`` until the command of ``context`` (its ``typer.Context``) ends
-    (``dpcli.io.files.output_lock``): a second dp writing the same output stops with exit code 2, even
-    with --force."""
-    from dpcli.cli import render as output
-    from dpcli.io.files import output_lock
-
-    context.with_resource(output_lock(target, on_note=output.warn))

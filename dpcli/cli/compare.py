@@ -5,6 +5,7 @@ from typing import Annotated
 
 import typer
 
+from dpcli.cli.common import api_keywords
 from dpcli.cli.options import (
     BatchSize,
     ClassLabels,
@@ -12,10 +13,10 @@ from dpcli.cli.options import (
     Force,
     GuidanceScale,
     Json,
+    Latency,
     LatencyBatch,
     MaxParams,
     NegativePrompt,
-    NoLatency,
     NumSamples,
     Output,
     Precision,
@@ -50,6 +51,15 @@ MixedProtocols = Annotated[
     ),
 ]
 
+Summary = Annotated[
+    bool,
+    typer.Option(
+        "--summary",
+        help="Print only the headline, one row per model: params, MACs, measured speedup, FID, SSIM to the "
+        "first, where its samples are.",
+    ),
+]
+
 
 def compare(
     context: typer.Context,
@@ -66,10 +76,11 @@ def compare(
     guidance_scale: GuidanceScale = None,
     class_label: ClassLabels = None,
     mixed_protocols: MixedProtocols = False,
+    summary: Summary = False,
     batch_size: BatchSize = 64,
     latency_batch: LatencyBatch = 64,
     repeats: Repeats = 5,
-    no_latency: NoLatency = False,
+    latency: Latency = True,
     device: Device = None,
     precision: Precision = "auto",
     scheduler: Scheduler = None,
@@ -80,63 +91,19 @@ def compare(
 ) -> None:
     """Models side by side: size, MACs, latency, speedup, per-block widths, SSIM/PSNR to the first from the
     same noise, prompts and labels, a grid captioned with what each column was asked for."""
+    options = api_keywords(compare, locals())
+    import dpcli
     from dpcli.cli import render as out
-    from dpcli.cli.common import limit_params, lock_output
-    from dpcli.cli.render.compare import render_compare
-    from dpcli.conditions import ConditioningRequest
-    from dpcli.io.files import AtomicFolder, prepare_output
-    from dpcli.jobs.compare import CompareSettings, write_compare_output
-    from dpcli.jobs.compare import compare as run_compare
-    from dpcli.jobs.evaluate import LatencySettings
-    from dpcli.runtime import start_distributed
-    from dpcli.sampling import SamplerSettings
+    from dpcli.cli.render.compare import render_compare, render_compare_summary
+    from dpcli.cli.reporter import RichReporter
 
-    limit_params(context, max_params)
-
-    if output is not None:
-        lock_output(context, output)
-        prepare_output(output, force)
-    request = ConditioningRequest(
-        prompts=list(prompt or []),
-        prompts_file=prompts,
-        negative_prompt=negative_prompt,
-        guidance_scale=guidance_scale,
-        class_labels=list(class_label or []),
-    )
-    explicit = any(value is not None for value in (steps, spacing, sampler, seed)) or not request.is_empty
-    settings = CompareSettings(
-        models=list(models or []),
-        reports=list(report or []),
-        num_samples=num_samples,
-        sampling=SamplerSettings(
-            sampler=sampler or "ddim",
-            steps=steps or 100,
-            spacing=spacing or "uniform",
-            seed=0 if seed is None else seed,
-            batch_size=batch_size,
-            precision=precision,
-        ),
-        latency=None if no_latency else LatencySettings(batch=latency_batch, repeats=repeats),
-        device=device,
-        scheduler=scheduler,
-        conditioning=request,
-        mixed_protocols=mixed_protocols,
-    )
-    dist = start_distributed()
-    rank = dist.rank
-    try:
-        with out.progress_tasks(enabled=rank == 0) as progress:
-            result = run_compare(
-                settings, progress, status=out.info if rank == 0 else None, explicit_sampling=explicit
-            )
-        if result is None:
-            return
-        if output is not None:
-            with AtomicFolder(output, force=force) as folder:
-                write_compare_output(result, folder, final=Path(output))
-        if json_output:
-            out.print_json(result.to_json())
-        else:
-            render_compare(result.to_json())
-    finally:
-        dist.close()
+    with RichReporter() as reporter:
+        result = dpcli.compare(**options, reporter=reporter)
+    if result is None:
+        return
+    if json_output:
+        out.print_json(result.to_json())
+    elif summary:
+        render_compare_summary(result.to_json())
+    else:
+        render_compare(result.to_json())

@@ -5,6 +5,7 @@ from typing import Annotated
 
 import typer
 
+from dpcli.cli.common import api_keywords, default_output
 from dpcli.cli.options import Adapter, Config, Force, Json, MaxParams, ModelArgument, Output
 
 Format = Annotated[str, typer.Option("--format", help="onnx, or torchscript (a traced torch.jit file).")]
@@ -31,23 +32,21 @@ def export(
     json_output: Json = False,
 ) -> None:
     """Export the UNet to ONNX (dynamic batch; timestep and conditioning inputs), verified with onnxruntime."""
+    output = (
+        Path(output) if output else Path(f"{default_output(model, 'unet')}.{_SUFFIX.get(format, 'onnx')}")
+    )
+    options = api_keywords(export, locals())
+    import dpcli
     from dpcli.cli import render as out
-    from dpcli.cli.common import default_output, limit_params, lock_output
     from dpcli.cli.render.export import render_export
-    from dpcli.jobs.export import ExportSettings, export_model
-    from dpcli.loading import load_model
+    from dpcli.cli.reporter import RichReporter
 
-    limit_params(context, max_params)
-    settings = ExportSettings(format=format, opset=opset, tolerance=tolerance)
-    settings.validate()
-    suffix = ".onnx" if settings.format == "onnx" else ".pt"
-    target = Path(output) if output else Path(f"{default_output(model, 'unet')}{suffix}")
-    lock_output(context, target)
-    with out.stderr.status("Loading model"):
-        loaded = load_model(model, adapter=adapter, config=config)
-    with out.stderr.status(f"Exporting to {settings.format} and verifying"):
-        report = export_model(loaded, target, settings, force=force).to_json()
+    with RichReporter() as reporter:
+        report = dpcli.export(**options, reporter=reporter).to_json()
     if json_output:
         out.print_json(report)
     else:
         render_export(report)
+
+
+_SUFFIX = {"torchscript": "pt"}

@@ -1,11 +1,11 @@
 """``dp finetune``."""
 
-import contextlib
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from dpcli.cli.common import api_keywords, default_output
 from dpcli.cli.options import (
     Adapter,
     BatchSize,
@@ -16,8 +16,10 @@ from dpcli.cli.options import (
     ImageColumn,
     Json,
     LabelColumn,
+    MaxBadFraction,
     MaxParams,
     ModelArgument,
+    OnBadSample,
     Output,
     Seed,
     Split,
@@ -96,6 +98,34 @@ CacheLatents = Annotated[
         help="LDMs: keep each image's autoencoder latents in this folder and reuse them across steps and runs.",
     ),
 ]
+ReportTo = Annotated[
+    str | None,
+    typer.Option(
+        "--report-to",
+        help="Also log metrics and validation grids to none, tensorboard (OUTPUT/tensorboard; the default when "
+        "installed) or wandb (offline unless WANDB_MODE/WANDB_API_KEY say otherwise).",
+        show_default=False,
+    ),
+]
+ValidateEvery = Annotated[
+    int,
+    typer.Option(
+        "--validate-every",
+        help="Every N steps and at the end, sample the EMA weights into OUTPUT/validation/step-N.png, with a "
+        "small-sample FID when the data allows (0: off).",
+    ),
+]
+ValidationSamples = Annotated[
+    int, typer.Option("--validation-samples", help="Images per validation (same noise every time).")
+]
+ValidationPrompt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--validation-prompt",
+        help="Text models: a prompt to validate with (repeat for more).",
+        show_default=False,
+    ),
+]
 Preview = Annotated[
     int,
     typer.Option(
@@ -113,6 +143,8 @@ def finetune(
     image_column: ImageColumn = None,
     caption_column: CaptionColumn = None,
     label_column: LabelColumn = None,
+    on_bad_sample: OnBadSample = None,
+    max_bad_fraction: MaxBadFraction = None,
     crop: Crop = "center",
     flip: Flip = False,
     caption_dropout: CaptionDropout = None,
@@ -137,6 +169,10 @@ def finetune(
     device: Device = "auto",
     reinit: Reinit = False,
     preview: Preview = 0,
+    report_to: ReportTo = None,
+    validate_every: ValidateEvery = 0,
+    validation_samples: ValidationSamples = 16,
+    validation_prompt: ValidationPrompt = None,
     force: Force = False,
     adapter: Adapter = None,
     config: Config = None,
@@ -147,90 +183,23 @@ def finetune(
 
     Global batch per optimizer step = --batch-size × processes × --grad-accum. Run data-parallel with
     `torchrun --nproc-per-node N -m dpcli finetune ...`. Ctrl-C writes a checkpoint, then stops.
+
+    Watch it while it runs: `tail -f OUTPUT/metrics.jsonl` (one record per step),
+    `tensorboard --logdir OUTPUT` (loss, lr, grad norm, validation grids and FID),
+    OUTPUT/validation/step-N.png with --validate-every N.
     """
+    output = Path(output) if output else default_output(model, "finetuned")
+    options = api_keywords(finetune, locals())
+    import dpcli
     from dpcli.cli import render as out
-    from dpcli.cli.common import default_output, limit_params, lock_output
     from dpcli.cli.render.finetune import render_finetune
-    from dpcli.data.base import data_spec
-    from dpcli.errors import BadInput
-    from dpcli.jobs.finetune.loop import finetune as train
-    from dpcli.jobs.finetune.loop import open_training_data, prepare_output_folder, save_finetuned
-    from dpcli.jobs.finetune.settings import FinetuneSettings
-    from dpcli.loading import load_model
-    from dpcli.runtime import start_distributed
+    from dpcli.cli.reporter import RichReporter, is_main_rank
 
-    limit_params(context, max_params)
-
-    if not data:
-        raise BadInput("--data is required: an image folder, a dataset, tar shards or builtin:digits")
-    if distill_weight is None:
-        distill_weight = 1.0 if teacher else 0.0
-    settings = FinetuneSettings(
-        data=data_spec(data, split, image_column, caption_column, label_column),
-        steps=steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        warmup=warmup,
-        schedule=schedule,
-        weight_decay=weight_decay,
-        ema_decay=ema_decay,
-        grad_clip=grad_clip,
-        seed=seed,
-        precision=precision,
-        teacher=teacher,
-        distill_weight=distill_weight,
-        reinit=reinit,
-        checkpoint_every=checkpoint_every,
-        keep_checkpoints=keep_checkpoints,
-        crop=crop,
-        flip=flip,
-        caption_dropout=caption_dropout,
-        workers=workers,
-        cache_latents=str(cache_latents) if cache_latents else None,
-    )
-    target = Path(output) if output else default_output(model, "finetuned")
-    lock_output(context, target)
-    prepare_output_folder(settings, target, resume, force, {"MODEL": model, "--teacher": teacher})
-
-    dist = start_distributed(device)
-    quiet = not dist.is_main
-    try:
-        with contextlib.nullcontext() if quiet else out.stderr.status("Loading model and data"):
-            loaded = load_model(model, adapter=adapter, config=config)
-            teacher_model = load_model(teacher) if teacher else None
-            source = open_training_data(loaded, settings)
-        with contextlib.nullcontext() if quiet else out.progress(extra=("stats",)) as bar:
-            on_step = None
-            if bar is not None:
-                task = bar.add_task("Fine-tuning", total=settings.steps, stats="")
-
-                def on_step(info):
-                    stats = (
-                        f"loss {info.smoothed_loss:.4f}  lr {info.lr:.2e}  {info.steps_per_second:.2f} it/s"
-                    )
-                    bar.update(task, completed=info.step, stats=stats)
-
-            result = train(
-                loaded,
-                source,
-                settings,
-                target,
-                teacher=teacher_model,
-                resume=resume,
-                dist=dist,
-                on_step=on_step,
-                on_warning=out.warn,
-            )
-        if dist.is_main:
-            with out.stderr.status("Saving"):
-                save_finetuned(loaded, result, target, preview=preview)
-        dist.barrier()
-    finally:
-        dist.close()
-    if quiet:
+    with RichReporter() as reporter:
+        tuned = dpcli.finetune(**options, reporter=reporter)
+    if not is_main_rank():
         return
-    report = result.report.to_json(output=target, preview=bool(preview))
+    report = tuned.report.to_json(output=output, preview=bool(preview))
     if json_output:
         out.print_json(report)
     else:

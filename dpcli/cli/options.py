@@ -64,6 +64,26 @@ LabelColumn = Annotated[
     str | None,
     typer.Option("--label-column", help="Class-label column of a Hugging Face dataset (default: guessed)."),
 ]
+OnBadSample = Annotated[
+    str | None,
+    typer.Option(
+        "--on-bad-sample",
+        help="An image that cannot be decoded: skip (replaced by the next good one, warned about and listed "
+        "in the report; the default) or fail (exit 2 naming it).",
+        show_default=False,
+    ),
+]
+MaxBadFraction = Annotated[
+    float | None,
+    typer.Option(
+        "--max-bad-fraction",
+        min=0.0,
+        max=1.0,
+        help="Exit 2 once more than this fraction of the data is unreadable (default 0.01; a fine-tune "
+        "writes a checkpoint first).",
+        show_default=False,
+    ),
+]
 Workers = Annotated[
     int | None,
     typer.Option(
@@ -140,6 +160,14 @@ Ignore = Annotated[
 RoundTo = Annotated[
     int | None, typer.Option("--round-to", min=1, help="Round kept channels to a multiple of N.")
 ]
+Layout = Annotated[
+    str,
+    typer.Option(
+        "--layout",
+        help="free: per-layer widths (dp loads it); diffusers: one width per UNet level, a real diffusers "
+        "config that plain from_pretrained loads.",
+    ),
+]
 HeadRatio = Annotated[
     float,
     typer.Option("--head-ratio", min=0.0, max=0.95, help="Also remove this fraction of attention heads."),
@@ -184,7 +212,10 @@ LatencyBatch = Annotated[
 Repeats = Annotated[
     int, typer.Option("--repeats", min=1, help="Timed repeats per latency figure (the median is reported).")
 ]
-NoLatency = Annotated[bool, typer.Option("--no-latency", help="Skip the latency measurement.")]
+Latency = Annotated[
+    bool,
+    typer.Option("--latency/--no-latency", help="Measure latency (on by default; --no-latency skips it)."),
+]
 SamplingPrompts = Annotated[
     list[str] | None,
     typer.Option(

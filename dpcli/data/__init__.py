@@ -5,6 +5,7 @@ reference) names a source and a transform here, and reads it in batches through 
   (``shards``) or ``builtin:digits`` (``builtin``), as a ``Source`` with random access to ``Example``\\ s.
 - ``ImageTransform``: resize, center/random crop, flip, scale to [-1, 1] (``transforms``).
 - ``training_batches`` / ``example_batches``: lazily decoded batches in worker processes (``loader``).
+- ``BadSampleLog``, ``recording``: bad examples skipped, counted and reported (``bad_samples``).
 - ``LatentCache``: autoencoder latents of LDM training images, encoded once (``latent_cache``).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
+from dpcli.data.bad_samples import BadExample, BadSampleLog, TooManyBadSamples, recording
 from dpcli.data.base import DataSpec, Example, Source
 from dpcli.data.builtin import BUILTIN_DATASETS, DigitsSource, builtin_digits
 from dpcli.data.folder import IMAGE_SUFFIXES, ImageFolderSource, list_images
@@ -22,6 +24,10 @@ from dpcli.errors import BadInput
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "BadExample",
+    "BadSampleLog",
+    "TooManyBadSamples",
+    "recording",
     "CROPS",
     "IMAGE_SUFFIXES",
     "Batch",
@@ -46,9 +52,16 @@ def open_source(spec: DataSpec | str) -> Source:
     """The source ``spec`` names (see ``DataSpec``), opened: listed or indexed, nothing decoded yet.
 
     Bad sources (missing path, no images, unknown split or column, empty or corrupt shard) are a BadInput
-    naming the problem.
+    naming the problem. The source keeps the spec's ``on_bad_sample`` and ``max_bad_fraction``: the batches
+    read from it skip (or fail on) bad examples accordingly (``bad_samples``).
     """
     spec = DataSpec(spec) if isinstance(spec, str) else spec
+    source = _open(spec)
+    source.on_bad_sample, source.max_bad_fraction = spec.on_bad_sample, spec.max_bad_fraction
+    return source
+
+
+def _open(spec: DataSpec) -> Source:
     text = spec.source
     hf_options = (spec.split, spec.image_column, spec.caption_column, spec.label_column)
     kind = source_kind(text)

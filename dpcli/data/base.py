@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from dpcli.data.bad_samples import DEFAULT_MAX_BAD_FRACTION, DEFAULT_ON_BAD_SAMPLE, check_policy
 from dpcli.errors import BadInput, BadSetting
 
 
@@ -16,6 +18,8 @@ class DataSpec:
     ``source``: an image folder, a Hugging Face dataset (a ``save_to_disk`` folder, ``.parquet``/``.arrow``
     files, or ``hf:NAME`` from the local cache), tar shards (``shards/{000..099}.tar``) or ``builtin:digits``.
     ``split`` picks a split of a dataset with several; the ``*_column`` names override the guessed columns.
+    ``on_bad_sample`` (``skip`` or ``fail``) and ``max_bad_fraction`` say what an undecodable example does
+    (see ``dpcli.data.bad_samples``).
     """
 
     source: str
@@ -23,27 +27,48 @@ class DataSpec:
     image_column: str | None = None
     caption_column: str | None = None
     label_column: str | None = None
+    on_bad_sample: str = DEFAULT_ON_BAD_SAMPLE
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
+
+    def __post_init__(self):
+        check_policy(self.on_bad_sample, self.max_bad_fraction)
 
     def __str__(self) -> str:
         return self.source
 
 
-def data_spec(data, split=None, image_column=None, caption_column=None, label_column=None) -> DataSpec | None:
-    """The ``DataSpec`` that ``data`` and its companion settings name (``data`` may be one already);
-    None without ``data``, where a companion setting given alone is a BadSetting."""
+def data_spec(
+    data,
+    split=None,
+    image_column=None,
+    caption_column=None,
+    label_column=None,
+    on_bad_sample=None,
+    max_bad_fraction=None,
+) -> DataSpec | None:
+    """The ``DataSpec`` that ``data`` and its companion settings name (``data`` may be one already: the
+    bad-sample settings given replace its own); None without ``data``, where a companion setting given
+    alone is a BadSetting. ``on_bad_sample``/``max_bad_fraction`` None: the defaults."""
     if data is None or data == "":
         for name, value in (
             ("split", split),
             ("image_column", image_column),
             ("caption_column", caption_column),
             ("label_column", label_column),
+            ("on_bad_sample", on_bad_sample),
+            ("max_bad_fraction", max_bad_fraction),
         ):
             if value is not None:
                 raise BadSetting(name, "{" + name + "} needs {data}")
         return None
+    policy = {
+        name: value
+        for name, value in (("on_bad_sample", on_bad_sample), ("max_bad_fraction", max_bad_fraction))
+        if value is not None
+    }
     if isinstance(data, DataSpec):
-        return data
-    return DataSpec(str(data), split, image_column, caption_column, label_column)
+        return dataclasses.replace(data, **policy)
+    return DataSpec(str(data), split, image_column, caption_column, label_column, **policy)
 
 
 @dataclass
@@ -68,6 +93,8 @@ class Source:
 
     kind: str = ""
     spec: str = ""
+    on_bad_sample: str = DEFAULT_ON_BAD_SAMPLE  # set by ``open_source`` from the DataSpec
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
 
     def __len__(self) -> int:
         raise NotImplementedError

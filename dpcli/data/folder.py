@@ -19,6 +19,7 @@ import json
 import os
 from pathlib import Path
 
+from dpcli.data.bad_samples import BadExample
 from dpcli.data.base import Example, Source, label_out_of_range
 from dpcli.errors import BadInput, BadSetting
 
@@ -33,16 +34,64 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def read_image(file, what: str):
-    """Decode an image file (a path or a binary file object) with PIL; a BadInput naming ``what`` if it is
-    unreadable."""
+    """Decode an image file (a path or a binary file object) with PIL, in a mode the transforms take
+    (``usable_mode``); a ``BadExample`` naming ``what`` if it is unreadable or unusable."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(file) as image:
-            image.load()
-            return image
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise BadInput(f"unreadable image {what}: {str(exc).splitlines()[0]}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's notes on odd palettes and EXIF: usable_mode converts
+            with Image.open(file) as image:
+                if getattr(image, "n_frames", 1) > 1:
+                    image.seek(0)  # animated: the first frame
+                image.load()
+                return usable_mode(image, what)
+    except BadExample:
+        raise
+    except UnidentifiedImageError:
+        raise BadExample(what, "not an image PIL can identify") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise BadExample(what, _first_line(exc)) from None
+    except Image.DecompressionBombError as exc:
+        raise BadExample(what, _first_line(exc)) from None
+
+
+def usable_mode(image, what: str):
+    """``image`` in a mode that converts faithfully to RGB or gray: 16-bit and 32-bit gray scaled to 8
+    bits, palettes with transparency and bilevel images expanded, CMYK/YCbCr/LAB/HSV to RGB. A mode PIL
+    cannot convert is a ``BadExample``."""
+    import numpy as np
+    from PIL import Image
+
+    mode = image.mode
+    if image.width < 1 or image.height < 1:
+        raise BadExample(what, f"empty image ({image.width}x{image.height})")
+    if mode in ("RGB", "L", "RGBA", "LA"):
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(array).all():
+            raise BadExample(what, f"{mode} image with NaN or infinite pixels")
+        if mode == "F" and array.max(initial=0) <= 1.0:
+            array = array * 255.0
+        elif mode != "F" and array.max(initial=0) > 255:  # 16-bit range
+            array = array / 257.0
+        return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+    try:
+        if mode in ("P", "PA"):
+            return image.convert("RGBA" if "transparency" in image.info or mode == "PA" else "RGB")
+        if mode == "1":
+            return image.convert("L")
+        return image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise BadExample(what, f"cannot convert a {mode} image: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class ImageFolderSource(Source):

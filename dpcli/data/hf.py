@@ -14,6 +14,7 @@ import glob
 import io
 from pathlib import Path
 
+from dpcli.data.bad_samples import BadExample
 from dpcli.data.base import DataSpec, Example, Source, label_out_of_range
 from dpcli.errors import BadInput
 
@@ -73,7 +74,14 @@ class HuggingFaceSource(Source):
         return str(value).strip() if value is not None else ""
 
     def label(self, index: int) -> int | None:
-        return None if self.label_column is None else int(self._metadata[index][self.label_column])
+        if self.label_column is None:
+            return None
+        value = self._metadata[index][self.label_column]
+        if value is None:
+            raise BadExample(
+                f"{self.spec} row {index}", f"no class label in column {self.label_column!r}", "bad row"
+            )
+        return int(value)
 
     @property
     def has_captions(self) -> bool:
@@ -86,8 +94,13 @@ class HuggingFaceSource(Source):
     def check_labels(self, num_classes: int) -> None:
         if self.label_column is None:
             super().check_labels(num_classes)
-        column = self._metadata.with_format("numpy")[self.label_column]
-        low, high = int(column.min()), int(column.max())
+        import numpy as np
+
+        column = np.asarray(self._metadata.with_format("numpy")[self.label_column], dtype=np.float64)
+        present = column[~np.isnan(column)]  # rows without a label are bad samples when they are read
+        if present.size == 0:
+            raise BadInput(f"column {self.label_column!r} of {self.spec} holds no class labels")
+        low, high = int(present.min()), int(present.max())
         for label in (low, high):
             if not 0 <= label < num_classes:
                 raise label_out_of_range(label, num_classes, f"column {self.label_column!r} of {self.spec}")
@@ -225,10 +238,10 @@ def _as_image(value, what: str):
     import numpy as np
     from PIL import Image
 
-    from dpcli.data.folder import read_image
+    from dpcli.data.folder import read_image, usable_mode
 
     if isinstance(value, Image.Image):
-        return value
+        return usable_mode(value, what)
     if isinstance(value, dict):
         if value.get("bytes"):
             return read_image(io.BytesIO(value["bytes"]), what)
@@ -239,6 +252,9 @@ def _as_image(value, what: str):
     if isinstance(value, (np.ndarray, list)):
         array = np.asarray(value)
         if array.dtype != np.uint8:
-            raise BadInput(f"{what}: expected uint8 pixels, got {array.dtype}")
-        return Image.fromarray(array)
-    raise BadInput(f"{what}: not an image (got {type(value).__name__})")
+            raise BadExample(what, f"expected uint8 pixels, got {array.dtype}")
+        try:
+            return Image.fromarray(array)
+        except (TypeError, ValueError) as exc:
+            raise BadExample(what, f"pixels of shape {array.shape}: {exc}") from None
+    raise BadExample(what, f"not an image (got {type(value).__name__})")

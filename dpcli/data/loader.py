@@ -18,10 +18,11 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from dpcli.data.bad_samples import BadExample, BadSampleLog, allowed_bad, current_log, share
 from dpcli.data.base import Source
 from dpcli.data.transforms import ImageTransform
 from dpcli.errors import BadInput
@@ -72,8 +73,9 @@ class DataOrder:
 class Batch:
     """Examples ready for ``ModelAdapter.prepare_batch``: ``pixels`` [B, C, H, W] in [-1, 1] (None when
     every row came from the latent cache), per-row ``captions`` and ``labels`` (None when the source has
-    none), ``ids`` and source ``indices``, ``flipped``, ``cached`` latents by row, and each row's
-    ``geometry`` (size before resizing, crop corner: SDXL's micro-conditioning)."""
+    none), ``ids`` and source ``indices``, ``flipped``, ``cached`` latents by row, the ``(index, where,
+    reason)`` of the ``bad`` examples that rows replaced, and each row's ``geometry`` (size before resizing,
+    crop corner: SDXL's micro-conditioning)."""
 
     pixels: torch.Tensor | None
     captions: list[str] | None
@@ -84,6 +86,7 @@ class Batch:
     flipped: list[bool]
     cached: dict[int, torch.Tensor]
     pixel_rows: list[int]
+    bad: list = field(default_factory=list)
     geometry: list | None = None
 
     def __len__(self) -> int:
@@ -118,7 +121,28 @@ class ExampleDataset(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, item: tuple[int, int | None]) -> dict:
+        """The decoded example, or with ``on_bad_sample`` skip, the next good one in the source's order;
+        ``bad`` lists the ``(index, where, reason)`` of those passed over. Problems are carried to the main
+        process as data: a worker's exception loses its text."""
         index, position = item
+        count = len(self.source)
+        skip = self.source.on_bad_sample == "skip"
+        tries = min(count, allowed_bad(count, self.source.max_bad_fraction) + 1) if skip else 1
+        bad = []
+        for attempt in range(tries):
+            candidate = (index + attempt) % count
+            try:
+                return {**self._decode(candidate, position), "bad": bad}
+            except BadInput as exc:
+                if not skip:
+                    return {"error": str(exc)}
+                if isinstance(exc, BadExample):
+                    bad.append((candidate, exc.where, exc.reason))
+                else:
+                    bad.append((candidate, self._where(candidate), str(exc)))
+        return {"bad": bad, "exhausted": True}
+
+    def _decode(self, index: int, position: int | None) -> dict:
         try:
             generator = None
             if position is not None and self.transform.random:
@@ -140,10 +164,19 @@ class ExampleDataset(torch.utils.data.Dataset):
                 pixels, _, geometry = self.transform.apply(example.image, generator, flip=flip)
                 item = {"pixels": pixels, "geometry": geometry, "caption": example.caption}
                 item["label"], item["id"], item["version"] = example.label, example.id, example.version
-            item["caption"] = self._dropout(item["caption"], position)
-            return {**item, "flip": flip, "index": index}
-        except BadInput as exc:  # carried to the main process as data: a worker's exception loses its text
-            return {"error": str(exc)}
+        except (OSError, ValueError) as exc:  # a file gone or changed under us, a pixel format PIL chokes on
+            text = str(exc).strip()
+            raise BadExample(
+                self._where(index), text.splitlines()[0] if text else type(exc).__name__
+            ) from None
+        item["caption"] = self._dropout(item["caption"], position)
+        return {**item, "flip": flip, "index": index}
+
+    def _where(self, index: int) -> str:
+        try:
+            return f"{self.source.identity(index)[0]} in {self.source.spec}"
+        except (OSError, ValueError):
+            return f"example {index} of {self.source.spec}"
 
     def _dropout(self, caption: str | None, position: int | None) -> str | None:
         """The empty prompt instead of the caption with probability ``caption_dropout`` (training only)."""
@@ -154,12 +187,24 @@ class ExampleDataset(torch.utils.data.Dataset):
         return caption
 
 
-def collate(items: list[dict]) -> Batch | BadInput:
-    """Stack decoded items into a Batch (in the worker). An unreadable example gives the BadInput instead,
-    raised by ``_raising`` in the main process: raised in a worker, its message would be lost."""
+@dataclass
+class _Incomplete:
+    """A batch that could not be filled: a row met only bad examples as far as the cap lets it look."""
+
+    bad: list
+    rows: int
+
+
+def collate(items: list[dict]) -> Batch | BadInput | _Incomplete:
+    """Stack decoded items into a Batch (in the worker), with the bad examples passed over in ``bad``. An
+    unreadable example in ``fail`` mode gives the BadInput instead, raised by ``_checked`` in the main
+    process: raised in a worker, its message would be lost."""
     errors = [item["error"] for item in items if "error" in item]
     if errors:
         return BadInput(errors[0])
+    bad = [entry for item in items for entry in item["bad"]]
+    if any(item.get("exhausted") for item in items):
+        return _Incomplete(bad, len(items))
     pixel_rows = [row for row, item in enumerate(items) if "pixels" in item]
     captions = [item["caption"] for item in items]
     labels = [item["label"] for item in items]
@@ -173,6 +218,7 @@ def collate(items: list[dict]) -> Batch | BadInput:
         flipped=[bool(item["flip"]) for item in items],
         cached={row: item["latents"] for row, item in enumerate(items) if "latents" in item},
         pixel_rows=pixel_rows,
+        bad=bad,
         geometry=[item["geometry"] for item in items],
     )
 
@@ -186,15 +232,31 @@ def _quiet_worker(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _raising(batches) -> Iterator[Batch]:
-    for batch in batches:
-        if isinstance(batch, BadInput):
-            raise batch
+def _checked(batches, source: Source, log: BadSampleLog, shared: bool, step_of=None) -> Iterator[Batch]:
+    """The batches as the main process takes them: bad examples recorded in ``log`` (and warned about),
+    the cap checked, errors raised. With ``shared`` (torchrun), what each process met is first shared with
+    all, so every process records the same and stops at the same batch. ``step_of(n)``: the fine-tuning
+    step (1-based) of the ``n``-th batch."""
+    for number, batch in enumerate(batches):
+        error = str(batch) if isinstance(batch, BadInput) else None
+        incomplete = isinstance(batch, _Incomplete)
+        bad = [] if error else batch.bad
+        rows = 0 if error else (batch.rows if incomplete else len(batch))
+        if shared:
+            bad, rows, error, incomplete = share(bad, rows, error, incomplete)
+        if error:
+            raise BadInput(error)
+        log.record(bad, source.spec, step_of(number) if step_of else None, seen=rows)
+        log.check(source.spec, len(source), source.max_bad_fraction)
+        if incomplete:
+            raise BadInput(
+                f"{source.spec}: none of its {len(source)} examples is readable ({bad[0][1]}: {bad[0][2]})"
+            )
         yield batch
 
 
-def _loader(dataset, batch_sampler, workers: int, pin_memory: bool) -> Iterator[Batch]:
-    loader = torch.utils.data.DataLoader(
+def _loader(dataset, batch_sampler, workers: int, pin_memory: bool):
+    return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batch_sampler,
         num_workers=workers,
@@ -203,7 +265,6 @@ def _loader(dataset, batch_sampler, workers: int, pin_memory: bool) -> Iterator[
         prefetch_factor=2 if workers else None,
         worker_init_fn=_quiet_worker if workers else None,
     )
-    return _raising(loader)
 
 
 def example_batches(
@@ -212,14 +273,20 @@ def example_batches(
     indices: Sequence[int] | None = None,
     batch_size: int = 64,
     workers: int | None = None,
+    bad_samples: BadSampleLog | None = None,
+    shared: bool = False,
 ) -> Iterator[Batch]:
     """The examples at ``indices`` (all, in order, by default) in batches of ``batch_size``, untouched by
-    random transforms (calibration and reference images)."""
+    random transforms (calibration and reference images). Bad examples are skipped or fail as the source
+    says, into ``bad_samples`` (default: the log of the run, ``bad_samples.recording``); ``shared``: every
+    process of a torchrun job reads the same number of batches, and decides on bad samples together."""
     indices = list(range(len(source))) if indices is None else [int(i) for i in indices]
     chunks = [[(i, None) for i in indices[s : s + batch_size]] for s in range(0, len(indices), batch_size)]
     workers = default_workers(source) if workers is None else workers
     workers = min(workers, len(chunks))
-    return _loader(ExampleDataset(source, transform), chunks, workers, pin_memory=False)
+    log = bad_samples if bad_samples is not None else current_log()
+    loader = _loader(ExampleDataset(source, transform), chunks, workers, pin_memory=False)
+    return _checked(loader, source, log, shared)
 
 
 class _StepSampler(torch.utils.data.Sampler):
@@ -258,10 +325,15 @@ def training_batches(
     caption_dropout: float = 0.0,
     pin_memory: bool = False,
     cache=None,
+    bad_samples: BadSampleLog | None = None,
 ) -> Iterator[Batch]:
     """The micro-batches this process trains on for steps ``start_step..steps-1``: ``grad_accum`` per step,
-    decoded by ``workers`` processes ahead of the model (see the module docstring for the order)."""
+    decoded by ``workers`` processes ahead of the model (see the module docstring for the order). Bad
+    examples are replaced or fail as the source says, into ``bad_samples`` (default: the log of the run)
+    with the step they were met at; with ``world_size`` > 1 every process records all of them."""
     sampler = _StepSampler(len(source), seed, batch_size, world_size, rank, grad_accum, start_step, steps)
     dataset = ExampleDataset(source, transform, seed=seed, caption_dropout=caption_dropout, cache=cache)
     workers = default_workers(source) if workers is None else workers
-    return _loader(dataset, sampler, workers, pin_memory)
+    log = bad_samples if bad_samples is not None else current_log()
+    loader = _loader(dataset, sampler, workers, pin_memory)
+    return _checked(loader, source, log, world_size > 1, lambda n: start_step + n // grad_accum + 1)

@@ -220,6 +220,13 @@ def save_model(loaded, folder: Path, metadata: dict, base_config: dict | None = 
     extra_weights = metadata.pop("extra_weights", None)
     merged = recorded_metadata(loaded, metadata, base_config)
     base, original = merged.pop("base"), merged.pop("original_modules")
+    if (merged.get("pruning") or {}).get("layout") == "diffusers":
+        from dpcli.layout import pipeline_index
+
+        index = pipeline_index(loaded)  # the folder is also a plain diffusers pipeline
+        if index is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / "model_index.json").write_text(json.dumps(index, indent=2))
     return write_model(
         folder,
         loaded.model,

@@ -3,6 +3,7 @@ or read from earlier ``dp eval`` reports) side by side."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,6 @@ from dpcli.jobs.evaluate import (
     GRID_FILE,
     LatencySettings,
     Progress,
-    _no_progress,
     check_same_noise,
     measure_latency,
     model_summary,
@@ -29,6 +29,7 @@ from dpcli.jobs.protocol import describe_difference, protocol_differences
 from dpcli.metrics import (
     ssim_psnr,
 )
+from dpcli.reporting import Reporter, silent
 from dpcli.runtime import is_main_process
 from dpcli.sampling import SamplerSettings
 
@@ -59,6 +60,7 @@ class Entry:
     clip_score: float | None = None
     protocol: dict | None = None
     protocol_note: str | None = None
+    samples_grid: str | None = None  # the report's grid of samples (reports only)
 
 
 def sampling_from_report(report: dict, base: SamplerSettings) -> SamplerSettings:
@@ -137,19 +139,45 @@ class CompareReport:
         return self.fields
 
 
-def compare(
+def run(
     settings: CompareSettings,
-    progress: Progress = _no_progress,
-    status=None,
+    *,
     explicit_sampling: bool = False,
+    output: Path | None = None,
+    force: bool = False,
+    reporter: Reporter | None = None,
 ) -> CompareReport | None:
-    """Run ``dp compare``: live models first (in order), then reports. Returns the comparison on rank 0.
+    """The compare job: ``settings.models`` (what ``dp`` accepts as MODEL, or loaded models) sampled from
+    the same noise, then ``settings.reports``; report.json and the grid written to ``output`` (locked,
+    atomically; a non-empty folder needs ``force``). Returns the comparison on rank 0, None elsewhere.
 
     With reports and no explicit sampling options, live models sample with the first report's settings.
     """
+    from dpcli.io.files import AtomicFolder, output_lock, prepare_output
+    from dpcli.runtime import start_distributed
+
+    reporter = silent(reporter)
+    with contextlib.ExitStack() as stack:
+        if output is not None:
+            stack.enter_context(output_lock(Path(output), on_note=reporter.warn))
+            prepare_output(Path(output), force)
+        dist = start_distributed()
+        stack.callback(dist.close)
+        shown = reporter if dist.is_main else Reporter()
+        result = compare_models(settings, shown.progress, shown.status, explicit_sampling)
+        if result is not None and output is not None:
+            with AtomicFolder(Path(output), force=force) as folder:
+                write_compare_output(result, folder, final=Path(output))
+    return result
+
+
+def compare_models(
+    settings: CompareSettings, progress: Progress, status, explicit_sampling: bool
+) -> CompareReport | None:
+    """Sample the live models (in order), read the reports, and compare them: the report on rank 0."""
+    from dpcli.adapters.base import LoadedModel
     from dpcli.loading import load_model
 
-    status = status or (lambda text: None)
     if len(settings.models) + len(settings.reports) < 2:
         raise BadSetting(
             "reports", "dp compare needs at least two models (MODEL arguments and/or {reports} files)"
@@ -172,8 +200,11 @@ def compare(
     first_loaded = None
     conditions = reported
     for spec in settings.models:
-        status(f"Loading {spec}")
-        loaded = load_model(spec, scheduler=settings.scheduler)
+        if isinstance(spec, LoadedModel):
+            loaded = spec
+        else:
+            status(f"Loading {spec}")
+            loaded = load_model(spec, scheduler=settings.scheduler)
         request = settings.conditioning if reported is None else request_from(reported)
         if first_loaded is None:
             first_loaded = loaded
@@ -206,11 +237,18 @@ def compare(
                 report.get("clip_score"),
                 report.get("protocol"),
                 note,
+                report_grid(report, file),
             )
         )
     if conditions is None and read:
         conditions = conditions_from_record(read[0][0].get("protocol"), for_sampling=False)
     return compare_entries(entries, settings.num_samples, conditions)
+
+
+def report_grid(report: dict, file: Path) -> str | None:
+    """Where a dp eval report's grid of samples is (beside the report), when it is there."""
+    grid = file.parent / ((report.get("files") or {}).get("grid") or GRID_FILE)
+    return str(grid) if grid.is_file() else None
 
 
 def _same_noise(a: Entry, b: Entry) -> bool:
@@ -260,6 +298,7 @@ def compare_entries(
             "clip_score": entry.clip_score,
             "protocol": entry.protocol,
             "protocol_note": entry.protocol_note,
+            "samples_grid": entry.samples_grid,
         }
         if position > 0:
             if first.images is None or entry.images is None:

@@ -1,8 +1,6 @@
-"""The eval job (``dp eval`` is a thin shell over it).
-
-``evaluate`` samples a model (and a reference from the same noise), measures latency, FID, SSIM and PSNR
-and returns a JSON-ready report. Progress goes through a ``progress(description, total)`` callback that
-returns a context manager yielding ``advance(n=1)``; the default shows nothing.
+"""The eval job: ``run`` samples a model (and a reference from the same noise), measures latency, FID, CLIP
+score, SSIM and PSNR, and writes the report, grid and samples. Progress goes through a ``Reporter``
+(``dpcli.reporting``); the measuring helpers here are shared with the compare job.
 """
 
 from __future__ import annotations
@@ -10,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +34,7 @@ from dpcli.metrics import (
     save_stats,
     ssim_psnr,
 )
+from dpcli.reporting import Reporter, silent
 from dpcli.runtime import is_main_process
 from dpcli.sampling import Sampler, SamplerSettings, Samples, generate, steps_for_rank
 
@@ -372,21 +371,94 @@ def fid_unavailable(reason: str) -> dict:
 
 @dataclass
 class EvalSettings:
-    model: str
-    reference: str | None = None
+    """``dp eval``'s settings, named as its options (``latency=False`` is ``--no-latency``); the sampling,
+    latency and conditioning settings are built from them (``sampling``, ``latency_settings``,
+    ``conditioning``)."""
+
+    reference: str | None = None  # what the reference was loaded from (recorded)
     num_samples: int = 256
-    sampling: SamplerSettings = field(default_factory=SamplerSettings)
-    latency: LatencySettings | None = field(default_factory=LatencySettings)
-    data: DataSpec | str | None = None
+    steps: int = 100
+    spacing: str = "uniform"
+    sampler: str = "ddim"
+    seed: int = 0
+    prompt: list[str] | str | None = None  # sample i gets prompt i mod P
+    prompts: Path | None = None  # a file of prompts, one a line
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None  # None: the model's default (its diffusers pipeline's)
+    class_label: list[int] | int | None = None
+    clip_model: str | None = None  # a CLIP folder or cached Hub id (default: DEFAULT_CLIP_MODEL if cached)
+    batch_size: int = 64
+    data: DataSpec | str | Path | None = None
+    split: str | None = None
+    image_column: str | None = None
+    caption_column: str | None = None
+    label_column: str | None = None
+    on_bad_sample: str | None = None  # skip (the default) or fail: dpcli.data.bad_samples
+    max_bad_fraction: float | None = None  # the cap on skipped examples (default 0.01)
     fid_stats: Path | None = None
     inception_weights: Path | None = None
     save_stats: Path | None = None
+    latency_batch: int = 64
+    repeats: int = 5
+    latency: bool = True
     device: str | None = None
-    adapter: str | None = None
-    config: Path | None = None
-    scheduler: Path | None = None  # replaces the scheduler of the model and of the reference
-    conditioning: ConditioningRequest = field(default_factory=ConditioningRequest)
-    clip_model: str | None = None  # a CLIP folder or cached Hub id (default: DEFAULT_CLIP_MODEL if cached)
+    precision: str = "auto"
+
+    def __post_init__(self):
+        from dpcli.data.base import data_spec
+
+        self.data = data_spec(
+            self.data,
+            self.split,
+            self.image_column,
+            self.caption_column,
+            self.label_column,
+            self.on_bad_sample,
+            self.max_bad_fraction,
+        )
+        if isinstance(self.prompt, str):
+            self.prompt = [self.prompt]
+        if isinstance(self.class_label, int):
+            self.class_label = [self.class_label]
+        if self.clip_model is not None:
+            self.clip_model = str(self.clip_model)  # recorded in the protocol as given
+        for name in ("prompts", "fid_stats", "inception_weights", "save_stats"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
+
+    @property
+    def sampling(self) -> SamplerSettings:
+        """How the images are sampled, before the model's conditions are resolved."""
+        return SamplerSettings(
+            sampler=self.sampler,
+            steps=self.steps,
+            spacing=self.spacing,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            precision=self.precision,
+        )
+
+    @property
+    def latency_settings(self) -> LatencySettings | None:
+        return LatencySettings(batch=self.latency_batch, repeats=self.repeats) if self.latency else None
+
+    @property
+    def conditioning(self) -> ConditioningRequest:
+        """What was asked for; ``resolve_conditions`` checks it against the model."""
+        return ConditioningRequest(
+            prompts=list(self.prompt or []),
+            prompts_file=self.prompts,
+            negative_prompt=self.negative_prompt,
+            guidance_scale=self.guidance_scale,
+            class_labels=list(self.class_label or []),
+        )
+
+    def validate(self) -> None:
+        self.sampling.validate()
+        if self.num_samples < 1:
+            raise BadSetting("num_samples", "{num_samples} must be at least 1", got=self.num_samples)
+        if self.latency_settings is not None:
+            self.latency_settings.validate()
 
 
 def check_same_noise(model: LoadedModel, reference: LoadedModel, what: str = "reference") -> None:
@@ -420,24 +492,51 @@ class EvalReport:
         return self.fields
 
 
-def evaluate(
+def run(
+    loaded: LoadedModel,
     settings: EvalSettings,
-    progress: Progress = _no_progress,
-    status=None,
-    loaded: LoadedModel | None = None,
-    reference_loaded: LoadedModel | None = None,
+    *,
+    reference: LoadedModel | None = None,
+    output: Path | None = None,
+    force: bool = False,
+    reporter: Reporter | None = None,
 ) -> EvalReport | None:
-    """Run ``dp eval``; returns the report on rank 0 (None on other torchrun ranks). ``loaded`` and
-    ``reference_loaded`` (the Python API's models) are used instead of loading ``settings.model`` and
-    ``settings.reference``."""
-    from dpcli.loading import load_model
+    """The eval job: sample ``loaded`` (and ``reference`` from the same noise) on every torchrun process,
+    measure, and write report.json, grid.png and samples.safetensors to ``output`` (locked, atomically;
+    an existing non-empty folder needs ``force``, as does an existing ``settings.save_stats`` file).
+    Returns the report on rank 0, None on the other ranks."""
+    from dpcli.io.files import AtomicFolder, output_lock, prepare_output
+    from dpcli.runtime import start_distributed
 
-    status = status or (lambda text: None)
-    settings.sampling.validate()
-    if settings.num_samples < 1:
-        raise BadSetting("num_samples", "{num_samples} must be at least 1", got=settings.num_samples)
-    if settings.latency is not None:
-        settings.latency.validate()
+    reporter = silent(reporter)
+    settings.validate()
+    output = Path(output) if output is not None else None
+    with contextlib.ExitStack() as stack:
+        if output is not None:
+            stack.enter_context(output_lock(output, on_note=reporter.warn))
+            prepare_output(output, force)
+        if settings.save_stats is not None:
+            stack.enter_context(output_lock(settings.save_stats, on_note=reporter.warn))
+            if settings.save_stats.exists() and not force:
+                raise BadSetting(
+                    "save_stats",
+                    "{save_stats} {path} exists (use {force} to replace it)",
+                    path=settings.save_stats,
+                )
+        dist = start_distributed()
+        stack.callback(dist.close)
+        report = sample_and_measure(loaded, settings, reference, reporter if dist.is_main else Reporter())
+        if report is not None and output is not None:
+            with AtomicFolder(output, force=force) as folder:
+                write_eval_output(report, folder, final=output)
+    return report
+
+
+def sample_and_measure(
+    loaded: LoadedModel, settings: EvalSettings, reference: LoadedModel | None, reporter: Reporter
+) -> EvalReport | None:
+    """Sample, then measure latency, FID, CLIP score, SSIM/PSNR: the report on rank 0, None elsewhere."""
+    progress = reporter.progress
     plan = plan_fid(
         settings.data,
         settings.fid_stats,
@@ -445,15 +544,6 @@ def evaluate(
         settings.save_stats,
         settings.num_samples,
     )
-    if loaded is None:
-        status(f"Loading {settings.model}")
-        loaded = load_model(
-            settings.model, adapter=settings.adapter, config=settings.config, scheduler=settings.scheduler
-        )
-    reference = reference_loaded
-    if reference is None and settings.reference is not None:
-        status(f"Loading {settings.reference}")
-        reference = load_model(settings.reference, scheduler=settings.scheduler)
     if reference is not None:
         check_same_noise(loaded, reference)
     conditions = resolve_sampling_conditions(
@@ -473,17 +563,20 @@ def evaluate(
     if not is_main_process():
         return None
 
-    latency = measure_latency(sampler, settings.latency, progress) if settings.latency else None
+    latency = measure_latency(sampler, settings.latency_settings, progress) if settings.latency else None
     consistency = {"ssim": None, "psnr": None}
     if reference_samples is not None:
         if reference_samples.images.shape != samples.images.shape:
             raise BadInput(
-                f"reference {settings.reference} makes images of shape {tuple(reference_samples.images.shape[1:])},"
-                f" {settings.model} {tuple(samples.images.shape[1:])}: they cannot be paired"
+                f"reference {reference.source} makes images of shape {tuple(reference_samples.images.shape[1:])},"
+                f" {loaded.source} {tuple(samples.images.shape[1:])}: they cannot be paired"
             )
         consistency = ssim_psnr(samples.images, reference_samples.images)
+    from dpcli.data import recording
+
     if plan is not None:
-        fid, fid_info = compute_fid(plan, loaded, samples, progress, device=sampler.device)
+        with recording() as bad_samples:
+            fid, fid_info = compute_fid(plan, loaded, samples, progress, device=sampler.device)
     else:
         fid, fid_info = None, fid_unavailable("no reference images: pass --data D or --fid-stats FILE")
     if clip_folder is not None:
@@ -517,6 +610,7 @@ def evaluate(
         "files": None,
         "grid": None,
         "protocol": protocol,
+        "bad_samples": bad_samples.to_json() if plan is not None else [],  # FID reference images skipped
     }
     rows, captions = conditional_grid(samples.images, conditions)
     return EvalReport(fields, samples, rows, captions)

@@ -29,6 +29,7 @@ import torch
 from dpcli.adapters.base import LoadedModel
 from dpcli.errors import BadInput, BadSetting, DpError
 from dpcli.io.files import write_failure
+from dpcli.reporting import Reporter, silent
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_OPSET = 17
@@ -98,7 +99,7 @@ def example_inputs(loaded: LoadedModel, batch_size: int, seed: int = 0) -> dict[
 
 @dataclass
 class ExportReport:
-    """What ``export_model`` did; ``to_json()`` is what ``dp export --json`` prints."""
+    """What ``run`` did; ``to_json()`` is what ``dp export --json`` prints."""
 
     model: str
     format: str
@@ -124,27 +125,38 @@ def _describe(named: dict[str, torch.Tensor]) -> list[dict]:
     ]
 
 
-def export_model(
-    loaded: LoadedModel, output: Path, settings: ExportSettings, force: bool = False
+def run(
+    loaded: LoadedModel,
+    settings: ExportSettings,
+    *,
+    output: Path,
+    force: bool = False,
+    reporter: Reporter | None = None,
 ) -> ExportReport:
-    """Export ``loaded``'s denoiser to ``output`` and verify it; nothing is written unless it verifies.
+    """The export job: export ``loaded``'s denoiser to ``output`` (locked) and verify it; nothing is
+    written unless it verifies.
 
     Raises BadSetting for bad settings or an existing output without ``force``, DpError (exit 1) when the
     exported model differs from PyTorch by more than ``settings.tolerance``.
     """
+    from dpcli.io.files import output_lock
+
+    reporter = silent(reporter)
     settings.validate()
     output = Path(output)
-    if output.is_dir():
-        raise BadInput(f"output {output} is a folder; give a file name such as model.{settings.format}")
-    if output.exists() and not force:
-        raise BadSetting("force", "output {output} exists (use {force} to replace it)", output=output)
-    started = time.perf_counter()
-    parameter = next(loaded.model.parameters())
-    device, dtype = parameter.device, parameter.dtype
-    try:
-        return _export(loaded, output, settings, force, started)
-    finally:  # exported on the CPU in fp32; the caller's model is left as it was
-        _move(loaded.model, device, dtype)
+    with output_lock(output, on_note=reporter.warn):
+        if output.is_dir():
+            raise BadInput(f"output {output} is a folder; give a file name such as model.{settings.format}")
+        if output.exists() and not force:
+            raise BadSetting("force", "output {output} exists (use {force} to replace it)", output=output)
+        reporter.status(f"Exporting to {settings.format} and verifying")
+        started = time.perf_counter()
+        parameter = next(loaded.model.parameters())
+        device, dtype = parameter.device, parameter.dtype
+        try:
+            return _export(loaded, output, settings, force, started)
+        finally:  # exported on the CPU in fp32; the caller's model is left as it was
+            _move(loaded.model, device, dtype)
 
 
 def _move(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

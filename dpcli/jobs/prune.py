@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from dpcli.adapters.base import LoadedModel
-from dpcli.errors import BadSetting
+from dpcli.errors import BadInput, BadSetting
 from dpcli.flops import count_params
 from dpcli.io.model_format import module_shapes
-from dpcli.jobs.score import Scores
+from dpcli.jobs.score import Scores, ScoreSettings, check_threshold
 from dpcli.pruning import PruneOptions, output_shape, prune_to_target
+from dpcli.reporting import Reporter, silent
 
 
 def measure(loaded: LoadedModel) -> tuple[int, int]:
@@ -29,14 +31,47 @@ def layer_rows(loaded: LoadedModel) -> dict[str, dict]:
 
 
 @dataclass
-class PruneSettings:
+class PruneSettings(ScoreSettings):
+    """``dp prune``'s settings, named as its options: one target (``ratio``, ``target_macs``,
+    ``target_params``) and ``tolerance``, the pruning options (``ignore``, ``round_to``, ``head_ratio``:
+    all unset means those the given scores were computed with), and ``dp score``'s settings for when prune
+    computes the scores itself (``criterion`` has no default: it names the scores wanted)."""
+
+    criterion: str | None = None
+    head_ratio: float | None = None
     ratio: float | None = None
     target_macs: float | None = None
     target_params: float | None = None
     tolerance: float = 0.05
+    layout: str = "free"
+
+    def validate(self, scores_given: bool = False) -> None:
+        """The target, and the scoring settings: all of them when prune scores, the threshold when the
+        scores are given (recorded with them, but a value out of range is still a mistake)."""
+        validate_prune_settings(self)
+        if scores_given:
+            check_threshold(self.threshold)
+        else:
+            self.score_settings().validate()
+
+    def score_settings(self) -> ScoreSettings:
+        """The settings of the scores prune computes when none are given."""
+        if self.criterion is None:
+            raise BadSetting("criterion", "give {criterion} (or scores) to prune")
+        shared = {f.name: getattr(self, f.name) for f in fields(ScoreSettings)}
+        return ScoreSettings(**{**shared, "head_ratio": self.head_ratio or 0.0})
+
+    def pruning_options(self, scores: Scores) -> PruneOptions:
+        """The options given, else (none given) those ``scores`` were computed with."""
+        if self.ignore is None and self.round_to is None and not self.head_ratio:
+            return scores.recorded_options()
+        return self.options
 
 
 def validate_prune_settings(settings: PruneSettings) -> None:
+    from dpcli.layout import check_layout
+
+    check_layout(settings.layout)
     given = [v for v in (settings.ratio, settings.target_macs, settings.target_params) if v is not None]
     if len(given) != 1:
         raise BadSetting("ratio", "give exactly one of {ratio}, {target_macs}, {target_params}")
@@ -68,6 +103,9 @@ class PruneReport:
     layers: list[dict]
     original_modules: dict = field(repr=False)
     kept_channels: dict = field(repr=False, default_factory=dict)
+    bad_samples: list[dict] = field(default_factory=list)  # calibration images skipped as unreadable
+    layout: str = "free"
+    layout_details: dict = field(repr=False, default_factory=dict)
 
     @property
     def macs_fraction(self) -> float:
@@ -95,6 +133,9 @@ class PruneReport:
             "cutoff": self.cutoff,
             "prune_seconds": self.prune_seconds,
             "layers": self.layers,
+            "bad_samples": self.bad_samples,
+            "layout": self.layout,
+            **({"level_widths": self.layout_details["level_widths"]} if self.layout_details else {}),
             "output": str(output) if output is not None else None,
         }
 
@@ -118,7 +159,10 @@ def prune_model(
     original_modules = module_shapes(loaded.model)
     params_before, macs_before = measure(loaded)
     started = time.perf_counter()
-    ratio, trials, kept = prune_to_target(
+    search = prune_to_target
+    if settings.layout == "diffusers":
+        from dpcli.layout import prune_to_layout as search
+    found = search(
         loaded,
         adapter,
         scores.tensors,
@@ -131,6 +175,8 @@ def prune_model(
         tolerance=settings.tolerance,
         on_trial=on_trial,
     )
+    ratio, trials, kept = found[:3]
+    details = found[3] if len(found) > 3 else {}
     criterion.finalize(loaded.model, seed)
     shape_after = output_shape(loaded, adapter)
     if shape_after != shape_before:
@@ -166,7 +212,7 @@ def prune_model(
         ratio=ratio,
         target_macs=settings.target_macs,
         target_params=settings.target_params,
-        trials=[vars(t) for t in trials],
+        trials=[t if isinstance(t, dict) else vars(t) for t in trials],
         params_before=params_before,
         params_after=params_after,
         macs_before=macs_before,
@@ -176,6 +222,9 @@ def prune_model(
         layers=layers,
         original_modules=original_modules,
         kept_channels=kept,
+        bad_samples=scores.settings.get("bad_samples", []),
+        layout=settings.layout,
+        layout_details=details,
     )
 
 
@@ -196,6 +245,8 @@ def pruned_metadata(
         # indices into the widths of the model that was pruned, per changed module (kept out/in channels,
         # kept attention heads): weights after = weights before at these indices
         "kept_channels": report.kept_channels,
+        "layout": report.layout,
+        **({"layout_details": report.layout_details} if report.layout_details else {}),
     }
     sizes = {k: getattr(report, k) for k in ("params_before", "params_after", "macs_before", "macs_after")}
     return {
@@ -204,3 +255,83 @@ def pruned_metadata(
         "original_modules": report.original_modules,
         "history": [{"step": "prune", "criterion": scores.criterion, "ratio": report.ratio, **sizes}],
     }
+
+
+def run(
+    loaded: LoadedModel,
+    settings: PruneSettings,
+    *,
+    scores: Scores | Path | str | None = None,
+    output: Path | None = None,
+    force: bool = False,
+    reporter: Reporter | None = None,
+) -> PruneReport | None:
+    """The prune job: score ``loaded`` (unless ``scores``, computed or a file ``dp score`` wrote, are given;
+    the scan runs on ``settings.device``, shared out under torchrun), prune it in place, record how in
+    ``loaded.record`` and write the pruned folder to ``output`` (locked, atomically; an existing
+    non-empty folder needs ``force``). Returns the report; None on torchrun ranks
+    other than 0, which end after the scan."""
+    from dpcli.io.files import AtomicFolder, output_lock, prepare_output
+    from dpcli.io.model_format import recorded_metadata
+    from dpcli.jobs.score import load_scores, scan_and_score
+    from dpcli.runtime import check_precision, start_distributed
+    from dpcli.scoring import place
+
+    reporter = silent(reporter)
+    settings.validate(scores_given=scores is not None)
+    output = Path(output) if output is not None else None
+    dist = start_distributed(settings.device)
+    try:
+        if scores is not None and not dist.is_main:
+            return None  # nothing to share: rank 0 prunes from the scores
+        check_precision(settings.precision, dist.device)
+        with output_lock(output, on_note=reporter.warn) if output is not None else contextlib.nullcontext():
+            if output is not None:
+                prepare_output(output, force)
+            place(loaded, dist.device)  # the scan, the target search's trials and the pruning all run there
+            if isinstance(scores, (str, Path)):
+                scores = load_scores(Path(scores), loaded)
+            if scores is not None:
+                check_given_scores(loaded, scores, settings.criterion)
+            else:
+                scores = scan_and_score(
+                    loaded, settings.score_settings(), dist, reporter if dist.is_main else Reporter()
+                )
+            if not dist.is_main:
+                return None
+            options = settings.pruning_options(scores)
+            reporter.status("Pruning")
+            report = prune_model(
+                loaded,
+                scores,
+                settings,
+                options,
+                seed=settings.seed,
+                on_trial=lambda trial: reporter.status(
+                    f"Searching the ratio: {trial.ratio:.3f} -> {trial.params:,} params, {trial.macs:,} MACs"
+                ),
+            )
+            record = pruned_metadata(report, scores, settings, options)
+            if output is not None:
+                reporter.status(f"Writing {output}")
+                with AtomicFolder(output, force=force) as folder:
+                    loaded.adapter.save(loaded, folder, record)
+            loaded.record = recorded_metadata(loaded, record)
+    finally:
+        dist.close()
+    return report
+
+
+def check_given_scores(loaded: LoadedModel, scores: Scores, criterion: str | None) -> None:
+    """Given scores must be of ``criterion`` (when one is named) and of a model of ``loaded``'s shape."""
+    from dpcli.io.model_format import model_signature
+
+    if criterion is not None and criterion != scores.criterion:
+        raise BadSetting(
+            "criterion",
+            "{criterion} {given} differs from the scores' criterion {recorded}",
+            given=criterion,
+            recorded=scores.criterion,
+        )
+    if scores.model_signature != model_signature(loaded.model):
+        raise BadInput(f"the scores were computed for a model of another shape ({loaded.source})")

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dpcli import __version__
 from dpcli.adapters.base import LoadedModel
-from dpcli.data.base import DataSpec
+from dpcli.data.base import DataSpec, data_spec
 from dpcli.errors import BadInput, BadSetting
 from dpcli.io.files import atomic_write
 from dpcli.io.model_format import model_signature
 from dpcli.io.weights import load_tensor_file
 from dpcli.pruning import PruneOptions, collect_scores
+from dpcli.reporting import Reporter, silent
 from dpcli.runtime import Distributed, check_precision
 from dpcli.scoring import (
     ScanResult,
@@ -34,23 +36,50 @@ SCORES_FORMAT = "dpcli-scores"
 
 @dataclass
 class ScoreSettings:
-    """Everything that decides the scores (recorded with them)."""
+    """Everything that decides the scores (recorded with them), named as ``dp score``'s options."""
 
-    criterion: str
-    data: DataSpec | str | None = None
+    criterion: str | None = "diff-taylor"
+    data: DataSpec | str | Path | None = None
+    split: str | None = None
+    image_column: str | None = None
+    caption_column: str | None = None
+    label_column: str | None = None
+    on_bad_sample: str | None = None  # skip (the default) or fail: dpcli.data.bad_samples
+    max_bad_fraction: float | None = None  # the cap on skipped examples (default 0.01)
+    workers: int | None = None  # DataLoader workers decoding the calibration images (None: the default)
     threshold: float | None = None
-    calib_size: int | None = None  # DEFAULT_CALIB_SIZE, unless scan_budget chooses
     batch_size: int = 256
+    calib_size: int | None = None  # DEFAULT_CALIB_SIZE, unless scan_budget chooses
     chunk: int | None = None
     timesteps: int | None = None
-    seed: int = 0
-    options: PruneOptions = field(default_factory=PruneOptions)
-    prompt: str | None = None
-    workers: int | None = None  # DataLoader workers decoding the calibration images (None: the default)
     timestep_stride: int | None = None  # 1 (every timestep, the reference), unless scan_budget chooses
     scan_budget: int | None = None
+    prompt: str | None = None
+    device: str = "auto"  # where the scan runs (dpcli.runtime.start_distributed)
     precision: str = "fp32"  # or bf16 / fp16: autocast for the scan's forward
     gradient_checkpointing: bool = False  # recompute activations in the scan's backward (less memory)
+    seed: int = 0
+    ignore: list[str] | None = None
+    round_to: int | None = None
+    head_ratio: float | None = 0.0
+
+    def __post_init__(self):
+        self.data = data_spec(
+            self.data,
+            self.split,
+            self.image_column,
+            self.caption_column,
+            self.label_column,
+            self.on_bad_sample,
+            self.max_bad_fraction,
+        )
+
+    @property
+    def options(self) -> PruneOptions:
+        """The pruning options the scores are computed for."""
+        return PruneOptions(
+            ignore=list(self.ignore or []), round_to=self.round_to, head_ratio=self.head_ratio or 0.0
+        )
 
     def validate(self) -> None:
         """Fail before the model is loaded: an unknown criterion, a scan threshold outside [0, 1], a stride
@@ -258,7 +287,17 @@ def compute_scores(
 
     ``dist`` (``dpcli.runtime.start_distributed``) says on which device the model, the calibration batch
     and the scan live, and under torchrun which share of the calibration images this process takes;
-    without it, everything stays on the device the model is on, in one process."""
+    without it, everything stays on the device the model is on, in one process. The calibration images
+    skipped as unreadable are recorded as ``bad_samples`` in the scores' settings."""
+    from dpcli.data import recording
+
+    with recording() as bad_samples:
+        scores = _compute_scores(loaded, settings, on_progress, dist)
+    scores.settings["bad_samples"] = bad_samples.to_json()
+    return scores
+
+
+def _compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress, dist) -> Scores:
     from dpcli.plugins import get_registry
 
     settings.validate()
@@ -371,29 +410,65 @@ class ScoreReport:
             "groups": len(self.scores.tensors),
             "output": str(self.output) if self.output else None,
             "plot": str(self.plot) if self.plot and scan else None,
+            "bad_samples": self.scores.settings.get("bad_samples", []),
             "layers": layers,
         }
 
 
-def score_model(
+def run(
     loaded: LoadedModel,
     settings: ScoreSettings,
+    *,
     output: Path | None = None,
     plot: Path | None = None,
-    on_progress=None,
-    dist: Distributed | None = None,
+    reporter: Reporter | None = None,
 ) -> ScoreReport:
-    """The score job: compute the scores (on ``dist``'s device and processes, see ``compute_scores``), then
-    write them to ``output`` and the loss curve to ``plot`` (PNG): only the main process writes."""
+    """The score job: compute the scores on ``settings.device`` (under torchrun, each process takes its
+    share of the calibration images), then write them to ``output`` and the loss curve to ``plot`` (PNG):
+    only the main process locks and writes."""
+    from dpcli.io.files import output_lock
     from dpcli.plots import plot_losses
+    from dpcli.runtime import start_distributed
 
-    scores = compute_scores(loaded, settings, on_progress=on_progress, dist=dist)
-    if dist is None or dist.is_main:
-        if output is not None:
-            save_scores(scores, output, loaded.source)
-        if plot is not None and scores.scan is not None:
-            plot_losses(scores.scan, plot, title=f"{loaded.source}: {settings.criterion}")
-    return ScoreReport(scores, output, plot)
+    reporter = silent(reporter)
+    settings.validate()
+    output = Path(output) if output is not None else None
+    if output is not None and output.is_dir():
+        raise BadSetting(
+            "output", "{output} {path} is a folder; give a file name such as scores.safetensors", path=output
+        )
+    dist = start_distributed(settings.device)
+    try:
+        check_precision(settings.precision, dist.device)
+        lock = output_lock(output, on_note=reporter.warn) if output is not None else contextlib.nullcontext()
+        with lock:
+            scores = scan_and_score(loaded, settings, dist, reporter if dist.is_main else Reporter())
+            if dist.is_main:
+                if output is not None:
+                    save_scores(scores, output, loaded.source)
+                if plot is not None and scores.scan is not None:
+                    plot_losses(scores.scan, Path(plot), title=f"{loaded.source}: {settings.criterion}")
+    finally:
+        dist.close()
+    return ScoreReport(scores, output, Path(plot) if plot is not None else None)
+
+
+def scan_and_score(
+    loaded: LoadedModel, settings: ScoreSettings, dist: Distributed, reporter: Reporter
+) -> Scores:
+    """``compute_scores`` with the timestep scan shown as a ``reporter`` stage (criteria with a scan)."""
+    from dpcli.plugins import get_registry
+
+    if not get_registry().criterion(settings.criterion).needs_gradients:
+        return compute_scores(loaded, settings, dist=dist)
+    total = int(settings.timesteps or loaded.scheduler.config.num_train_timesteps)
+    with reporter.progress("Timestep scan", total) as advance:
+        return compute_scores(
+            loaded,
+            settings,
+            on_progress=lambda step, loss: advance(completed=step + 1, note=f"t={step} loss={loss:.4f}"),
+            dist=dist,
+        )
 
 
 def save_scores(scores: Scores, path: Path, model_source: str) -> None:

@@ -89,3 +89,58 @@ def render_compare(result: dict) -> None:
         )
     else:
         stdout.print("[dim]pass --output DIR to write the comparison and its image grid[/]")
+
+
+def render_compare_summary(result: dict) -> None:
+    """The headline of a comparison, one row per model: size, MACs, measured speedup, FID, SSIM to the
+    first, and where each model's samples are (``dp compare --summary``)."""
+    models = result["models"]
+    batch = next((m["latency"]["batch"] for m in models if m.get("latency")), None)
+    sampling = result.get("sampling") or {}
+    steps = sampling.get("steps")
+    batches = f" (batch 1 and batch {batch})" if batch and batch > 1 else ""
+    sampler = f", {str(sampling.get('sampler', 'ddim')).upper()} {steps} steps" if steps else ""
+    table = Table(
+        title=f"Summary: {len(models)} models against {escape(str(result['baseline']))}",
+        title_justify="left",
+        caption=(
+            f"speedup: measured latency of one denoising step against the first model{batches}; "
+            f"SSIM: to the first model's images from the same noise ({result['num_samples']} samples{sampler}); "
+            "FID: from each dp eval report"
+        ),
+        caption_justify="left",
+    )
+    table.add_column("model", overflow="fold")
+    table.add_column("params", justify="right")
+    table.add_column("MACs", justify="right")
+    table.add_column("speedup, batch 1", justify="right")
+    if batch and batch > 1:
+        table.add_column(f"speedup, batch {batch}", justify="right")
+    table.add_column("FID", justify="right")
+    table.add_column("SSIM to 1st", justify="right")
+    table.add_column("samples", overflow="fold")
+    for model in models:
+        cells = [
+            escape(model["model"] or "?"),
+            fmt_count(model["params"]),
+            f"{fmt_count(model['macs'], 'MAC')} ({fmt_pct(model['macs_fraction'], 0)})",
+            fmt_ratio(model["speedup_batch_1"]),
+        ]
+        if batch and batch > 1:
+            cells.append(fmt_ratio(model["speedup_batch"]))
+        cells += [
+            f"{model['fid']:.1f}" if model.get("fid") is not None else "-",
+            "baseline"
+            if model["baseline"]
+            else (f"{model['ssim']:.3f}" if model["ssim"] is not None else "-"),
+            escape(model.get("samples_grid") or "-"),
+        ]
+        table.add_row(*cells)
+    stdout.print(table)
+    for index, model in enumerate(models):
+        note = model.get("protocol_note") or model.get("consistency_note")
+        if note:
+            style = "bold red" if "PROTOCOL DIFFERS" in note else "dim"
+            stdout.print(f"[{style}]{index + 1}. {escape(model['model'] or '?')}: {escape(note)}[/]")
+    if result.get("grid"):
+        stdout.print(f"side by side (one row per model): [bold]{escape(result['grid']['path'])}[/]")

@@ -36,6 +36,10 @@ def render_finetune(report: dict) -> None:
         rows.append(("teacher", f"{report['teacher']} (distillation weight {report['distill_weight']})"))
     if report.get("reinit"):
         rows.append(("init", "re-initialised (trained from scratch)"))
+    if report.get("bad_samples"):
+        bad = report["bad_samples"]
+        first = ", ".join(entry["source"] for entry in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        rows.append(("bad samples", f"{len(bad)} skipped: {first} (all in --json)"))
     rows += [
         ("output", f"{report['output']} (EMA weights; raw weights in unet/raw.safetensors)"),
         ("loss curve", report["loss_curve"]),

@@ -9,8 +9,11 @@ from dpcli.cli.render import fmt_channels, fmt_count, fmt_int, fmt_pct, key_valu
 
 def render_prune(report: dict) -> None:
     """Before/after table per layer, then totals."""
+    layout = ""
+    if report.get("level_widths"):
+        layout = f", diffusers layout: level widths {report['level_widths']}"
     table = Table(
-        title=f"Pruned with {report['criterion']} (ratio {report['ratio']:.3f})", title_justify="left"
+        title=f"Pruned with {report['criterion']} (ratio {report['ratio']:.3f}{layout})", title_justify="left"
     )
     for column, justify in (
         ("module", "left"),

@@ -197,6 +197,7 @@ class TrainState:
     losses: list[float] = dataclasses.field(default_factory=list)
     lrs: list[float] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    bad_samples: dict = dataclasses.field(default_factory=dict)  # BadSampleLog.state()
 
 
 def save_checkpoint(
@@ -246,6 +247,7 @@ def save_checkpoint(
             "lr_schedule": _jsonable(lr_schedule.state_dict()),
             "grad_scaler": _jsonable(scaler.state_dict()),
             "files": files,
+            "bad_samples": train.bad_samples,
             **record,
         }
         (temporary / "state.json").write_text(json.dumps(state, indent=2))
@@ -289,7 +291,7 @@ def check_resumable(state: dict, folder: Path, record: dict) -> None:
             model=state.get("model"),
         )
     saved, current = state.get("settings", {}), record["settings"]
-    different = [key for key in _RESUME_KEYS if saved.get(key) != current.get(key)]
+    different = [key for key in _RESUME_KEYS if _comparable(saved.get(key)) != _comparable(current.get(key))]
     if different:
         key = different[0]
         raise BadSetting(
@@ -299,6 +301,14 @@ def check_resumable(state: dict, folder: Path, record: dict) -> None:
             saved=repr(saved.get(key)),
             current=repr(current.get(key)),
         )
+
+
+def _comparable(value):
+    """A setting as resuming compares it: the bad-sample policy of ``data`` may change between runs (a run
+    stopped by ``max_bad_fraction`` resumes with a higher one)."""
+    if isinstance(value, dict) and "source" in value:
+        return {k: v for k, v in value.items() if k not in ("on_bad_sample", "max_bad_fraction")}
+    return value
 
 
 def load_checkpoint(folder, state, model, ema, optimizer, lr_schedule, scaler, train, settings) -> None:
@@ -321,3 +331,4 @@ def load_checkpoint(folder, state, model, ema, optimizer, lr_schedule, scaler, t
     train.losses = tensors["history.loss"].tolist()
     train.lrs = tensors["history.lr"].tolist()
     train.seconds = float(state.get("seconds", 0.0))
+    train.bad_samples = state.get("bad_samples") or {}

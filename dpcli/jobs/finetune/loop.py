@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from dpcli.adapters.base import BatchContext, LoadedModel
-from dpcli.data import ImageTransform, training_batches
+from dpcli.data import BadSampleLog, ImageTransform, TooManyBadSamples, training_batches
 from dpcli.data.loader import mixed_seed
 from dpcli.errors import BadInput, BadSetting, DpError
 from dpcli.io.files import AtomicFolder, WriteFailed, prepare_output
@@ -49,6 +49,7 @@ from dpcli.jobs.finetune.checkpoints import (
     save_checkpoint,
     weights_fingerprint,
 )
+from dpcli.jobs.finetune.monitor import check_validation, gradient_norm, run_monitor
 from dpcli.jobs.finetune.settings import DEFAULT_CAPTION_DROPOUT, FinetuneSettings
 from dpcli.runtime import Distributed, autocast
 
@@ -190,6 +191,7 @@ class StepInfo:
     smoothed_loss: float
     lr: float
     steps_per_second: float
+    bad_samples: int = 0
 
 
 class _StopRequest:
@@ -222,11 +224,11 @@ class Interrupted(DpError):
     exit_code = 130
 
 
-def validate(settings: FinetuneSettings, output: Path, resume: bool = False) -> None:
+def validate(settings: FinetuneSettings, output: Path | None, resume: bool = False) -> None:
     """Fail before anything is loaded or written: bad settings, or ``resume`` with no checkpoint in
     ``output``."""
     settings.validate()
-    if resume and latest_checkpoint(Path(output)) is None:
+    if resume and output is not None and latest_checkpoint(Path(output)) is None:
         raise BadSetting(
             "resume", "{resume}: no checkpoint in {folder}", folder=checkpoint_root(Path(output))
         )
@@ -259,7 +261,7 @@ def prepare_output_folder(
         prepare_output(output, force)
 
 
-def finetune(
+def train(
     loaded: LoadedModel,
     source,
     settings: FinetuneSettings,
@@ -291,6 +293,7 @@ def finetune(
     dropout = caption_dropout(loaded, settings)
     if settings.cache_latents:
         check_cacheable(loaded, settings)
+    check_validation(loaded, settings)
     global_batch = settings.batch_size * dist.world_size * settings.grad_accum
     if global_batch > len(source):
         raise BadInput(
@@ -333,8 +336,10 @@ def finetune(
     ema = ModelEmaV3(model, decay=settings.ema_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
     train = TrainState()
+    bad_samples = BadSampleLog(on_warning if dist.is_main else lambda message: None)
     if checkpoint is not None:
         load_checkpoint(checkpoint, saved_state, model, ema, optimizer, lr_schedule, scaler, train, settings)
+        bad_samples.load_state(train.bad_samples)
     elif dist.is_main and checkpoint_root(output).exists():
         shutil.rmtree(checkpoint_root(output))  # a fresh run (--force): stale checkpoints must not resume
     if dist.is_main:
@@ -365,6 +370,7 @@ def finetune(
         caption_dropout=dropout,
         pin_memory=device.type == "cuda",
         cache=cache,
+        bad_samples=bad_samples,
     )
     noise_shape = tuple(adapter.noise_shape(loaded))
     num_timesteps = int(loaded.scheduler.config.num_train_timesteps)
@@ -375,8 +381,14 @@ def finetune(
     run_started = time.perf_counter()
     previous_seconds = train.seconds
     interrupted = False
+    saved_step = start_step
 
-    with _StopRequest() as stop:
+    saving = (model, ema, optimizer, lr_schedule, scaler, record, settings.keep_checkpoints)
+    with (
+        _StopRequest() as stop,
+        _checkpoint_on_too_many_bad(output, train, saving, lambda: saved_step, dist),
+        run_monitor(loaded, settings, output, record, start_step, dist) as monitor,
+    ):
         for step in range(start_step, settings.steps):
             step_started = time.perf_counter()
             generator = step_generator(settings.seed, step, device)
@@ -384,6 +396,7 @@ def finetune(
             noise = torch.randn((global_batch, *noise_shape), generator=generator, device=device)
             optimizer.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            loss_terms = torch.zeros(2, dtype=torch.float64, device=device)  # DDPM, distillation
             for micro in range(settings.grad_accum):
                 first = (micro * dist.world_size + dist.rank) * batch
                 rows = slice(first, first + batch)
@@ -400,25 +413,26 @@ def finetune(
                         noisy = loaded.scheduler.add_noise(x0, eps, t)
                         prediction = adapter.predict(training_view, noisy, t, conditioning).float()
                     target = loss_target(loaded.scheduler, x0, eps, t).float()
-                    loss = torch.nn.functional.mse_loss(prediction, target)
+                    loss = ddpm_loss = torch.nn.functional.mse_loss(prediction, target)
+                    distill_loss = torch.zeros((), device=device)
                     if teacher is not None and settings.distill_weight > 0:
                         with torch.no_grad(), autocast(device, settings.precision):
                             guide = teacher_adapter.predict(teacher, noisy, t, conditioning).float()
-                        loss = loss + settings.distill_weight * torch.nn.functional.mse_loss(
-                            prediction, guide
-                        )
+                        distill_loss = torch.nn.functional.mse_loss(prediction, guide)
+                        loss = loss + settings.distill_weight * distill_loss
                     scaler.scale(loss / settings.grad_accum).backward()
                 step_loss += loss.detach().double() / settings.grad_accum
-            if settings.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                loss_terms += torch.stack([ddpm_loss, distill_loss]).detach().double() / settings.grad_accum
+            scaler.unscale_(optimizer)
+            grad_norm = gradient_norm(model, settings.grad_clip)  # clipped to grad_clip when > 0
             lr = _current_lr(optimizer)
             scaler.step(optimizer)
             scaler.update()
             lr_schedule.step_update(step + 1)
             ema.update(model, step=step + 1)
 
-            shared = torch.stack([step_loss, torch.tensor(float(stop.requested), device=device).double()])
+            stop_flag = torch.tensor(float(stop.requested), device=device).double()
+            shared = torch.cat([torch.stack([step_loss, stop_flag]), loss_terms])
             if dist.enabled:
                 torch.distributed.all_reduce(shared)
             loss_value = float(shared[0]) / dist.world_size
@@ -434,12 +448,27 @@ def finetune(
             smoothed = average / (1 - 0.98 ** (train.step - start_step))
             window = [*window[-19:], time.perf_counter() - step_started]
             if on_step is not None and dist.is_main:
+                speed = len(window) / sum(window)
                 on_step(
-                    StepInfo(train.step, settings.steps, loss_value, smoothed, lr, len(window) / sum(window))
+                    StepInfo(train.step, settings.steps, loss_value, smoothed, lr, speed, len(bad_samples))
                 )
+            train.bad_samples = bad_samples.state()  # what the next checkpoint keeps
             stop_now = float(shared[1]) > 0
+            # [watch] metrics.jsonl, the tracker and validation (before the checkpoint of this step)
+            terms = (shared[2:] / dist.world_size).tolist()
+            step_metrics = {
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "images_per_second": global_batch / window[-1],
+                "seconds": train.seconds,
+            }
+            if teacher is not None and settings.distill_weight > 0:
+                step_metrics.update(loss_ddpm=terms[0], loss_distill=terms[1])
+            monitor.after_step(train.step, step_metrics, ema.module, stop_now)
             due = settings.checkpoint_every and train.step % settings.checkpoint_every == 0
             if due or stop_now or train.step == settings.steps:
+                saved_step = train.step
                 if dist.is_main:
                     try:
                         save_checkpoint(
@@ -467,12 +496,35 @@ def finetune(
     model.eval()
     return FinetuneResult(
         report=_report(
-            settings, train, start_step, time.perf_counter() - run_started, dist, teacher, dropout
+            settings,
+            train,
+            start_step,
+            time.perf_counter() - run_started,
+            dist,
+            teacher,
+            dropout,
+            bad_samples,
         ),
         ema_model=ema.module,
         losses=train.losses,
         lrs=train.lrs,
     )
+
+
+@contextlib.contextmanager
+def _checkpoint_on_too_many_bad(output: Path, train: TrainState, saving: tuple, saved_step, dist):
+    """Past ``max_bad_fraction`` (every process stops at the same batch): write a checkpoint of the last
+    finished step unless one was just written (``saving``: ``save_checkpoint``'s other arguments), then
+    exit 2 saying where it is."""
+    try:
+        yield
+    except TooManyBadSamples as exc:
+        if train.step > saved_step():
+            if dist.is_main:
+                save_checkpoint(output, train, *saving)
+            dist.barrier()
+        written = train.step > 0 and latest_checkpoint(output) is not None
+        raise exc.with_checkpoint(checkpoint_root(output)) if written else exc from None
 
 
 def summary_window(steps: int) -> int:
@@ -512,6 +564,7 @@ class FinetuneReport:
     loss_window: int
     seconds: float
     steps_per_second: float | None
+    bad_samples: list[dict] = dataclasses.field(default_factory=list)
 
     def to_json(self, output: Path | None = None, preview: bool = False) -> dict:
         """The report as printed, with the files ``save_finetuned`` wrote into ``output``."""
@@ -536,7 +589,14 @@ class FinetuneResult:
 
 
 def _report(
-    settings, train: TrainState, start_step: int, run_seconds: float, dist, teacher, caption_dropout: float
+    settings,
+    train: TrainState,
+    start_step: int,
+    run_seconds: float,
+    dist,
+    teacher,
+    caption_dropout: float,
+    bad_samples: BadSampleLog,
 ) -> FinetuneReport:
     window = summary_window(len(train.losses))
     ran = train.step - start_step
@@ -568,6 +628,7 @@ def _report(
         loss_window=window,
         seconds=train.seconds,
         steps_per_second=ran / run_seconds if ran and run_seconds > 0 else None,
+        bad_samples=bad_samples.to_json(),
     )
 
 
@@ -606,6 +667,8 @@ def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, pr
     """Write the fine-tuned model into OUT (EMA weights as the main weights, the raw ones as
     ``unet/raw.safetensors``), its loss curve and optional sample preview, and move the checkpoints in:
     the model files appear in OUT only now."""
+    from dpcli.io.model_card import update_model_card
+    from dpcli.jobs.finetune.monitor import carry_run_files, curves_text
     from dpcli.plots import grid_rows, plot_training, save_image_grid
 
     output = Path(output)
@@ -621,6 +684,8 @@ def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, pr
         checkpoints = checkpoint_root(output)
         if checkpoints.is_dir():
             os.replace(checkpoints, folder / CHECKPOINT_DIR)
+        moved = carry_run_files(output, folder)  # [watch] metrics, validation grids, tracker logs
+        update_model_card(folder, "curves", curves_text(moved), "Training curves")
     return output
 
 

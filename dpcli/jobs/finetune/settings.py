@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from dpcli.data.base import DataSpec
+from dpcli.data.base import DataSpec, data_spec
 from dpcli.errors import BadSetting
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -15,6 +16,17 @@ CROPS = ("center", "random")
 # relearn that branch too; 0 would let guidance degrade as fine-tuning goes on.
 DEFAULT_CAPTION_DROPOUT = 0.1
 SCHEDULES = ("cosine", "constant")
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+def tracker_installed(name: str) -> bool:
+    """Whether the package of tracker ``name`` can be imported (checked without importing it)."""
+    return name == "none" or importlib.util.find_spec(name) is not None
+
+
+def default_report_to() -> str:
+    """``tensorboard`` when it is installed, else ``none``."""
+    return "tensorboard" if tracker_installed("tensorboard") else "none"
 
 
 @dataclass
@@ -26,10 +38,19 @@ class FinetuneSettings:
     ``crop``/``flip`` augment the training images, ``caption_dropout`` trains text models on the empty
     prompt that often (None: ``DEFAULT_CAPTION_DROPOUT`` for text models), ``workers`` decode images
     (None: ``dpcli.data.default_workers``), ``cache_latents`` keeps LDM latents in that folder.
+    ``report_to`` picks the tracker (None: ``default_report_to()``); every ``validate_every`` steps (0: never)
+    ``validation_samples`` images of the EMA weights are sampled, with ``validation_prompt`` for text models
+    (see ``dpcli.jobs.finetune.monitor``).
     """
 
-    data: DataSpec | str
+    data: DataSpec | str | None
     steps: int
+    split: str | None = None
+    image_column: str | None = None
+    caption_column: str | None = None
+    label_column: str | None = None
+    on_bad_sample: str | None = None  # skip (the default) or fail: dpcli.data.bad_samples
+    max_bad_fraction: float | None = None  # the cap on skipped examples (default 0.01)
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 2e-4
@@ -41,7 +62,7 @@ class FinetuneSettings:
     seed: int = 0
     precision: str = "fp32"
     teacher: str | None = None
-    distill_weight: float = 0.0
+    distill_weight: float | None = None  # None: 1 with a teacher, else 0
     reinit: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -50,10 +71,33 @@ class FinetuneSettings:
     caption_dropout: float | None = None
     workers: int | None = None
     cache_latents: str | None = None
+    device: str = "auto"  # where it trains (dpcli.runtime.start_distributed)
+    report_to: str | None = None
+    validate_every: int = 0
+    validation_samples: int = 16
+    validation_prompt: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        if isinstance(self.data, str):
-            self.data = DataSpec(self.data)
+        self.data = data_spec(
+            self.data,
+            self.split,
+            self.image_column,
+            self.caption_column,
+            self.label_column,
+            self.on_bad_sample,
+            self.max_bad_fraction,
+        )
+        if self.data is None:
+            raise BadSetting(
+                "data", "{data} is required: an image folder, a dataset, tar shards or builtin:digits"
+            )
+        if self.distill_weight is None:
+            self.distill_weight = 1.0 if self.teacher else 0.0
+        if self.cache_latents is not None:
+            self.cache_latents = str(self.cache_latents)
+        if self.teacher is not None:
+            self.teacher = str(self.teacher)
+        self.validation_prompt = list(self.validation_prompt or [])
 
     def validate(self) -> None:
         checks = [  # (ok, field, what it must be, show the value given)
@@ -83,6 +127,14 @@ class FinetuneSettings:
                 "must be 0 (decode in the main process) or more",
                 True,
             ),
+            (self.validate_every >= 0, "validate_every", "must be 0 (off) or more", True),
+            (self.validation_samples >= 1, "validation_samples", "must be at least 1", True),
+            (
+                self.report_to is None or self.report_to in REPORT_TO,
+                "report_to",
+                f"must be one of {', '.join(REPORT_TO)}",
+                True,
+            ),
         ]
         for ok, name, rule, show_value in checks:
             if not ok:
@@ -90,3 +142,11 @@ class FinetuneSettings:
                 raise BadSetting(name, "{" + name + "} " + rule, got=got)
         if self.distill_weight > 0 and not self.teacher:
             raise BadSetting("distill_weight", "{distill_weight} needs {teacher} MODEL")
+        if self.report_to and not tracker_installed(self.report_to):
+            raise BadSetting(
+                "report_to",
+                "{report_to} {name} needs the {name} package (pip install {name}); or {report_to} none",
+                name=self.report_to,
+            )
+        if self.validation_prompt and not self.validate_every:
+            raise BadSetting("validation_prompt", "{validation_prompt} is used with {validate_every} N")

@@ -135,7 +135,7 @@ def test_reloaded_pruned_dit_gives_identical_outputs(files, tmp_path):
     with plugins_loaded([plugin]) as registry:
         loaded = load_model(str(files["dit"]))
         options = PruneOptions(head_ratio=0.25)
-        scores = compute_scores(loaded, ScoreSettings("magnitude", options=options))
+        scores = compute_scores(loaded, ScoreSettings("magnitude", head_ratio=0.25))
         settings = PruneSettings(ratio=0.3)
         report = prune_model(loaded, scores, settings, options)
         registry.adapter("dit").save(
