@@ -24,8 +24,13 @@ __getattr__ = moved_names(
 )
 
 
-def builtin_config_names() -> list[str]:
-    return sorted(p.stem for p in CONFIGS.glob("*.json"))
+def builtin_config_names(class_name: str | None = "UNet2DModel") -> list[str]:
+    """Names of the shipped configs (``config:NAME``) describing a ``class_name`` (None: all of them)."""
+    return sorted(
+        p.stem
+        for p in CONFIGS.glob("*.json")
+        if class_name is None or json.loads(p.read_text()).get("_class_name", "UNet2DModel") == class_name
+    )
 
 
 def builtin_model_names() -> list[str]:

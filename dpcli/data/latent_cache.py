@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from dpcli import __version__
+from dpcli.data.transforms import Geometry
 from dpcli.errors import BadInput
 from dpcli.io.files import atomic_write, read_json
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: each entry also keeps its image's geometry (size before resizing, crop corner)
 
 
 class LatentCache:
@@ -51,8 +52,9 @@ class LatentCache:
         digest = hashlib.sha256(f"{identity[0]}\0{identity[1]}\0{int(flip)}".encode()).hexdigest()
         return self.folder / digest[:2] / f"{digest[2:]}.safetensors"
 
-    def get(self, identity: tuple[str, str], flip: bool) -> torch.Tensor | None:
-        """The cached latent of one example, or None (not cached yet, or unreadable)."""
+    def get(self, identity: tuple[str, str], flip: bool) -> tuple[torch.Tensor, Geometry] | None:
+        """The cached latent of one example and its image's geometry, or None (not cached yet, or
+        unreadable)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -60,26 +62,31 @@ class LatentCache:
         if not file.is_file():
             return None
         try:
-            return load_file(file)["latent"]
-        except (SafetensorError, OSError, KeyError, ValueError):
+            tensors = load_file(file)
+            geometry = [int(v) for v in tensors["geometry"].tolist()]
+            return tensors["latent"], Geometry((geometry[0], geometry[1]), (geometry[2], geometry[3]))
+        except (SafetensorError, OSError, KeyError, ValueError, IndexError):
             return None
 
-    def put(self, identity: tuple[str, str], flip: bool, latent: torch.Tensor) -> None:
+    def put(self, identity: tuple[str, str], flip: bool, latent: torch.Tensor, geometry: Geometry) -> None:
         from safetensors.torch import save_file
 
         file = self._file(identity, flip)
         file.parent.mkdir(exist_ok=True)
+        place = torch.tensor([*geometry.original_size, *geometry.crop_top_left], dtype=torch.int64)
         with atomic_write(file, suffix=".safetensors") as temporary:
-            save_file({"latent": latent.detach().float().cpu().contiguous()}, str(temporary))
+            save_file(
+                {"latent": latent.detach().float().cpu().contiguous(), "geometry": place}, str(temporary)
+            )
 
     def complete(self, batch, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """All latents of ``batch`` in row order: the cached ones as read by the workers, the others
-        encoded now with ``encode`` and written to the cache."""
+        encoded now with ``encode`` and written to the cache (with their image's geometry)."""
         encoded = encode(batch.pixels) if batch.pixel_rows else None
         rows: dict[int, torch.Tensor] = {}
         for position, row in enumerate(batch.pixel_rows):
             latent = encoded[position]
-            self.put((batch.ids[row], batch.versions[row]), batch.flipped[row], latent)
+            self.put((batch.ids[row], batch.versions[row]), batch.flipped[row], latent, batch.geometry[row])
             rows[row] = latent
         device = encoded.device if encoded is not None else None
         dtype = encoded.dtype if encoded is not None else torch.float32

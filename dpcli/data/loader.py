@@ -72,7 +72,8 @@ class DataOrder:
 class Batch:
     """Examples ready for ``ModelAdapter.prepare_batch``: ``pixels`` [B, C, H, W] in [-1, 1] (None when
     every row came from the latent cache), per-row ``captions`` and ``labels`` (None when the source has
-    none), ``ids`` and source ``indices``, ``flipped``, and ``cached`` latents by row."""
+    none), ``ids`` and source ``indices``, ``flipped``, ``cached`` latents by row, and each row's
+    ``geometry`` (size before resizing, crop corner: SDXL's micro-conditioning)."""
 
     pixels: torch.Tensor | None
     captions: list[str] | None
@@ -83,6 +84,7 @@ class Batch:
     flipped: list[bool]
     cached: dict[int, torch.Tensor]
     pixel_rows: list[int]
+    geometry: list | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -125,17 +127,19 @@ class ExampleDataset(torch.utils.data.Dataset):
             identity = self.source.identity(index) if self.cache is not None else None
             cached = self.cache.get(identity, flip) if identity is not None else None
             if cached is not None:
+                latents, geometry = cached
                 item = {
-                    "latents": cached,
+                    "latents": latents,
+                    "geometry": geometry,
                     "caption": self.source.caption(index),
                     "label": self.source.label(index),
                 }
                 item["id"], item["version"] = identity
             else:
                 example = self.source.example(index)
-                pixels, _ = self.transform(example.image, generator, flip=flip)
-                item = {"pixels": pixels, "caption": example.caption, "label": example.label}
-                item["id"], item["version"] = example.id, example.version
+                pixels, _, geometry = self.transform.apply(example.image, generator, flip=flip)
+                item = {"pixels": pixels, "geometry": geometry, "caption": example.caption}
+                item["label"], item["id"], item["version"] = example.label, example.id, example.version
             item["caption"] = self._dropout(item["caption"], position)
             return {**item, "flip": flip, "index": index}
         except BadInput as exc:  # carried to the main process as data: a worker's exception loses its text
@@ -169,6 +173,7 @@ def collate(items: list[dict]) -> Batch | BadInput:
         flipped=[bool(item["flip"]) for item in items],
         cached={row: item["latents"] for row, item in enumerate(items) if "latents" in item},
         pixel_rows=pixel_rows,
+        geometry=[item["geometry"] for item in items],
     )
 
 

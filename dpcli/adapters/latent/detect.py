@@ -9,14 +9,19 @@ from dpcli.adapters.base import ModelSource
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 AUTOENCODER_CLASSES = ("AutoencoderKL", "VQModel")
 AUTOENCODER_KEYS = ("vae", "vqvae")
-TEXT_ENCODER_CLASSES = ("CLIPTextModel",)
+TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 CLASS_EMBEDDER_FILE = "model.safetensors"
 
 
 def detect_latent(source: ModelSource) -> float:
     """How likely ``source`` is a latent diffusion model (pipeline, dpcli folder, UNet2DConditionModel, CompVis)."""
-    if source.kind == "builtin" or source.path is None:
+    if source.kind == "builtin":
+        from dpcli.adapters.unet2d import builtin_config_names
+
+        prefix, _, name = source.spec.partition(":")
+        return 1.0 if prefix == "config" and name in builtin_config_names("UNet2DConditionModel") else 0.0
+    if source.path is None:
         return 0.0
     if source.kind in ("folder", "hub"):
         from dpcli.io.model_format import read_metadata

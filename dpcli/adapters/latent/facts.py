@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from dpcli.adapters.base import ConditioningSpec, LoadedModel
+from dpcli.adapters.latent.sdxl import ADDED_CONDITIONING, SDXL_GUIDANCE_SCALE, check_encoders, is_sdxl
 from dpcli.errors import BadInput
 
 
@@ -29,17 +30,29 @@ def latent_facts(loaded: LoadedModel) -> dict:
         facts.update(
             conditioning="class-context", num_classes=table - 1, null_class=table - 1, context_length=1
         )
-    elif "text_encoder" in components:
+    elif "text_encoder" in components or "text_encoder_2" in components:
         if not has_cross_attention(unet):
             raise BadInput("the pipeline has a text encoder but its UNet has no cross-attention")
-        tokenizer = components.get("tokenizer")
-        positions = int(components["text_encoder"].config.max_position_embeddings)
-        length = min(int(tokenizer.model_max_length), positions) if tokenizer is not None else positions
-        facts.update(conditioning="text", context_length=length)
+        if is_sdxl(unet):
+            check_encoders(unet, components)
+        elif "text_encoder_2" in components:
+            raise BadInput("a second text encoder needs a UNet with SDXL's text_time added conditioning")
+        lengths = []
+        for suffix in ("", "_2"):
+            if f"text_encoder{suffix}" not in components:
+                continue
+            tokenizer = components.get(f"tokenizer{suffix}")
+            positions = int(components[f"text_encoder{suffix}"].config.max_position_embeddings)
+            lengths.append(
+                min(int(tokenizer.model_max_length), positions) if tokenizer is not None else positions
+            )
+        facts.update(conditioning="text", context_length=min(lengths))
     elif isinstance(class_table, torch.nn.Embedding):
         facts.update(conditioning="class", num_classes=class_table.num_embeddings)
     elif has_cross_attention(unet):
         facts.update(conditioning="missing", context_length=77)
+    if is_sdxl(unet):
+        facts["added_conditioning"] = ADDED_CONDITIONING
     if vae is not None:
         facts.update(
             scaling_factor=float(getattr(vae.config, "scaling_factor", 1.0) or 1.0),
@@ -60,7 +73,8 @@ def conditioning_spec(loaded: LoadedModel) -> ConditioningSpec:
     extras = loaded.extras
     kind = extras["conditioning"]
     if kind == "text":
-        return ConditioningSpec("text", None, TEXT_GUIDANCE_SCALE, True)
+        scale = SDXL_GUIDANCE_SCALE if extras.get("added_conditioning") else TEXT_GUIDANCE_SCALE
+        return ConditioningSpec("text", None, scale, True)
     if kind in ("class", "class-context"):
         return ConditioningSpec(
             "class", int(extras["num_classes"]), 1.0, extras.get("null_class") is not None
@@ -82,7 +96,13 @@ def describe(loaded: LoadedModel) -> str:
             f"images ({type(vae).__name__}, x{factor}, latents scaled by {extras['scaling_factor']:g})"
         )
     kind = extras["conditioning"]
-    if kind == "text":
+    if kind == "text" and extras.get("added_conditioning"):
+        first, second = loaded.components["text_encoder"], loaded.components["text_encoder_2"]
+        conditioning = (
+            f"text, SDXL ({type(first).__name__} + {type(second).__name__}, {extras['context_length']} "
+            "tokens; pooled text embeddings and 6 size/crop time ids as added conditioning)"
+        )
+    elif kind == "text":
         encoder = type(loaded.components["text_encoder"]).__name__
         conditioning = f"text ({encoder}, {extras['context_length']} tokens)"
     elif kind == "class":
@@ -90,6 +110,11 @@ def describe(loaded: LoadedModel) -> str:
     elif kind == "class-context":
         conditioning = (
             f"class labels as cross-attention context ({extras['num_classes']} classes + unconditional)"
+        )
+    elif kind == "missing" and extras.get("added_conditioning"):
+        conditioning = (
+            "SDXL (two text encoders + pooled text embeddings and 6 size/crop time ids expected; no text "
+            "encoders loaded)"
         )
     elif kind == "missing":
         conditioning = "cross-attention context expected, but no text encoder or class embedder was found"

@@ -6,6 +6,7 @@ import torch
 
 from dpcli.adapters.base import LoadedModel
 from dpcli.adapters.latent.facts import _device, has_cross_attention, require_autoencoder
+from dpcli.adapters.latent.sdxl import added_cond_kwargs, example_added, is_sdxl
 from dpcli.errors import BadInput, BadSetting
 
 # Images encoded (or latents decoded) per autoencoder call: about 2 images of 512x512 at a time.
@@ -28,6 +29,11 @@ def example_inputs(loaded: LoadedModel, batch_size: int = 1) -> tuple:
         conditioning["encoder_hidden_states"] = context.to(parameter.device, parameter.dtype)
     if loaded.extras.get("conditioning") == "class":
         conditioning["class_labels"] = torch.zeros(batch_size, dtype=torch.long, device=parameter.device)
+    if is_sdxl(loaded.model):
+        target = loaded.sample_size * int(loaded.extras.get("vae_scale_factor") or 8)
+        conditioning.update(
+            example_added(loaded.model, batch_size, target, generator, parameter.device, parameter.dtype)
+        )
     return (sample, timesteps, conditioning) if conditioning else (sample, timesteps)
 
 
@@ -36,6 +42,9 @@ def predict(loaded: LoadedModel, sample, timesteps, conditioning=None):
     conditioning = conditioning or {}
     model = loaded.model
     extra = {"class_labels": conditioning["class_labels"]} if "class_labels" in conditioning else {}
+    added = added_cond_kwargs(conditioning)
+    if added is not None:
+        extra["added_cond_kwargs"] = added
     if type(model).__name__ == "UNet2DConditionModel":
         out = model(sample, timesteps, conditioning.get("encoder_hidden_states"), return_dict=False, **extra)[
             0

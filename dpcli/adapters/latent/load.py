@@ -20,6 +20,7 @@ from dpcli.adapters.latent.detect import (
     UNET_CLASSES,
 )
 from dpcli.adapters.latent.facts import describe, latent_facts
+from dpcli.adapters.latent.sdxl import REFINER_REFUSAL, check_unet, is_sdxl
 from dpcli.errors import BadInput
 from dpcli.io.diffusers_files import folder_weights
 
@@ -33,11 +34,27 @@ def load_latent(source: ModelSource, adapter_name: str, config_path: Path | None
     scheduler = None
     scheduler_origin = ""
     hub = " (Hub cache)" if source.kind == "hub" else ""
-    if source.path is None:
+    if source.kind == "builtin":
+        from dpcli.adapters.unet2d import CONFIGS, builtin_config_names
+
+        prefix, _, name = source.spec.partition(":")
+        if prefix != "config" or name not in builtin_config_names("UNet2DConditionModel"):
+            known = ", ".join(f"config:{n}" for n in builtin_config_names("UNet2DConditionModel"))
+            raise BadInput(f"the ldm adapter has no built-in model {source.spec} (built-in configs: {known})")
+        config = read_config_file(CONFIGS / f"{name}.json")
+        unet = build_random(_class_of(config, UNET_CLASSES), config)
+        source_kind = "built-in config, random weights"
+        notes.append("architecture only: weights are random (seed 0)")
+        if (CONFIGS / name / "scheduler" / "scheduler_config.json").is_file():
+            from dpcli.io.diffusers_files import load_scheduler
+
+            scheduler = load_scheduler(CONFIGS / name / "scheduler")
+            scheduler_origin = f"{type(scheduler).__name__} of {name}"
+    elif source.path is None:
         raise BadInput(f"the ldm adapter has no built-in models ({source.spec})")
-    if source.kind in ("folder", "hub") and (source.path / "dpcli.json").is_file():
+    elif source.kind in ("folder", "hub") and (source.path / "dpcli.json").is_file():
         return load_saved_latent(source, adapter_name)
-    if source.kind in ("folder", "hub") and (source.path / "model_index.json").is_file():
+    elif source.kind in ("folder", "hub") and (source.path / "model_index.json").is_file():
         unet, components, scheduler, scheduler_origin = _load_pipeline(source.path, config_path, notes)
         source_kind = f"diffusers pipeline{hub}"
     elif source.kind in ("folder", "hub"):
@@ -95,9 +112,9 @@ def finish_loading(
 def _check_supported(unet) -> None:
     config = unet.config
     name = type(unet).__name__
-    if getattr(config, "addition_embed_type", None) is not None:
+    if getattr(config, "addition_embed_type", None) not in (None, "text_time"):
         raise BadInput(
-            f"UNets with added conditioning ({config.addition_embed_type}, e.g. SDXL) are not supported yet"
+            f"UNets with added conditioning {config.addition_embed_type!r} are not supported (supported: text_time, SDXL)"
         )
     if getattr(config, "encoder_hid_dim_type", None) is not None:
         raise BadInput(
@@ -108,6 +125,8 @@ def _check_supported(unet) -> None:
             f"{name} with class_embed_type {config.class_embed_type!r} is not supported "
             "(supported: class labels through num_class_embeds)"
         )
+    if is_sdxl(unet):
+        check_unet(unet)
     channels_in, channels_out = int(config.in_channels), int(config.out_channels)
     if channels_out not in (channels_in, 2 * channels_in):
         raise BadInput(
@@ -213,11 +232,13 @@ def _component_entries(index: dict) -> dict[str, tuple[str, str]]:
         if _entry_class(index.get(key)):
             entries["vae"] = (key, _entry_class(index[key]))
             break
-    for key in ("text_encoder", "tokenizer"):
+    if index.get("requires_aesthetics_score") or (
+        _entry_class(index.get("text_encoder_2")) and not _entry_class(index.get("text_encoder"))
+    ):
+        raise BadInput(REFINER_REFUSAL)
+    for key in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
         if _entry_class(index.get(key)):
             entries[key] = (key, _entry_class(index[key]))
-    if _entry_class(index.get("text_encoder_2")):
-        raise BadInput("pipelines with two text encoders (SDXL) are not supported yet")
     return entries
 
 
@@ -234,9 +255,9 @@ def load_components(folder: Path, entries: dict[str, tuple[str, str]]) -> dict:
             raise BadInput(f"{path} is missing: the model folder is incomplete")
         if name == "vae":
             components[name] = load_autoencoder(path, class_name)
-        elif name == "text_encoder":
+        elif name in ("text_encoder", "text_encoder_2"):
             components[name] = load_text_encoder(path, class_name)
-        elif name == "tokenizer":
+        elif name in ("tokenizer", "tokenizer_2"):
             components[name] = load_tokenizer(path, class_name)
         elif name == "class_embedder":
             components[name] = load_class_embedder(path)
@@ -269,22 +290,25 @@ def _transformers():
 
 def load_text_encoder(path: Path, class_name: str | None = "CLIPTextModel"):
     if class_name not in TEXT_ENCODER_CLASSES:
-        raise BadInput(f"{path}: text encoder {class_name} is not supported (supported: CLIPTextModel)")
+        raise BadInput(
+            f"{path}: text encoder {class_name} is not supported (supported: {', '.join(TEXT_ENCODER_CLASSES)})"
+        )
     transformers = _transformers()
     try:
         config = transformers.CLIPTextConfig.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise BadInput(f"{path}: unreadable text encoder config ({str(exc).splitlines()[0]})") from None
-    return build_text_encoder(config, folder_weights(path, TRANSFORMERS_WEIGHTS), str(path))
+    return build_text_encoder(config, folder_weights(path, TRANSFORMERS_WEIGHTS), str(path), class_name)
 
 
-def build_text_encoder(config, state_dict: dict, origin: str):
-    """A CLIPTextModel with ``state_dict`` (``text_model.`` prefix either way, position ids optional)."""
+def build_text_encoder(config, state_dict: dict, origin: str, class_name: str = "CLIPTextModel"):
+    """A CLIPTextModel (or CLIPTextModelWithProjection, SDXL's second encoder) with ``state_dict``
+    (``text_model.`` prefix either way, position ids optional)."""
     transformers = _transformers()
     if isinstance(config, dict):
         config = transformers.CLIPTextConfig(**config)
     with torch.random.fork_rng(devices=[]):
-        model = transformers.CLIPTextModel(config)
+        model = getattr(transformers, class_name)(config)
     own = set(model.state_dict())
     wrapped = any(key.startswith("text_model.") for key in own)
     cleaned = {}

@@ -25,7 +25,7 @@ def save_latent(loaded: LoadedModel, folder: Path, metadata: dict) -> dict:
                 {"weight": component.weight.detach().contiguous().cpu()}, str(path / CLASS_EMBEDDER_FILE)
             )
             library = "torch"
-        elif name == "tokenizer":
+        elif name.startswith("tokenizer"):
             component.save_pretrained(str(path))
             library = "transformers"
         else:
