@@ -366,6 +366,8 @@ def finetune(
     caption_dropout: float | None = None,
     workers: int | None = None,
     cache_latents: str | Path | None = None,
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw",
     preview: int = 0,
     force: bool = False,
     split: str | None = None,
@@ -422,6 +424,8 @@ def finetune(
         caption_dropout=caption_dropout,
         workers=workers,
         cache_latents=str(cache_latents) if cache_latents else None,
+        gradient_checkpointing=gradient_checkpointing,
+        optimizer=optimizer,
     )
     if output is None and (resume or preview):
         raise BadSetting(

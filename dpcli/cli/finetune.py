@@ -13,11 +13,13 @@ from dpcli.cli.options import (
     Config,
     Data,
     Force,
+    GradientCheckpointing,
     ImageColumn,
     Json,
     LabelColumn,
     MaxParams,
     ModelArgument,
+    Optimizer,
     Output,
     Seed,
     Split,
@@ -134,6 +136,8 @@ def finetune(
     teacher: Teacher = None,
     distill_weight: DistillWeight = None,
     precision: Precision = "fp32",
+    gradient_checkpointing: GradientCheckpointing = False,
+    optimizer: Optimizer = "adamw",
     device: Device = "auto",
     reinit: Reinit = False,
     preview: Preview = 0,
@@ -188,6 +192,8 @@ def finetune(
         caption_dropout=caption_dropout,
         workers=workers,
         cache_latents=str(cache_latents) if cache_latents else None,
+        gradient_checkpointing=gradient_checkpointing,
+        optimizer=optimizer,
     )
     target = Path(output) if output else default_output(model, "finetuned")
     lock_output(context, target)

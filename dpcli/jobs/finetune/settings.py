@@ -26,6 +26,9 @@ class FinetuneSettings:
     ``crop``/``flip`` augment the training images, ``caption_dropout`` trains text models on the empty
     prompt that often (None: ``DEFAULT_CAPTION_DROPOUT`` for text models), ``workers`` decode images
     (None: ``dpcli.data.default_workers``), ``cache_latents`` keeps LDM latents in that folder.
+    ``gradient_checkpointing`` recomputes block activations in the backward (diffusers models);
+    ``optimizer`` is one of ``dpcli.optimizers.OPTIMIZERS``; with ``precision`` bf16 the teacher is held in
+    bfloat16.
     """
 
     data: DataSpec | str
@@ -50,6 +53,8 @@ class FinetuneSettings:
     caption_dropout: float | None = None
     workers: int | None = None
     cache_latents: str | None = None
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
 
     def __post_init__(self):
         if isinstance(self.data, str):
@@ -84,9 +89,12 @@ class FinetuneSettings:
                 True,
             ),
         ]
+        from dpcli.optimizers import optimizer_class
+
         for ok, name, rule, show_value in checks:
             if not ok:
                 got = getattr(self, name) if show_value else None
                 raise BadSetting(name, "{" + name + "} " + rule, got=got)
+        optimizer_class(self.optimizer)  # an unknown name, or its library missing: one line, nothing written
         if self.distill_weight > 0 and not self.teacher:
             raise BadSetting("distill_weight", "{distill_weight} needs {teacher} MODEL")
