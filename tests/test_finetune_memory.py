@@ -38,7 +38,9 @@ def test_gradient_checkpointing_trains_to_the_same_losses_and_weights(files):
     plain, plain_losses = tune(files)
     checkpointed, checkpointed_losses = tune(files, gradient_checkpointing=True)
     assert checkpointed_losses == pytest.approx(plain_losses, rel=1e-5)
-    for (name, a), b in zip(plain.module.state_dict().items(), checkpointed.module.state_dict().values()):
+    for (name, a), b in zip(
+        plain.module.state_dict().items(), checkpointed.module.state_dict().values(), strict=True
+    ):
         assert torch.allclose(a, b, atol=1e-6), name
     assert not checkpointed.module.is_gradient_checkpointing, "switched off after training"
     assert checkpointed.record["history"][-1]["steps"] == 2
