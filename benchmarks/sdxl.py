@@ -90,15 +90,22 @@ def main() -> None:
         "--quick", action="store_true", help="512x512 pixels (64x64 latents) instead of 1024x1024"
     )
     parser.add_argument("--repeats", type=int, default=2, help="timed forwards per model (after one warm-up)")
+    parser.add_argument("--model", choices=["sdxl", "sd15"], default="sdxl",
+                        help="sd15: the same steps on the SD 1.5 UNet config at 512 px, to compare with "
+                        "benchmarks/ldm_sd15.md (the search over pruned copies)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the config and the pruned model")
     args = parser.parse_args()
     info = machine_info()
-    latent = 64 if args.quick else 128
     work = args.work or Path(tempfile.mkdtemp(prefix="dp-sdxl-"))
     work.mkdir(parents=True, exist_ok=True)
-    config = json.loads(CONFIG.read_text())
+    if args.model == "sd15":
+        from sd15_pipeline import SD15_UNET
+
+        config, latent, label = {"_class_name": "UNet2DConditionModel", **SD15_UNET}, 64, "sd15"
+    else:
+        config, latent, label = json.loads(CONFIG.read_text()), 64 if args.quick else 128, "sdxl-base-1.0"
     config["sample_size"] = latent
-    config_file = work / f"sdxl-base-1.0-{latent * 8}px.json"
+    config_file = work / f"{label}-{latent * 8}px.json"
     config_file.write_text(json.dumps(config))
     pruned = work / "pruned"
 
@@ -172,8 +179,10 @@ def main() -> None:
         )
     else:
         rows.append(["CUDA", "not run (no GPU on this machine)"])
-    markdown = markdown_table(["SDXL base UNet (config:sdxl-base-1.0, random weights)", "result"], rows)
-    name = "sdxl-quick" if args.quick else "sdxl"
+    title = ("SD 1.5 UNet config, random weights" if args.model == "sd15"
+             else "SDXL base UNet (config:sdxl-base-1.0, random weights)")
+    markdown = markdown_table([title, "result"], rows)
+    name = "sdxl-sd15" if args.model == "sd15" else ("sdxl-quick" if args.quick else "sdxl")
     path = write_results(
         name, {"latent_size": latent, "prune": prune, "speed": speed, "speedup": speedup}, markdown, info
     )
