@@ -131,7 +131,10 @@ class SizePredictor:
         self.macs_terms = self._macs_terms(model, macs_report)
         self.params_terms = self._params_terms(model)
         self.base = (sum(t.amount for t in self.params_terms), macs_report.total)
-        self.pruner = build_pruner(loaded, adapter, SavedImportance(scores, self.names), 0.0, options)
+        self._build = lambda ratio: build_pruner(
+            loaded, adapter, SavedImportance(scores, self.names), ratio, options
+        )
+        self.pruner = self._build(0.0)
         # The pruner's per-run state, restored before each trial (head pruning changes num_heads).
         self._num_heads = dict(self.pruner.num_heads)
         self._out_groups = dict(self.pruner.out_channel_groups)
@@ -165,6 +168,11 @@ class SizePredictor:
         and whether a bare parameter would be pruned (its size is not predicted)."""
         from dpcli.pruning import group_removals
 
+        if self.pruner.pruning_ratio_dict:
+            # per-layer ratios were derived from the ratio it was built with: build one for this ratio
+            self.pruner = None
+            gc.collect()
+            self.pruner = self._build(ratio)
         pruner = self.pruner
         pruner.num_heads.clear()
         pruner.num_heads.update(self._num_heads)
