@@ -12,7 +12,8 @@ Which pipeline:
 - pixel UNets (the ``ddpm`` adapter): ``DDIMPipeline`` for a DDIM scheduler, else ``DDPMPipeline`` (which
   steps any scheduler that needs no input scaling: DDPM, DPM-Solver, UniPC, ...);
 - unconditional latent UNets: ``LDMPipeline`` (its ``vqvae`` is the model's autoencoder, VQ or KL);
-- text-conditional latent UNets: ``StableDiffusionPipeline`` without a safety checker.
+- text-conditional latent UNets: ``StableDiffusionPipeline`` without a safety checker;
+  ``StableDiffusionXLPipeline`` for SDXL (two text encoders, added text_time conditioning).
 
 Class-conditional latent UNets have no diffusers pipeline (diffusers has none for class-conditional UNet
 LDMs): they are refused with a BadInput, as are models of adapters other than ``ddpm`` and ``ldm``.
@@ -71,6 +72,10 @@ def _latent_pipeline(loaded: LoadedModel, scheduler):
     vae = loaded.components.get("vae")
     if vae is None:
         raise BadInput(f"{loaded.source} has no autoencoder: a pipeline needs one to decode latents")
+    if kind == "text" and loaded.extras.get("added_conditioning"):
+        from dpcli.adapters.latent.sdxl import sdxl_pipeline
+
+        return sdxl_pipeline(loaded, scheduler)
     if kind == "text":
         tokenizer = loaded.components.get("tokenizer")
         if tokenizer is None:

@@ -104,6 +104,7 @@ def calibration_batch(
         prompt=prompt,
         captions=batch.captions,
         labels=batch.labels,
+        geometry=batch.geometry,
     )
     return adapter.prepare_batch(loaded, batch.pixels, context)
 

@@ -73,7 +73,9 @@ class BatchContext:
     """What ``ModelAdapter.prepare_batch`` may use besides the images, all None when unknown: the rows'
     ``captions`` and class ``labels`` (from the data source), a text ``prompt`` that replaces every caption
     (``--prompt``), and ``latents`` already encoded (the latent cache; then ``images`` may be None).
-    ``files``/``root``: the rows' image files and data folder, for image-folder sources."""
+    ``files``/``root``: the rows' image files and data folder, for image-folder sources. ``geometry``: each
+    row's ``dpcli.data.transforms.Geometry`` (size before resizing, crop corner; SDXL's time ids).
+    ``text_cache``: a folder where text embeddings may be kept per caption (``--cache-latents``)."""
 
     files: list[Path] | None = None
     root: Path | None = None
@@ -81,6 +83,8 @@ class BatchContext:
     captions: list[str] | None = None
     labels: torch.Tensor | None = None
     latents: torch.Tensor | None = None
+    geometry: list | None = None
+    text_cache: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ def front_matter(info: dict) -> dict:
     conditioning = (info.get("latent") or {}).get("conditioning")
     pipeline_tag = "text-to-image" if conditioning == "text" else "unconditional-image-generation"
     tags = ["dpcli", "diffusion", "diffusers"]
+    if _is_sdxl(info):
+        tags += ["stable-diffusion-xl", "sdxl"]
     pruning = info.get("pruning") or {}
     if pruning:
         tags += ["pruning", "structural-pruning"]
@@ -62,6 +64,10 @@ def front_matter(info: dict) -> dict:
         matter["base_model"] = base
     matter.update({"library_name": "dpcli", "pipeline_tag": pipeline_tag, "tags": tags})
     return matter
+
+
+def _is_sdxl(info: dict) -> bool:
+    return (info.get("latent") or {}).get("added_conditioning") == "text_time"
 
 
 def _pruning_text(info: dict) -> str:
@@ -128,11 +134,12 @@ def _history_line(entry: dict) -> str:
 def _usage_text(name: str, info: dict) -> str:
     conditioning = (info.get("latent") or {}).get("conditioning")
     call = 'pipe("a photo of a cat").images[0]' if conditioning == "text" else "pipe(batch_size=4).images"
+    pipeline = "StableDiffusionXLPipeline" if _is_sdxl(info) else "pipeline"
     return (
         "Load it with dpcli (the pruned widths are rebuilt from `dpcli.json`; plain diffusers `from_pretrained` "
         "expects the original widths):\n\n"
         "```python\nimport dpcli\n"
-        f'pipe = dpcli.load("{name}").pipeline()  # a diffusers pipeline with the pruned UNet\n```\n\n'
+        f'pipe = dpcli.load("{name}").pipeline()  # a diffusers {pipeline} with the pruned UNet\n```\n\n'
         f"then `images = {call}`, or `dp eval {name}` on the command line."
     )
 
@@ -151,7 +158,7 @@ def card_text(info: dict, name: str) -> str:
     parts = [
         "---\n" + yaml.safe_dump(front_matter(info), sort_keys=False) + "---\n",
         f"# {name}\n\n`{base}` {what} with dpcli {info.get('dpcli_version', '')} "
-        f"(`{info.get('class', 'model')}`, adapter `{info.get('adapter')}`).\n",
+        f"(`{info.get('class', 'model')}`{', SDXL' if _is_sdxl(info) else ''}, adapter `{info.get('adapter')}`).\n",
         _section("pruning", "Pruning", _pruning_text(info)),
         _section("history", "History", history_text),
         _section("usage", "Usage", _usage_text(name, info)),

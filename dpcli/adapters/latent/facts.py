@@ -53,6 +53,8 @@ def latent_facts(loaded: LoadedModel) -> dict:
         facts.update(conditioning="missing", context_length=77)
     if is_sdxl(unet):
         facts["added_conditioning"] = ADDED_CONDITIONING
+        if facts["conditioning"] == "text":
+            facts["force_zeros_for_empty_prompt"] = True  # StableDiffusionXLPipeline's default
     if vae is not None:
         facts.update(
             scaling_factor=float(getattr(vae.config, "scaling_factor", 1.0) or 1.0),

@@ -6,7 +6,7 @@ import torch
 
 from dpcli.adapters.base import LoadedModel
 from dpcli.adapters.latent.facts import _device, has_cross_attention, require_autoencoder
-from dpcli.adapters.latent.sdxl import added_cond_kwargs, example_added, is_sdxl
+from dpcli.adapters.latent.sdxl import added_cond_kwargs, example_added, is_sdxl, text_conditioning
 from dpcli.errors import BadInput, BadSetting
 
 # Images encoded (or latents decoded) per autoencoder call: about 2 images of 512x512 at a time.
@@ -130,11 +130,19 @@ def _class_context(loaded: LoadedModel, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _conditioning_for(
-    loaded: LoadedModel, labels: torch.Tensor | None, prompts: list[str] | None
+    loaded: LoadedModel,
+    labels: torch.Tensor | None,
+    prompts: list[str] | None,
+    geometry=None,
+    text_cache=None,
+    zeros: bool = False,
 ) -> dict | None:
-    """Positive conditioning tensors on the UNet's device."""
+    """Positive conditioning tensors on the UNet's device (SDXL: with pooled embeddings and time ids)."""
     kind = loaded.extras["conditioning"]
     parameter = next(loaded.model.parameters())
+    if kind == "text" and loaded.extras.get("added_conditioning"):
+        target = loaded.sample_size * int(loaded.extras["vae_scale_factor"])
+        return text_conditioning(loaded, prompts, target, geometry, text_cache, zeros)
     if kind == "text":
         return {
             "encoder_hidden_states": encode_prompts(loaded, prompts).to(parameter.device, parameter.dtype)
@@ -178,7 +186,8 @@ def prepare_batch(loaded: LoadedModel, images, context):
             )
         labels = context.labels
     parameter = next(loaded.model.parameters())
-    return latents.to(parameter.device, parameter.dtype), _conditioning_for(loaded, labels, prompts)
+    conditioning = _conditioning_for(loaded, labels, prompts, context.geometry, context.text_cache)
+    return latents.to(parameter.device, parameter.dtype), conditioning
 
 
 def sampling_conditioning(
@@ -208,9 +217,10 @@ def sampling_conditioning(
             negative_prompt if negative_prompt is not None else "", batch_size, "negative prompt"
         )
         conditioning = _conditioning_for(loaded, None, positive)
-        conditioning["negative_encoder_hidden_states"] = _conditioning_for(loaded, None, negative)[
-            "encoder_hidden_states"
-        ]
+        # diffusers' SDXL pipeline: no negative prompt means all-zero embeddings (force_zeros_for_empty_prompt)
+        zeros = negative_prompt is None and bool(loaded.extras.get("force_zeros_for_empty_prompt"))
+        negatives = _conditioning_for(loaded, None, negative, zeros=zeros)
+        conditioning.update({f"negative_{key}": value for key, value in negatives.items()})
         return conditioning
     if kind in ("class", "class-context"):
         labels = _sampling_labels(loaded, batch_size, class_labels, generator)

@@ -21,6 +21,7 @@ from dpcli.adapters.latent.detect import (
 )
 from dpcli.adapters.latent.facts import describe, latent_facts
 from dpcli.adapters.latent.sdxl import REFINER_REFUSAL, check_unet, is_sdxl
+from dpcli.adapters.latent.sgm import is_sgm_state_dict, load_sgm
 from dpcli.errors import BadInput
 from dpcli.io.diffusers_files import folder_weights
 
@@ -31,6 +32,7 @@ def load_latent(source: ModelSource, adapter_name: str, config_path: Path | None
 
     notes: list[str] = []
     components: dict = {}
+    recorded: dict = {}
     scheduler = None
     scheduler_origin = ""
     hub = " (Hub cache)" if source.kind == "hub" else ""
@@ -57,6 +59,7 @@ def load_latent(source: ModelSource, adapter_name: str, config_path: Path | None
     elif source.kind in ("folder", "hub") and (source.path / "model_index.json").is_file():
         unet, components, scheduler, scheduler_origin = _load_pipeline(source.path, config_path, notes)
         source_kind = f"diffusers pipeline{hub}"
+        recorded = json.loads((source.path / "model_index.json").read_text())
     elif source.kind in ("folder", "hub"):
         config = read_config_file(config_path or source.path)
         unet = instantiate(
@@ -68,6 +71,9 @@ def load_latent(source: ModelSource, adapter_name: str, config_path: Path | None
         unet = build_random(_class_of(config, UNET_CLASSES), config)
         source_kind = "config file, random weights"
         notes.append("architecture only: weights are random (seed 0)")
+    elif is_sgm_state_dict(source.state_dict()):
+        unet, components, scheduler, scheduler_origin = load_sgm(source, config_path, notes)
+        source_kind = "single file, SGM (SDXL) layout"
     else:
         unet, components, scheduler = _load_compvis(source, config_path, notes)
         scheduler_origin = f"{type(scheduler).__name__} from the checkpoint's YAML"
@@ -77,12 +83,33 @@ def load_latent(source: ModelSource, adapter_name: str, config_path: Path | None
 
         scheduler, scheduler_origin = default_scheduler(), DEFAULT_SCHEDULER_NOTE
     return finish_loading(
-        unet, components, scheduler, scheduler_origin, adapter_name, source.spec, source_kind, notes
+        unet,
+        components,
+        scheduler,
+        scheduler_origin,
+        adapter_name,
+        source.spec,
+        source_kind,
+        notes,
+        recorded=recorded,
     )
 
 
+# Facts a pipeline's model_index.json (or a dpcli folder's "latent" record) may set for the hooks.
+RECORDED_FACTS = ("force_zeros_for_empty_prompt",)
+
+
 def finish_loading(
-    unet, components, scheduler, scheduler_origin, adapter_name, spec, source_kind, notes, pruning=None
+    unet,
+    components,
+    scheduler,
+    scheduler_origin,
+    adapter_name,
+    spec,
+    source_kind,
+    notes,
+    pruning=None,
+    recorded: dict | None = None,
 ) -> LoadedModel:
     """The LoadedModel of a latent model: checks what dp can run, works out the ``extras``."""
     _check_supported(unet)
@@ -105,6 +132,9 @@ def finish_loading(
         notes=list(notes),
     )
     loaded.extras = latent_facts(loaded)
+    for key in RECORDED_FACTS:
+        if key in loaded.extras and (recorded or {}).get(key) is not None:
+            loaded.extras[key] = recorded[key]
     loaded.notes.insert(0, describe(loaded))
     return loaded
 
@@ -313,7 +343,7 @@ def build_text_encoder(config, state_dict: dict, origin: str, class_name: str = 
     wrapped = any(key.startswith("text_model.") for key in own)
     cleaned = {}
     for key, tensor in state_dict.items():
-        key = key if not wrapped or key.startswith("text_model.") else f"text_model.{key}"
+        key = key if not wrapped or key in own or key.startswith("text_model.") else f"text_model.{key}"
         key = key if wrapped else key.removeprefix("text_model.")
         if key not in own and key.rsplit(".", 1)[-1] in ("position_ids", "logit_scale"):
             continue  # buffers some versions save and others do not
@@ -400,9 +430,9 @@ def _load_compvis(source: ModelSource, config_path: Path | None, notes: list[str
     return unet, components, scheduler
 
 
-def _find_tokenizer(checkpoint: Path, candidates: list[tuple[str, str | None]]):
-    """A tokenizer folder beside the checkpoint, else a cached Hub tokenizer (never downloaded)."""
-    beside = checkpoint.parent / "tokenizer"
+def _find_tokenizer(checkpoint: Path, candidates: list[tuple[str, str | None]], folder: str = "tokenizer"):
+    """A tokenizer folder (``folder``) beside the checkpoint, else a cached Hub tokenizer (never downloaded)."""
+    beside = checkpoint.parent / folder
     if beside.is_dir():
         return load_tokenizer(beside)
     transformers = _transformers()
@@ -447,4 +477,5 @@ def load_saved_latent(source: ModelSource, adapter_name: str) -> LoadedModel:
         "dpcli " + ("pruned latent model" if pruned else "latent model"),
         [],
         pruning=info,
+        recorded=info.get("latent"),
     )

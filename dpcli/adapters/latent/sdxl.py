@@ -119,3 +119,168 @@ def added_cond_kwargs(conditioning: dict) -> dict | None:
     if missing:
         raise BadInput(f"SDXL conditioning without {missing[0]}")
     return {key: conditioning[key] for key in ADDED_KEYS}
+
+
+# Text: two encoders ------------------------------------------------------------------------------------
+
+ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+TEXT_CACHE_FORMAT = 1
+
+
+def _encode(loaded, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both encoders' penultimate hidden states concatenated, and the second's pooled projection, as
+    diffusers' ``StableDiffusionXLPipeline.encode_prompt`` computes them (no gradients)."""
+    hidden, pooled = [], None
+    for tokenizer_name, encoder_name in ENCODERS:
+        tokenizer, encoder = loaded.components.get(tokenizer_name), loaded.components[encoder_name]
+        if tokenizer is None:
+            raise BadInput(
+                f"{loaded.source} has no {tokenizer_name}, so prompts cannot be encoded: put the CLIP "
+                f"tokenizer folders (vocab.json, merges.txt) named tokenizer/ and tokenizer_2/ beside it"
+            )
+        device = next(encoder.parameters()).device
+        tokens = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=loaded.extras["context_length"],
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        with torch.no_grad():
+            output = encoder(tokens, output_hidden_states=True)
+        hidden.append(output.hidden_states[-2].float())
+        pooled = output[0].float()
+    return torch.cat([h.to(hidden[0].device) for h in hidden], dim=-1), pooled
+
+
+def encode_prompts(loaded, prompts: list[str], cache_root=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(encoder_hidden_states, text_embeds)`` for ``prompts``, each distinct prompt encoded once; with
+    ``cache_root`` the pair of every caption is kept on disk (``TextCache``) and read back next time."""
+    distinct = list(dict.fromkeys(prompts))
+    cache = text_cache(loaded, cache_root) if cache_root is not None else None
+    found = {prompt: cache.get(prompt) for prompt in distinct} if cache is not None else {}
+    missing = [prompt for prompt in distinct if found.get(prompt) is None]
+    for start in range(0, len(missing), 16):
+        chunk = missing[start : start + 16]
+        hidden, pooled = _encode(loaded, chunk)
+        for row, prompt in enumerate(chunk):
+            found[prompt] = (hidden[row], pooled[row])
+            if cache is not None:
+                cache.put(prompt, hidden[row], pooled[row])
+    device = next(loaded.components["text_encoder"].parameters()).device
+    hidden = torch.stack([found[prompt][0].to(device) for prompt in prompts])
+    pooled = torch.stack([found[prompt][1].to(device) for prompt in prompts])
+    return hidden, pooled
+
+
+class TextCache:
+    """The text embeddings of captions under ``root/text-<encoders fingerprint>-v1/``, one safetensors
+    file per caption (named by its hash), written atomically: on disk, not in RAM."""
+
+    def __init__(self, root, fingerprint: str):
+        from pathlib import Path
+
+        self.folder = Path(root) / f"text-{fingerprint[:16]}-v{TEXT_CACHE_FORMAT}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, prompt: str):
+        import hashlib
+
+        digest = hashlib.sha256(prompt.encode()).hexdigest()
+        return self.folder / digest[:2] / f"{digest[2:]}.safetensors"
+
+    def get(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        file = self._file(prompt)
+        if not file.is_file():
+            return None
+        try:
+            tensors = load_file(file)
+            return tensors["encoder_hidden_states"], tensors["text_embeds"]
+        except (SafetensorError, OSError, KeyError, ValueError):
+            return None
+
+    def put(self, prompt: str, hidden: torch.Tensor, pooled: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        from dpcli.io.files import atomic_write
+
+        file = self._file(prompt)
+        file.parent.mkdir(exist_ok=True)
+        tensors = {
+            "encoder_hidden_states": hidden.detach().float().cpu().contiguous(),
+            "text_embeds": pooled.detach().float().cpu().contiguous(),
+        }
+        with atomic_write(file, suffix=".safetensors") as temporary:
+            save_file(tensors, str(temporary))
+
+
+def text_cache(loaded, root) -> TextCache:
+    """The text cache of ``loaded``'s encoders and tokenizers under ``root`` (the fingerprint, a hash of
+    every encoder weight and the tokenizers' vocabularies, is computed once per model)."""
+    key = ("text_cache", str(root))
+    if loaded.extras.get("_text_cache_key") != key:
+        import hashlib
+
+        from dpcli.jobs.finetune.checkpoints import weights_fingerprint
+
+        digest = hashlib.sha256(str(loaded.extras["context_length"]).encode())
+        for tokenizer_name, encoder_name in ENCODERS:
+            digest.update(weights_fingerprint(loaded.components[encoder_name]).encode())
+            tokenizer = loaded.components.get(tokenizer_name)
+            if tokenizer is not None:
+                digest.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+        loaded.extras["_text_cache_key"] = key
+        loaded.extras["_text_cache"] = TextCache(root, digest.hexdigest())
+    return loaded.extras["_text_cache"]
+
+
+def text_conditioning(
+    loaded, prompts: list[str], target_size: int, geometry=None, cache_root=None, zeros: bool = False
+) -> dict:
+    """The UNet's conditioning for ``prompts``: hidden states, pooled ``text_embeds`` and ``time_ids``
+    from each row's geometry (uncropped at ``target_size`` without one). ``zeros``: the all-zero embeddings
+    diffusers' SDXL pipeline uses for an absent negative prompt (``force_zeros_for_empty_prompt``)."""
+    if zeros:
+        width = sum(int(loaded.components[name].config.hidden_size) for _, name in ENCODERS)
+        hidden = torch.zeros(len(prompts), int(loaded.extras["context_length"]), width)
+        pooled = torch.zeros(len(prompts), added_widths(loaded.model)[0])
+    else:
+        hidden, pooled = encode_prompts(loaded, prompts, cache_root)
+    parameter = next(loaded.model.parameters())
+    sizes = [g.original_size for g in geometry] if geometry is not None else None
+    crops = [g.crop_top_left for g in geometry] if geometry is not None else None
+    ids = time_ids(sizes, crops, target_size, len(prompts), parameter.device, parameter.dtype)
+    return {
+        "encoder_hidden_states": hidden.to(parameter.device, parameter.dtype),
+        "text_embeds": pooled.to(parameter.device, parameter.dtype),
+        "time_ids": ids,
+    }
+
+
+def sdxl_pipeline(loaded, scheduler):
+    """diffusers' ``StableDiffusionXLPipeline`` around the model's own modules (no watermarker), sampling
+    with ``scheduler`` as given; ``force_zeros_for_empty_prompt`` as the model was loaded with."""
+    from diffusers import StableDiffusionXLPipeline
+
+    components = loaded.components
+    missing = [name for name in ("tokenizer", "tokenizer_2") if components.get(name) is None]
+    if missing:
+        raise BadInput(
+            f"{loaded.source} has no {missing[0]}: StableDiffusionXLPipeline needs both tokenizers"
+        )
+    pipeline = StableDiffusionXLPipeline(
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        text_encoder_2=components["text_encoder_2"],
+        tokenizer=components["tokenizer"],
+        tokenizer_2=components["tokenizer_2"],
+        unet=loaded.model,
+        scheduler=scheduler.__class__.from_config(scheduler.config),
+        force_zeros_for_empty_prompt=bool(loaded.extras.get("force_zeros_for_empty_prompt", True)),
+        add_watermarker=False,
+    )
+    pipeline.scheduler = scheduler  # sampled with as given, unchanged, as dp eval does
+    return pipeline

@@ -126,7 +126,13 @@ def prepare_training_batch(loaded: LoadedModel, batch, cache=None):
     the cache completed) and conditions on the batch's captions and labels."""
     adapter = loaded.adapter_object
     latents = cache.complete(batch, lambda pixels: adapter.encode_images(loaded, pixels)) if cache else None
-    context = BatchContext(captions=batch.captions, labels=batch.labels, latents=latents)
+    context = BatchContext(
+        captions=batch.captions,
+        labels=batch.labels,
+        latents=latents,
+        geometry=batch.geometry,
+        text_cache=cache.root if cache else None,
+    )
     return adapter.prepare_batch(loaded, batch.pixels if latents is None else None, context)
 
 
