@@ -124,3 +124,14 @@ def test_prune_target_through_the_cli_reports_fvcore_sizes_on_target(dp, tmp_pat
     )
     reloaded = dp("inspect", out, "--json").json
     assert reloaded["macs"] == report["macs_after"]
+
+
+def test_predicted_sizes_equal_fvcore_on_the_pruned_sdxl_unet(tmp_path):
+    pytest.importorskip("transformers")
+    from test_sdxl import write_sdxl_pipeline
+
+    from dpcli.loading import load_model
+
+    folder = write_sdxl_pipeline(tmp_path / "pipeline", tmp_path / "tokenizer-files")
+    # added text_time embedding summed with the time embedding, two text encoders' context
+    assert_predictions_match_pruned_copies(load_model(str(folder)), PruneOptions(head_ratio=0.25), [0.4])
