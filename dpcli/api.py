@@ -417,6 +417,8 @@ def finetune(
     caption_dropout: float | None = None,
     workers: int | None = None,
     cache_latents: str | Path | None = None,
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw",
     preview: int = 0,
     report_to: str | None = None,
     validate_every: int = 0,

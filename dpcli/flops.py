@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,11 +18,14 @@ import torch
 
 @dataclass
 class MacsReport:
-    """MACs of one forward: the total, and per module (including children) and per module (own ops only)."""
+    """MACs of one forward: the total, and per module (including children) and per module (own ops only);
+    ``self_by_operator`` splits each module's own MACs by operator (``conv``, ``linear``, ``group_norm``,
+    ``scaled_dot_product_attention``, ...)."""
 
     total: int
     by_module: dict[str, int]
     self_by_module: dict[str, int]
+    self_by_operator: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
@@ -73,6 +76,7 @@ def count_macs(model: torch.nn.Module, inputs: tuple, call=None) -> MacsReport:
         analysis.uncalled_modules_warnings(False)
         analysis.tracer_warnings("none")
         raw = analysis.by_module()
+        raw_operators = analysis.by_module_and_operator()
     by_module = {
         _strip(name): int(value)
         for name, value in raw.items()
@@ -80,6 +84,7 @@ def count_macs(model: torch.nn.Module, inputs: tuple, call=None) -> MacsReport:
     }
     by_module[""] = int(raw.get("model", analysis.total()))
     self_by_module = {}
+    self_by_operator: dict[str, dict[str, int]] = {}
     for name, macs in by_module.items():
         children = [
             child
@@ -89,7 +94,17 @@ def count_macs(model: torch.nn.Module, inputs: tuple, call=None) -> MacsReport:
             and "." not in child[len(name) + 1 if name else 0 :]
         ]
         self_by_module[name] = macs - sum(by_module[c] for c in children)
-    return MacsReport(total=by_module[""], by_module=by_module, self_by_module=self_by_module)
+        own = dict(raw_operators.get("model" if not name else f"model.{name}", {}))
+        for child in children:
+            for operator, count in raw_operators.get(f"model.{child}", {}).items():
+                own[operator] = own.get(operator, 0) - count
+        self_by_operator[name] = {operator: int(count) for operator, count in own.items() if count}
+    return MacsReport(
+        total=by_module[""],
+        by_module=by_module,
+        self_by_module=self_by_module,
+        self_by_operator=self_by_operator,
+    )
 
 
 def _strip(name: str) -> str:

@@ -146,8 +146,6 @@ def prune_in_place(
     ``select(pruner)``, when given, yields the groups to prune instead (``dpcli.layout``'s fixed widths).
 
     Returns the kept channels of every module pruning changed (see ``kept_channels``)."""
-    from torch_pruning._helpers import to_plain_idxs
-
     from dpcli.io.model_format import layer_widths
 
     model = loaded.model
@@ -160,14 +158,9 @@ def prune_in_place(
     alive: dict[str, dict[str, list[int]]] = {}
     for group in pruner.step(interactive=True) if select is None else select(pruner):
         positions: dict[tuple[str, str], set[int]] = {}
-        for dependency, indices in group.items:
-            name = names.get(dependency.target.module)  # None for a bare nn.Parameter
-            if name is not None:
-                out = pruner.DG.is_out_channel_pruning_fn(dependency.handler)
-                side = "out" if out or "in_channels" not in widths[name] else "in"
-                if isinstance(dependency.target.module, _NORMS):
-                    side = "out"  # one width: the channels
-                positions.setdefault((name, side), set()).update(to_plain_idxs(indices))
+        for name, side, indices in group_removals(pruner, group, names, widths):
+            if name is not None:  # None: a bare nn.Parameter
+                positions.setdefault((name, side), set()).update(indices)
         for (name, side), removed_now in positions.items():
             current = alive.setdefault(name, {}).setdefault(
                 side, list(range(widths[name][f"{side}_channels"]))
@@ -184,6 +177,27 @@ def prune_in_place(
 
 
 _NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.modules.batchnorm._BatchNorm)
+
+
+def group_removals(pruner, group, names: dict, widths: dict[str, dict]):
+    """``(module name, side, removed indices)`` for each module a pruning group changes; a bare
+    ``nn.Parameter`` gives the name ``None`` (operators such as additions are left out). The indices are
+    positions in the module's width when the group is yielded: the original width while nothing has been
+    pruned (``dpcli.macs_table``), the width left by earlier groups while pruning (``prune_in_place``)."""
+    from torch_pruning._helpers import to_plain_idxs
+
+    for dependency, indices in group.items:
+        target = dependency.target.module
+        name = names.get(target)
+        if name is None:
+            if isinstance(target, torch.nn.Parameter):
+                yield None, "param", to_plain_idxs(indices)
+            continue
+        out = pruner.DG.is_out_channel_pruning_fn(dependency.handler)
+        side = "out" if out or "in_channels" not in widths[name] else "in"
+        if isinstance(dependency.target.module, _NORMS):
+            side = "out"  # one width: the channels
+        yield name, side, to_plain_idxs(indices)
 
 
 def kept_channels(
@@ -231,27 +245,34 @@ def prune_to_target(
 ) -> tuple[float, list[Trial], dict[str, dict[str, list[int]]]]:
     """Prune ``loaded`` in place at ``ratio``, or at the ratio whose result is closest to a target fraction.
 
-    GroupNorm groups quantise what a ratio gives, so a target is searched by bisection on the ratio over
-    copies of the model. Returns the ratio used, the trials made and the kept channels (``kept_channels``).
-    ``measure`` gives (params, macs).
+    GroupNorm groups quantise what a ratio gives, so a target is searched by bisection on the ratio. A
+    trial's sizes are predicted from the widths the pruner would keep (``dpcli.macs_table``), without
+    copying the model; a trial the widths cannot predict measures a pruned copy. Returns the ratio used,
+    the trials made and the kept channels (``kept_channels``). ``measure`` gives (params, macs).
     """
     if ratio is not None:
         return ratio, [], prune_in_place(loaded, adapter, scores, ratio, options)
+    from dpcli.macs_table import size_predictor
+
     index = 1 if target_macs is not None else 0
     target = target_macs if target_macs is not None else target_params
     trials: dict[float, Trial] = {}
+    predictor = size_predictor(loaded, adapter, scores, options, base)
 
     def trial(r: float) -> Trial:
         r = round(r, 4)
         if r not in trials:
-            candidate = copy.copy(loaded)
-            candidate.model = copy.deepcopy(loaded.model)
-            prune_in_place(candidate, adapter, scores, r, options)
-            params, macs = measure(candidate)
-            # torch-pruning's dependency graph holds reference cycles: without a collection, several
-            # pruned copies of the model stay alive at once (5 x 3.4 GB for a Stable Diffusion UNet).
-            del candidate
-            gc.collect()
+            sizes = predictor.predict(r) if predictor is not None else None
+            if sizes is None:
+                candidate = copy.copy(loaded)
+                candidate.model = copy.deepcopy(loaded.model)
+                prune_in_place(candidate, adapter, scores, r, options)
+                sizes = measure(candidate)
+                # torch-pruning's dependency graph holds reference cycles: without a collection, several
+                # pruned copies of the model stay alive at once (5 x 3.4 GB for a Stable Diffusion UNet).
+                del candidate
+                gc.collect()
+            params, macs = sizes
             trials[r] = Trial(r, params, macs)
             if on_trial is not None:
                 on_trial(trials[r])
@@ -287,6 +308,8 @@ def prune_to_target(
             f"target {what} {target:.3f} cannot be reached within {tolerance:.0%}: the closest is "
             f"{achieved:.3f} (ratio {best.ratio}); reachable fractions seen: {reachable}"
         )
+    if predictor is not None:
+        predictor.close()
     kept = prune_in_place(loaded, adapter, scores, best.ratio, options)
     return best.ratio, sorted(trials.values(), key=lambda t: t.ratio), kept
 

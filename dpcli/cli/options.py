@@ -273,7 +273,15 @@ GradientCheckpointing = Annotated[
     bool,
     typer.Option(
         "--gradient-checkpointing",
-        help="Recompute each block's activations in the scan's backward instead of keeping them: less "
-        "memory, more compute (diffusers UNets).",
+        help="Recompute each block's activations in the backward instead of keeping them: less memory, "
+        "more compute (diffusers UNets).",
+    ),
+]
+Optimizer = Annotated[
+    str,
+    typer.Option(
+        "--optimizer",
+        help="adamw (torch), or adamw8bit (bitsandbytes' 8-bit AdamW: 2 instead of 8 bytes of state per "
+        "weight; needs the bitsandbytes package and, for its 8-bit kernels, a CUDA GPU).",
     ),
 ]

@@ -101,12 +101,15 @@ def caption_dropout(loaded: LoadedModel, settings: FinetuneSettings) -> float:
 def check_teacher(student: LoadedModel, teacher: LoadedModel) -> None:
     """The teacher must take the student's noisy input and predict a tensor of the student's shape."""
     inputs = student.adapter.example_inputs(student, 1)
-    teacher_device = next(teacher.model.parameters()).device
+    weight = next(teacher.model.parameters())
     with torch.no_grad():
         expected = student.adapter.predict(student, *inputs)
         try:
-            moved = [x.to(teacher_device) if isinstance(x, torch.Tensor) else x for x in inputs]
-            got = teacher.adapter.predict(teacher, *moved)
+            moved = [x.to(weight.device) if isinstance(x, torch.Tensor) else x for x in inputs]
+            with torch.autocast(
+                weight.device.type, dtype=torch.bfloat16, enabled=weight.dtype == torch.bfloat16
+            ):
+                got = teacher.adapter.predict(teacher, *moved)
         except (RuntimeError, ValueError, AssertionError) as exc:
             raise BadInput(
                 f"the teacher {teacher.source} does not take the student's input of shape "
@@ -282,7 +285,8 @@ def train(
     from timm.utils import ModelEmaV3
 
     from dpcli.io.model_format import model_signature
-    from dpcli.scoring import loss_target
+    from dpcli.optimizers import make_optimizer
+    from dpcli.scoring import gradient_checkpointing, loss_target
 
     validate(settings, output, resume)
     dist = dist or Distributed()
@@ -329,9 +333,11 @@ def train(
         torch.backends.cudnn.allow_tf32 = True
     model.to(device).train()
     if teacher is not None:
-        teacher.model.to(device).eval().requires_grad_(False)
+        # The teacher only runs forward under autocast: at bf16 its weights are held in bf16 (half the memory).
+        teacher_dtype = torch.bfloat16 if settings.precision == "bf16" else None
+        teacher.model.to(device, dtype=teacher_dtype).eval().requires_grad_(False)
         check_teacher(loaded, teacher)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = make_optimizer(settings.optimizer, model.parameters(), settings.lr, settings.weight_decay)
     lr_schedule = make_lr_schedule(optimizer, settings)
     ema = ModelEmaV3(model, decay=settings.ema_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
@@ -388,6 +394,7 @@ def train(
         _StopRequest() as stop,
         _checkpoint_on_too_many_bad(output, train, saving, lambda: saved_step, dist),
         run_monitor(loaded, settings, output, record, start_step, dist) as monitor,
+        gradient_checkpointing(model, settings.gradient_checkpointing),
     ):
         for step in range(start_step, settings.steps):
             step_started = time.perf_counter()

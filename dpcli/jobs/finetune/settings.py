@@ -41,6 +41,9 @@ class FinetuneSettings:
     ``report_to`` picks the tracker (None: ``default_report_to()``); every ``validate_every`` steps (0: never)
     ``validation_samples`` images of the EMA weights are sampled, with ``validation_prompt`` for text models
     (see ``dpcli.jobs.finetune.monitor``).
+    ``gradient_checkpointing`` recomputes block activations in the backward (diffusers models);
+    ``optimizer`` is one of ``dpcli.optimizers.OPTIMIZERS``; with ``precision`` bf16 the teacher is held in
+    bfloat16.
     """
 
     data: DataSpec | str | None
@@ -76,6 +79,8 @@ class FinetuneSettings:
     validate_every: int = 0
     validation_samples: int = 16
     validation_prompt: list[str] = field(default_factory=list)
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
 
     def __post_init__(self):
         self.data = data_spec(
@@ -136,10 +141,13 @@ class FinetuneSettings:
                 True,
             ),
         ]
+        from dpcli.optimizers import optimizer_class
+
         for ok, name, rule, show_value in checks:
             if not ok:
                 got = getattr(self, name) if show_value else None
                 raise BadSetting(name, "{" + name + "} " + rule, got=got)
+        optimizer_class(self.optimizer)  # an unknown name, or its library missing: one line, nothing written
         if self.distill_weight > 0 and not self.teacher:
             raise BadSetting("distill_weight", "{distill_weight} needs {teacher} MODEL")
         if self.report_to and not tracker_installed(self.report_to):
