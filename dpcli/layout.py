@@ -456,9 +456,9 @@ def pipeline_index(loaded: LoadedModel) -> dict | None:
     None where diffusers has no pipeline whose component names match the folder's."""
     components = loaded.components or {}
     index: dict = {}
-    if loaded.adapter == "ddpm":
+    if loaded.adapter_name == "ddpm":
         index["_class_name"] = "DDPMPipeline"
-    elif loaded.adapter == "ldm" and loaded.extras.get("conditioning") == "text":
+    elif loaded.adapter_name == "ldm" and loaded.extras.get("conditioning") == "text":
         xl = "text_encoder_2" in components
         index["_class_name"] = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
         if not xl:
