@@ -371,13 +371,16 @@ def test_latent_cache_encodes_each_image_and_flip_once_across_runs(dp, built, tm
 
     from safetensors.torch import load_file
 
-    from dpcli.adapters.latent import hooks
+    from dpcli.adapters.latent.adapter import LatentDiffusionAdapter
 
     encoded = []
-    encode = hooks.encode_images
-    monkeypatch.setattr(
-        hooks, "encode_images", lambda loaded, images: encoded.append(len(images)) or encode(loaded, images)
-    )
+    encode = LatentDiffusionAdapter.encode_images
+
+    def counted(loaded, images):
+        encoded.append(len(images))
+        return encode(loaded, images)
+
+    monkeypatch.setattr(LatentDiffusionAdapter, "encode_images", staticmethod(counted))
     images = shutil.copytree(built["images"], tmp_path / "images")
     cache = tmp_path / "latents"
 

@@ -1,4 +1,4 @@
-"""The ``Reporter`` ``dp`` passes to the jobs: a status line and progress bars on stderr (plain log lines
+"""The ``Reporter`` ``dp`` passes to the jobs: a status line and progress bars on stderr (no status line
 when stderr is not a terminal), warnings in yellow. Disabled (torchrun ranks other than 0): nothing."""
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ class RichReporter(Reporter):
     def status(self, text: str) -> None:
         from dpcli.cli import render as out
 
-        if not self.enabled:
-            return
-        if self._bar is not None or not out.stderr.is_terminal:
+        if not self.enabled or not out.stderr.is_terminal:
+            return  # a log or a pipe gets results and errors only: an error stays one line
+        if self._bar is not None:
             out.info(text)
         elif self._status is None:
             self._status = out.stderr.status(text)
