@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dpcli.jobs.finetune.loop import FinetuneSettings, finetune, open_training_data
+from dpcli.jobs.finetune.loop import FinetuneSettings, open_training_data, train
 from dpcli.loading import load_model
 
 
@@ -31,7 +31,7 @@ def steps_per_second(model: str, batch: int, steps: int) -> float:
     settings = FinetuneSettings(data="builtin:digits", steps=steps, batch_size=batch, checkpoint_every=0)
     source = open_training_data(loaded, settings)
     with tempfile.TemporaryDirectory() as folder:
-        finetune(loaded, source, settings, Path(folder), on_step=lambda info: stamps.append(time.perf_counter()))
+        train(loaded, source, settings, Path(folder), on_step=lambda info: stamps.append(time.perf_counter()))
     return (len(stamps) - 2) / (stamps[-1] - stamps[1])  # steps 3..N; checkpoints are written after the stamp
 
 

@@ -348,8 +348,11 @@ def slice(  # noqa: A001
     ``model`` (its folder, or a ``dpcli.Model`` loaded from one), written to the folder ``output``.
     Returns the report (``.to_json()`` is what ``dp slice --json`` prints); ``reporter`` (a
     ``dpcli.reporting.Reporter``) hears its status."""
+    from dpcli.io.files import output_lock
     from dpcli.reporting import silent
 
-    silent(reporter).status("Slicing")
+    reporter = silent(reporter)
     folder = getattr(model, "source", model)
-    return slice_addon(Path(addon), Path(folder), Path(output), force=force)
+    with output_lock(Path(output), on_note=reporter.warn):
+        reporter.status("Slicing")
+        return slice_addon(Path(addon), Path(folder), Path(output), force=force)

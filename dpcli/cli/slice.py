@@ -27,11 +27,10 @@ def slice_addon_command(
     """Carry a LoRA or ControlNet made for the original model onto a pruned one (its kept channels)."""
     import dpcli
     from dpcli.cli import render as out
-    from dpcli.cli.common import default_output, lock_output
+    from dpcli.cli.common import default_output
     from dpcli.cli.reporter import RichReporter
 
     target = Path(output) if output else default_output(str(Path(addon).with_suffix("")), "sliced")
-    lock_output(context, target)
     with RichReporter() as reporter:
         report = dpcli.slice(addon, model, target, force=force, reporter=reporter).to_json()
     if json_output:
