@@ -71,6 +71,16 @@ def data_spec(
     return DataSpec(str(data), split, image_column, caption_column, label_column, **policy)
 
 
+DATA_OPTIONS = (
+    "split", "image_column", "caption_column", "label_column", "on_bad_sample", "max_bad_fraction"
+)  # fmt: skip
+
+
+def settings_data_spec(settings) -> DataSpec | None:
+    """``data_spec`` of a job's settings, whose fields are named as the options (``data``, ``split``, ...)."""
+    return data_spec(settings.data, *(getattr(settings, name) for name in DATA_OPTIONS))
+
+
 @dataclass
 class Example:
     """One training or calibration example, before any transform.

@@ -405,17 +405,9 @@ class EvalSettings:
     precision: str = "auto"
 
     def __post_init__(self):
-        from dpcli.data.base import data_spec
+        from dpcli.data.base import settings_data_spec
 
-        self.data = data_spec(
-            self.data,
-            self.split,
-            self.image_column,
-            self.caption_column,
-            self.label_column,
-            self.on_bad_sample,
-            self.max_bad_fraction,
-        )
+        self.data = settings_data_spec(self)
         if isinstance(self.prompt, str):
             self.prompt = [self.prompt]
         if isinstance(self.class_label, int):

@@ -13,7 +13,7 @@ import torch
 
 from dpcli import __version__
 from dpcli.adapters.base import LoadedModel
-from dpcli.data.base import DataSpec, data_spec
+from dpcli.data.base import DataSpec, settings_data_spec
 from dpcli.errors import BadInput, BadSetting
 from dpcli.io.files import atomic_write
 from dpcli.io.model_format import model_signature
@@ -64,15 +64,7 @@ class ScoreSettings:
     head_ratio: float | None = 0.0
 
     def __post_init__(self):
-        self.data = data_spec(
-            self.data,
-            self.split,
-            self.image_column,
-            self.caption_column,
-            self.label_column,
-            self.on_bad_sample,
-            self.max_bad_fraction,
-        )
+        self.data = settings_data_spec(self)
 
     @property
     def options(self) -> PruneOptions:

@@ -6,7 +6,7 @@ import importlib.util
 import math
 from dataclasses import dataclass, field
 
-from dpcli.data.base import DataSpec, data_spec
+from dpcli.data.base import DataSpec, settings_data_spec
 from dpcli.errors import BadSetting
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -83,15 +83,7 @@ class FinetuneSettings:
     optimizer: str = "adamw"
 
     def __post_init__(self):
-        self.data = data_spec(
-            self.data,
-            self.split,
-            self.image_column,
-            self.caption_column,
-            self.label_column,
-            self.on_bad_sample,
-            self.max_bad_fraction,
-        )
+        self.data = settings_data_spec(self)
         if self.data is None:
             raise BadSetting(
                 "data", "{data} is required: an image folder, a dataset, tar shards or builtin:digits"
