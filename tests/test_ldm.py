@@ -346,16 +346,16 @@ def test_text_finetune_encodes_the_captions_of_the_images_it_trains_on(dp, built
 def test_class_conditional_finetune_gives_the_unet_the_labels_of_the_class_folders(
     dp, built, tmp_path, monkeypatch
 ):
-    from dpcli.adapters.latent import hooks
+    from dpcli.adapters.latent.adapter import LatentDiffusionAdapter
 
     seen = []
-    predict = hooks.predict
+    predict = LatentDiffusionAdapter.predict
 
     def spy(loaded, sample, timesteps, conditioning=None):
         seen.append(conditioning["class_labels"].tolist())
         return predict(loaded, sample, timesteps, conditioning)
 
-    monkeypatch.setattr(hooks, "predict", spy)
+    monkeypatch.setattr(LatentDiffusionAdapter, "predict", staticmethod(spy))
     result = dp("finetune", built["class"], "--data", built["images"], "--steps", "3", "--batch-size", "2",
                 "--workers", "0", "-o", tmp_path / "tuned")  # fmt: skip
     assert result.exit_code == 0, result.stderr
