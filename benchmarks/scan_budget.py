@@ -12,7 +12,7 @@ a "ground truth" scan with many calibration images (--truth, seed 100, images dr
 seeds 0, 1, 2 of the settings): agreement = mean over pruned modules of |kept ∩ kept_truth| / |kept_truth|.
 Samples = forward samples the scan computed (calibration images × timesteps scanned, forward and backward);
 seconds = the scan's own time. The settings come in compute levels (same samples); the script prints, for
-each level, the best setting and what `--scan-budget` (dpcli.jobs.score.plan_scan) chooses for that budget.
+each level, the best setting and what `--scan-budget` (dpcli.jobs.scan_budget.plan_scan) chooses for that budget.
 
 Time only: the CIFAR-10 DDPM config (35.7 M params, random weights) scans --cifar-timesteps timesteps (threshold
 0) at 4 images with strides 1, 4, 16: seconds per scan and per forward sample.
@@ -109,7 +109,7 @@ def main() -> None:
         args.truth, args.settings, args.cifar_timesteps = "4x128", QUICK_SETTINGS, 8
     import torch
 
-    from dpcli.jobs.score import plan_scan
+    from dpcli.jobs.scan_budget import plan_scan
 
     torch.set_num_threads(args.threads)
     info = machine_info()

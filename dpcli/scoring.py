@@ -389,3 +389,55 @@ def gradient_checkpointing(model: torch.nn.Module, enabled: bool):
         yield
     finally:
         model.disable_gradient_checkpointing()
+
+
+# Packing timesteps stops paying at about this many samples per forward, per device type.
+# cpu: measured; on 2 idle cores the digits scan was fastest at 64 and slower at 128 and 256
+#   (benchmarks/pruning.md, "default --chunk").
+# cuda: NOT measured (no GPU was available where this was written; benchmarks/gpu.py --quick measures
+#   packed against unpacked on one). 256 is reasoning, not a measurement: a GPU needs hundreds of samples
+#   in flight to be busy (the reference scans 128 images per timestep on one GPU, so 256 is two of its
+#   timesteps per pass), and --batch-size (default 256) still caps a pass, which bounds its memory.
+# Anything else (mps) takes the CPU's figure.
+SAMPLES_PER_PASS = {"cpu": 64, "cuda": 256}
+
+
+def default_chunk(calib_size: int, batch_size: int, device_type: str = "cpu") -> int:
+    """Timesteps per forward: about ``SAMPLES_PER_PASS[device_type]`` samples (``calib_size`` being the
+    images one device holds), never more than ``batch_size``."""
+    samples = SAMPLES_PER_PASS.get(device_type, SAMPLES_PER_PASS["cpu"])
+    return max(1, min(batch_size, samples) // max(1, calib_size))
+
+
+def share_chunk(chunk: int | None, batch_size: int, images: int, dist: Distributed) -> int:
+    """``chunk``, or the default for the largest share of ``images`` calibration images one device holds."""
+    share = -(-images // dist.world_size)
+    return chunk or default_chunk(share, batch_size, dist.device.type)
+
+
+def calibration_share(
+    loaded: LoadedModel, adapter, settings, size: int, dist: Distributed, fit: bool = False
+):
+    """This process's share of the calibration batch of ``size`` images from ``settings`` (a
+    ``dpcli.jobs.score.ScoreSettings``: its data, seed, prompt and workers) (all of it in a single process)
+    and of its noise; with ``fit``, as many images as the data has if it has fewer.
+
+    Returns ``(x0, noise, conditioning, available)``: ``available`` is the data's image count when it was
+    smaller than ``size`` (else None)."""
+    from dpcli.data import open_source
+
+    source = open_source(settings.data)
+    available = len(source) if fit and len(source) < size else None
+    total = available or size
+    rows = share_rows(total, dist.rank, dist.world_size) if dist.enabled else None
+    x0, conditioning = calibration_batch(
+        loaded,
+        adapter,
+        source,
+        total,
+        settings.seed,
+        prompt=settings.prompt,
+        workers=settings.workers,
+        rows=rows,
+    )
+    return x0, calibration_noise(x0, settings.seed, rows, total), conditioning, available

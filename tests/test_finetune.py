@@ -276,9 +276,31 @@ def test_builtin_digits_model_is_trained_and_config_stays_random(dp):
 def test_the_report_prints_the_run_and_the_files_written(tmp_path):
     from dpcli.jobs.finetune.loop import FinetuneReport
 
-    values = dict.fromkeys(FinetuneReport.__dataclass_fields__, 1)
+    values = {**dict.fromkeys(FinetuneReport.__dataclass_fields__, 1), "settings": {"seed": 3}}
     printed = FinetuneReport(**values).to_json(output=tmp_path / "tuned", preview=True)
     assert list(printed)[-4:] == ["output", "loss_curve", "samples", "checkpoints"]
-    assert printed["steps"] == 1 and printed["loss_curve"] == str(tmp_path / "tuned" / "loss.png")
+    assert printed["steps"] == 1 and printed["seed"] == 3 and "settings" not in printed
+    assert printed["loss_curve"] == str(tmp_path / "tuned" / "loss.png")
     assert printed["checkpoints"] == str(tmp_path / "tuned" / "checkpoints")
     assert FinetuneReport(**values).to_json(output=tmp_path)["samples"] is None
+
+
+def test_the_settings_marked_in_the_dataclass_are_the_ones_reported_kept_and_checked_on_resume(tmp_path):
+    import dataclasses
+
+    from dpcli.jobs.finetune import checkpoints
+    from dpcli.jobs.finetune.loop import FinetuneReport, history_entry, reported_settings
+    from dpcli.jobs.finetune.settings import FinetuneSettings
+
+    settings = FinetuneSettings(data="builtin:digits", steps=3, lr=1e-3, flip=True)
+    reported = reported_settings(settings, None, 0.0)
+    assert list(reported) == list(FinetuneSettings.marked("report"))
+    assert reported["lr"] == 1e-3 and reported["flip"] is True and reported["distill_weight"] is None
+    assert {"lr", "seed", "crop", "caption_dropout"} <= set(FinetuneSettings.marked("resume"))
+    assert "checkpoint_every" not in FinetuneSettings.marked("report")
+    assert set(checkpoints._RESUME_KEYS) == {*FinetuneSettings.marked("resume"), "global_batch"}
+    facts = {f.name: 1 for f in dataclasses.fields(FinetuneReport) if f.name != "settings"}
+    report = FinetuneReport(**facts, settings=reported)
+    entry = history_entry(report)
+    assert set(reported) <= set(entry) and entry["steps"] == 1 and "loss_window" not in entry
+    assert set(reported) <= set(report.to_json(output=tmp_path))

@@ -7,7 +7,7 @@ import torch
 from helpers.scan import calibration
 
 from dpcli.errors import BadSetting
-from dpcli.jobs.score import BUDGET_MAX_CALIB, BUDGET_MIN_CALIB, plan_scan
+from dpcli.jobs.scan_budget import BUDGET_MAX_CALIB, BUDGET_MIN_CALIB, plan_scan
 from dpcli.plugins import get_registry
 from dpcli.scoring import accumulate_gradients
 from dpcli.testing import tiny_loaded

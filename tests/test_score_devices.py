@@ -11,7 +11,7 @@ from helpers.latent import kl_autoencoder, latent_unet2d, write_pipeline
 from helpers.scan import calibration
 
 from dpcli.errors import BadSetting
-from dpcli.jobs.score import ScoreSettings, compute_scores, default_chunk
+from dpcli.jobs.score import ScoreSettings, compute_scores
 from dpcli.loading import load_model
 from dpcli.plugins import get_registry
 from dpcli.runtime import Distributed
@@ -19,6 +19,7 @@ from dpcli.scoring import (
     accumulate_gradients,
     calibration_batch,
     calibration_noise,
+    default_chunk,
     gradient_checkpointing,
     share_rows,
 )

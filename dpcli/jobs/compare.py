@@ -13,22 +13,19 @@ import torch
 from dpcli import __version__
 from dpcli.conditions import ConditioningRequest, Conditions, conditions_from_record
 from dpcli.errors import BadSetting
-from dpcli.jobs.evaluate import (
-    GRID_FILE,
+from dpcli.io.eval_report import GRID_FILE, read_eval_report
+from dpcli.jobs.measure import (
     LatencySettings,
     Progress,
     check_same_noise,
     measure_latency,
     model_summary,
-    read_eval_report,
     resolve_sampling_conditions,
     sample_model,
     with_conditions,
 )
 from dpcli.jobs.protocol import describe_difference, protocol_differences
-from dpcli.metrics import (
-    ssim_psnr,
-)
+from dpcli.metrics import ssim_psnr
 from dpcli.reporting import Reporter, silent
 from dpcli.runtime import is_main_process
 from dpcli.sampling import SamplerSettings

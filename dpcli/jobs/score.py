@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -11,27 +10,23 @@ from pathlib import Path
 
 import torch
 
-from dpcli import __version__
 from dpcli.adapters.base import LoadedModel
 from dpcli.data.base import DataSpec, settings_data_spec
 from dpcli.errors import BadInput, BadSetting
-from dpcli.io.files import atomic_write
 from dpcli.io.model_format import model_signature
-from dpcli.io.weights import load_tensor_file
+from dpcli.io.scores_file import ScoresFile, read_scores_file, write_scores_file
+from dpcli.jobs.scan_budget import plan_budget_scan
 from dpcli.pruning import PruneOptions, collect_scores
 from dpcli.reporting import Reporter, silent
 from dpcli.runtime import Distributed, check_precision
 from dpcli.scoring import (
     ScanResult,
     accumulate_gradients,
-    calibration_batch,
-    calibration_noise,
+    calibration_share,
     gradient_checkpointing,
     place,
-    share_rows,
+    share_chunk,
 )
-
-SCORES_FORMAT = "dpcli-scores"
 
 
 @dataclass
@@ -128,150 +123,6 @@ class Scores:
         )
 
 
-# Packing timesteps stops paying at about this many samples per forward, per device type.
-# cpu: measured; on 2 idle cores the digits scan was fastest at 64 and slower at 128 and 256
-#   (benchmarks/pruning.md, "default --chunk").
-# cuda: NOT measured (no GPU was available where this was written; benchmarks/gpu.py --quick measures
-#   packed against unpacked on one). 256 is reasoning, not a measurement: a GPU needs hundreds of samples
-#   in flight to be busy (the reference scans 128 images per timestep on one GPU, so 256 is two of its
-#   timesteps per pass), and --batch-size (default 256) still caps a pass, which bounds its memory.
-# Anything else (mps) takes the CPU's figure.
-SAMPLES_PER_PASS = {"cpu": 64, "cuda": 256}
-
-
-def default_chunk(calib_size: int, batch_size: int, device_type: str = "cpu") -> int:
-    """Timesteps per forward: about ``SAMPLES_PER_PASS[device_type]`` samples (``calib_size`` being the
-    images one device holds), never more than ``batch_size``."""
-    samples = SAMPLES_PER_PASS.get(device_type, SAMPLES_PER_PASS["cpu"])
-    return max(1, min(batch_size, samples) // max(1, calib_size))
-
-
-def share_chunk(chunk: int | None, batch_size: int, images: int, dist: Distributed) -> int:
-    """``chunk``, or the default for the largest share of ``images`` calibration images one device holds."""
-    share = -(-images // dist.world_size)
-    return chunk or default_chunk(share, batch_size, dist.device.type)
-
-
-# --scan-budget: how dp spends N forward samples (benchmarks/scan_budget.py, docs/benchmarks.md "Scan
-# budget"). Agreement with a large-calibration scan depends far more on the calibration images than on
-# scanning every timestep, until the stride reaches 32: so the budget goes to calibration images first, at
-# the coarsest stride that kept agreement (16), and to finer strides only once the images reach
-# BUDGET_MAX_CALIB (or the data runs out).
-BUDGET_STRIDES = (16, 8, 4, 2, 1)
-BUDGET_MIN_CALIB = 8
-BUDGET_MAX_CALIB = 256
-# The cost of a scan is (cutoff / stride + 1) × calibration images, and the cutoff is not known before: a
-# forward-only pilot scan of PILOT_IMAGES images at stride BUDGET_STRIDES[0] estimates it.
-PILOT_IMAGES = 16
-
-
-@dataclass
-class ScanPlan:
-    """What ``--scan-budget`` chose: stride and calibration size, from the pilot's cutoff estimate."""
-
-    scan_budget: int
-    timestep_stride: int
-    calib_size: int
-    estimated_cutoff: int
-    estimated_samples: int
-    pilot_samples: int = 0
-
-    def to_json(self) -> dict:
-        return dict(vars(self))
-
-
-def plan_scan(budget: int, estimated_cutoff: int, available: int | None = None) -> ScanPlan:
-    """Stride and calibration size for a scan of about ``budget`` forward samples (the rule above).
-
-    ``estimated_cutoff`` is the expected last scanned timestep; ``available`` caps the calibration size
-    (the images in the data). A budget below ``BUDGET_MIN_CALIB`` images at the coarsest stride is an error.
-    """
-    most = min(BUDGET_MAX_CALIB, available) if available else BUDGET_MAX_CALIB
-
-    def scanned(stride: int) -> int:
-        return estimated_cutoff // stride + 1
-
-    coarsest = BUDGET_STRIDES[0]
-    least = min(BUDGET_MIN_CALIB, most) * scanned(coarsest)
-    if budget < least:
-        raise BadSetting(
-            "scan_budget",
-            "{scan_budget} is too small for this model and threshold: at least {least} forward samples "
-            "({images} images × {steps} timesteps at stride {stride}, cutoff about t = {cutoff})",
-            got=budget,
-            least=least,
-            images=min(BUDGET_MIN_CALIB, most),
-            steps=scanned(coarsest),
-            stride=coarsest,
-            cutoff=estimated_cutoff,
-        )
-    calib = budget // scanned(coarsest)
-    stride = coarsest
-    if calib > most:
-        calib = most
-        stride = next(k for k in reversed(BUDGET_STRIDES) if calib * scanned(k) <= budget)
-    return ScanPlan(budget, stride, calib, estimated_cutoff, calib * scanned(stride))
-
-
-def _calibration(
-    loaded: LoadedModel, adapter, settings: ScoreSettings, size: int, dist: Distributed, fit: bool = False
-):
-    """This process's share of the calibration batch of ``size`` images (all of it in a single process)
-    and of its noise; with ``fit``, as many images as the data has if it has fewer.
-
-    Returns ``(x0, noise, conditioning, available)``: ``available`` is the data's image count when it was
-    smaller than ``size`` (else None)."""
-    from dpcli.data import open_source
-
-    source = open_source(settings.data)
-    available = len(source) if fit and len(source) < size else None
-    total = available or size
-    rows = share_rows(total, dist.rank, dist.world_size) if dist.enabled else None
-    x0, conditioning = calibration_batch(
-        loaded,
-        adapter,
-        source,
-        total,
-        settings.seed,
-        prompt=settings.prompt,
-        workers=settings.workers,
-        rows=rows,
-    )
-    return x0, calibration_noise(x0, settings.seed, rows, total), conditioning, available
-
-
-def plan_budget_scan(
-    loaded: LoadedModel, adapter, settings: ScoreSettings, threshold: float, dist: Distributed | None = None
-) -> ScanPlan:
-    """Run the forward-only pilot scan and choose stride and calibration size for ``settings.scan_budget``.
-
-    Under torchrun the pilot's images are shared out too and its losses summed: every process plans the
-    same scan."""
-    dist = dist or Distributed(device=next(loaded.model.parameters()).device)
-    x0, noise, conditioning, available = _calibration(loaded, adapter, settings, PILOT_IMAGES, dist, fit=True)
-    pilot = accumulate_gradients(
-        loaded,
-        adapter,
-        x0,
-        noise,
-        threshold,
-        timesteps=settings.timesteps,
-        chunk=share_chunk(None, settings.batch_size, available or PILOT_IMAGES, dist),
-        batch_size=settings.batch_size,
-        conditioning=conditioning,
-        stride=BUDGET_STRIDES[0],
-        gradients=False,
-        precision=settings.precision,
-        dist=dist,
-    )
-    # A pilot that ran to the last timestep says the scan will too; one that stopped at t stops the real
-    # scan (finer stride, more images) at about t, a little earlier at most.
-    estimated_cutoff = pilot.cutoff if pilot.stopped_early else pilot.timesteps - 1
-    plan = plan_scan(settings.scan_budget, estimated_cutoff, available)
-    plan.pilot_samples = pilot.samples_computed
-    return plan
-
-
 def compute_scores(
     loaded: LoadedModel, settings: ScoreSettings, on_progress=None, dist: Distributed | None = None
 ) -> Scores:
@@ -313,7 +164,7 @@ def _compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress, d
         if settings.scan_budget is not None:
             plan = plan_budget_scan(loaded, adapter, settings, threshold, dist)
             calib_size, stride = plan.calib_size, plan.timestep_stride
-        x0, noise, conditioning, available = _calibration(
+        x0, noise, conditioning, available = calibration_share(
             loaded, adapter, settings, calib_size, dist, fit=plan is not None
         )
         with gradient_checkpointing(loaded.model, settings.gradient_checkpointing):
@@ -464,45 +315,30 @@ def scan_and_score(
 
 
 def save_scores(scores: Scores, path: Path, model_source: str) -> None:
-    """Scores as safetensors (one tensor per group key) with the settings and scan in the metadata."""
-    from safetensors.torch import save_file
-
+    """Write ``scores`` (computed for the model ``model_source``) as a scores file (``dpcli.io.scores_file``)."""
     scan = scores.scan
-    metadata = {
-        "format": SCORES_FORMAT,
-        "dpcli_version": __version__,
-        "model": model_source,
-        "model_signature": scores.model_signature,
-        "settings": json.dumps(scores.settings),
-        "cutoff": json.dumps(scan.cutoff if scan else None),
-        "losses": json.dumps(scan.losses if scan else []),
-    }
-    with atomic_write(path) as temporary:
-        save_file({k: v.contiguous() for k, v in scores.tensors.items()}, str(temporary), metadata=metadata)
+    file = ScoresFile(
+        tensors=scores.tensors,
+        settings=scores.settings,
+        model=model_source,
+        model_signature=scores.model_signature,
+        cutoff=scan.cutoff if scan else None,
+        losses=scan.losses if scan else [],
+    )
+    write_scores_file(path, file)
 
 
 def load_scores(path: Path, loaded: LoadedModel) -> Scores:
     """Scores written by ``dp score``, checked against the model they are applied to."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"scores file not found: {path}")
-    tensors = load_tensor_file(path)
-    with safe_open(str(path), "pt") as handle:
-        metadata = handle.metadata() or {}
-    if metadata.get("format") != SCORES_FORMAT:
-        raise BadInput(f"{path} is not a dp score file")
-    if metadata.get("model_signature") != model_signature(loaded.model):
-        raise BadInput(f"{path} was computed for a model of another shape ({metadata.get('model')})")
-    settings = json.loads(metadata["settings"])
-    cutoff = json.loads(metadata.get("cutoff", "null"))
-    losses = json.loads(metadata.get("losses", "[]"))
+    file = read_scores_file(path)
+    if file.model_signature != model_signature(loaded.model):
+        raise BadInput(f"{path} was computed for a model of another shape ({file.model})")
+    settings = file.settings
     scan = None
-    if cutoff is not None:
+    if file.cutoff is not None:
         scan = ScanResult(
-            cutoff=cutoff,
-            losses=losses,
+            cutoff=file.cutoff,
+            losses=file.losses,
             threshold=settings.get("threshold") or 0.0,
             timesteps=settings.get("timesteps") or 0,
             chunk=settings.get("chunk") or 1,
@@ -510,4 +346,4 @@ def load_scores(path: Path, loaded: LoadedModel) -> Scores:
             seconds=0.0,
             stride=settings.get("timestep_stride") or 1,
         )
-    return Scores(settings["criterion"], tensors, scan, settings, metadata["model_signature"], 0.0)
+    return Scores(settings["criterion"], file.tensors, scan, settings, file.model_signature, 0.0)

@@ -24,31 +24,16 @@ import torch
 from dpcli import __version__
 from dpcli.errors import BadInput, BadSetting
 from dpcli.io.files import AtomicFolder
+from dpcli.jobs.finetune.settings import FinetuneSettings
 
 CHECKPOINT_FORMAT = "dpcli-checkpoint"
 CHECKPOINT_VERSION = 2  # 2: state.json records the SHA-256 of every file
 CHECKPOINT_DIR = "checkpoints"
 
 
-# Settings a resumed run must share with the checkpoint for the result to be the run it continues.
-_RESUME_KEYS = (
-    "data",
-    "global_batch",
-    "lr",
-    "warmup",
-    "schedule",
-    "weight_decay",
-    "ema_decay",
-    "grad_clip",
-    "seed",
-    "precision",
-    "teacher",
-    "distill_weight",
-    "reinit",
-    "crop",
-    "flip",
-    "caption_dropout",
-)
+# Settings a resumed run must share with the checkpoint for the result to be the run it continues: the
+# fields marked "resume", and the global batch they are run with.
+_RESUME_KEYS = (*FinetuneSettings.marked("resume"), "global_batch")
 _CHECKPOINT_NAME = "step-{:08d}"
 _TENSOR_FILES = ("model.safetensors", "ema.safetensors", "state.safetensors")
 _HASH_CHUNK = 1 << 24

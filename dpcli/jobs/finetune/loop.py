@@ -1,4 +1,4 @@
-"""The fine-tuning loop: the Python API behind ``dp finetune``.
+"""The fine-tuning loop behind ``dpcli.finetune`` and ``dp finetune``.
 
 The DDPM loss on the adapter's denoiser (pruned or not), AdamW, timm's warmup + decay LR schedule and its
 EMA (``timm.utils.ModelEmaV3``), gradient clipping and accumulation, autocast on GPU, optional distillation
@@ -264,6 +264,71 @@ def prepare_output_folder(
         prepare_output(output, force)
 
 
+@dataclass
+class _Run:
+    """What ``_setup`` prepares for the steps of a run: the model (``trained`` wraps it in DDP when
+    distributed), its optimizer, schedule, EMA and grad scaler, the resumable state, the batches and the
+    record checkpoints carry."""
+
+    loaded: LoadedModel
+    settings: FinetuneSettings
+    output: Path
+    dist: Distributed
+    teacher: LoadedModel | None
+    dropout: float
+    global_batch: int
+    record: dict
+    trained: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_schedule: object
+    ema: object
+    scaler: torch.amp.GradScaler
+    state: TrainState
+    bad_samples: BadSampleLog
+    batches: object = None
+    cache: object = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.model
+
+    @property
+    def distilling(self) -> bool:
+        return self.teacher is not None and self.settings.distill_weight > 0
+
+    def save_checkpoint(self) -> None:
+        save_checkpoint(
+            self.output,
+            self.state,
+            self.model,
+            self.ema,
+            self.optimizer,
+            self.lr_schedule,
+            self.scaler,
+            self.record,
+            self.settings.keep_checkpoints,
+        )
+
+
+@dataclass
+class _Clock:
+    """The timing and smoothed loss of the steps this process runs (a resumed run adds to the time of
+    the run it continues)."""
+
+    start_step: int
+    previous_seconds: float
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    average: float = 0.0
+    window: list[float] = dataclasses.field(default_factory=list)
+
+    def seconds(self) -> float:
+        return self.previous_seconds + time.perf_counter() - self.started
+
+    def smoothed(self, loss: float, step: int) -> float:
+        self.average = 0.98 * self.average + 0.02 * loss
+        return self.average / (1 - 0.98 ** (step - self.start_step))
+
+
 def train(
     loaded: LoadedModel,
     source,
@@ -282,14 +347,66 @@ def train(
     with a line through ``on_warning``. Returns the report, the EMA model and the loss history; raises
     :class:`Interrupted` after writing a checkpoint when stopped with Ctrl-C or SIGTERM.
     """
+    from dpcli.scoring import gradient_checkpointing
+
+    validate(settings, output, resume)
+    run = _setup(loaded, source, settings, Path(output), teacher, resume, dist or Distributed(), on_warning)
+    state = run.state
+    clock = _Clock(state.step, state.seconds)
+    saved_step = state.step
+    interrupted = False
+    with (
+        _StopRequest() as stop,
+        _checkpoint_on_too_many_bad(run, lambda: saved_step),
+        run_monitor(loaded, settings, run.output, run.record, state.step, run.dist) as monitor,
+        gradient_checkpointing(run.model, settings.gradient_checkpointing),
+    ):
+        for step in range(state.step, settings.steps):
+            step_started = time.perf_counter()
+            metrics, stop_now = _train_step(run, step, stop.requested)
+            clock.window = [*clock.window[-19:], time.perf_counter() - step_started]
+            _record_step(run, step, metrics, clock, on_step)
+            monitor.after_step(state.step, metrics, run.ema.module, stop_now)
+            due = settings.checkpoint_every and state.step % settings.checkpoint_every == 0
+            if due or stop_now or state.step == settings.steps:
+                saved_step = state.step
+                if run.dist.is_main:
+                    try:
+                        run.save_checkpoint()
+                    except WriteFailed as exc:
+                        raise WriteFailed(f"{exc} with --resume") from exc
+                run.dist.barrier()
+            if stop_now:
+                interrupted = True
+                break
+    if interrupted:
+        raise Interrupted(
+            f"interrupted at step {state.step} of {settings.steps}: checkpoint written to "
+            f"{checkpoint_root(run.output)}; continue with the same command and --resume"
+        )
+    run.model.eval()
+    report = _report(run, clock.start_step, time.perf_counter() - clock.started)
+    return FinetuneResult(report=report, ema_model=run.ema.module, losses=state.losses, lrs=state.lrs)
+
+
+def _setup(
+    loaded: LoadedModel,
+    source,
+    settings: FinetuneSettings,
+    output: Path,
+    teacher: LoadedModel | None,
+    resume: bool,
+    dist: Distributed,
+    on_warning: Callable[[str], None] | None,
+) -> _Run:
+    """Everything before the first step: the checks of the data and the settings against the model, the
+    run's record, the optimizer, schedule, EMA and grad scaler (from the newest intact checkpoint when
+    resuming), the teacher and the batches."""
     from timm.utils import ModelEmaV3
 
     from dpcli.io.model_format import model_signature
     from dpcli.optimizers import make_optimizer
-    from dpcli.scoring import gradient_checkpointing, loss_target
 
-    validate(settings, output, resume)
-    dist = dist or Distributed()
     device = dist.device
     if settings.precision == "fp16" and device.type != "cuda":
         raise BadSetting("precision", "{precision} fp16 needs a CUDA GPU (use bf16 or fp32 on the CPU)")
@@ -305,7 +422,6 @@ def train(
             f"{settings.grad_accum} accumulation step(s) = {global_batch}) is larger than the data "
             f"({len(source)} images in {settings.data})"
         )
-    adapter = loaded.adapter
     cache = open_latent_cache(loaded, settings) if settings.cache_latents else None
     model = loaded.model
     if settings.reinit:
@@ -320,8 +436,7 @@ def train(
             "global_batch": global_batch,
         },
     }
-    output = Path(output)
-    checkpoint = None
+    checkpoint = saved_state = None
     if resume:
         checkpoint, saved_state, skipped = newest_valid_checkpoint(output)
         for why in skipped:
@@ -338,31 +453,66 @@ def train(
         teacher.model.to(device, dtype=teacher_dtype).eval().requires_grad_(False)
         check_teacher(loaded, teacher)
     optimizer = make_optimizer(settings.optimizer, model.parameters(), settings.lr, settings.weight_decay)
-    lr_schedule = make_lr_schedule(optimizer, settings)
-    ema = ModelEmaV3(model, decay=settings.ema_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
-    train = TrainState()
-    bad_samples = BadSampleLog(on_warning if dist.is_main else lambda message: None)
-    if checkpoint is not None:
-        load_checkpoint(checkpoint, saved_state, model, ema, optimizer, lr_schedule, scaler, train, settings)
-        bad_samples.load_state(train.bad_samples)
-    elif dist.is_main and checkpoint_root(output).exists():
-        shutil.rmtree(checkpoint_root(output))  # a fresh run (--force): stale checkpoints must not resume
-    if dist.is_main:
-        remove_unfinished_checkpoints(output)
-    dist.barrier()
-
-    trained = model
+    run = _Run(
+        loaded=loaded,
+        settings=settings,
+        output=output,
+        dist=dist,
+        teacher=teacher,
+        dropout=dropout,
+        global_batch=global_batch,
+        record=record,
+        trained=model,
+        optimizer=optimizer,
+        lr_schedule=make_lr_schedule(optimizer, settings),
+        ema=ModelEmaV3(model, decay=settings.ema_decay),
+        scaler=torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16"),
+        state=TrainState(),
+        bad_samples=BadSampleLog(on_warning if dist.is_main else lambda message: None),
+        cache=cache,
+    )
+    _restore(run, checkpoint, saved_state)
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    training_view = dataclasses.replace(loaded, model=trained)
-    teacher_adapter = teacher.adapter if teacher is not None else None
+        run.trained = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    run.batches = _training_batches(run, source)
+    return run
+
+
+def _restore(run: _Run, checkpoint: Path | None, saved_state: dict | None) -> None:
+    """Load ``checkpoint`` into the run, or for a fresh run remove an earlier run's checkpoints (--force:
+    they must not resume); drop unfinished checkpoint writes either way."""
+    if checkpoint is not None:
+        load_checkpoint(
+            checkpoint,
+            saved_state,
+            run.model,
+            run.ema,
+            run.optimizer,
+            run.lr_schedule,
+            run.scaler,
+            run.state,
+            run.settings,
+        )
+        run.bad_samples.load_state(run.state.bad_samples)
+    elif run.dist.is_main and checkpoint_root(run.output).exists():
+        shutil.rmtree(checkpoint_root(run.output))
+    if run.dist.is_main:
+        remove_unfinished_checkpoints(run.output)
+    run.dist.barrier()
+
+
+def _training_batches(run: _Run, source):
+    """This process's micro-batches from the run's resumed step on (``dpcli.data.training_batches``)."""
+    loaded, settings, dist = run.loaded, run.settings, run.dist
+    adapter = loaded.adapter
     transform = ImageTransform(
         adapter.data_size(loaded), adapter.data_channels(loaded), crop=settings.crop, flip=settings.flip
     )
-    batches = training_batches(
+    return training_batches(
         source,
         transform,
         seed=settings.seed,
@@ -370,168 +520,112 @@ def train(
         grad_accum=settings.grad_accum,
         world_size=dist.world_size,
         rank=dist.rank,
-        start_step=train.step,
+        start_step=run.state.step,
         steps=settings.steps,
         workers=settings.workers,
-        caption_dropout=dropout,
-        pin_memory=device.type == "cuda",
-        cache=cache,
-        bad_samples=bad_samples,
+        caption_dropout=run.dropout,
+        pin_memory=dist.device.type == "cuda",
+        cache=run.cache,
+        bad_samples=run.bad_samples,
     )
+
+
+def _train_step(run: _Run, step: int, stop_requested: bool) -> tuple[dict, bool]:
+    """One optimizer step (``grad_accum`` micro-steps on this process's rows of the global batch, the
+    gradients summed over the processes). Returns the step's metrics, the same on every process, and
+    whether any process was asked to stop."""
+    from dpcli.scoring import loss_target
+
+    loaded, settings, dist = run.loaded, run.settings, run.dist
+    device, adapter = dist.device, loaded.adapter
     noise_shape = tuple(adapter.noise_shape(loaded))
     num_timesteps = int(loaded.scheduler.config.num_train_timesteps)
-    batch = settings.batch_size
-    start_step = train.step
-    average = 0.0
-    window: list[float] = []
-    run_started = time.perf_counter()
-    previous_seconds = train.seconds
-    interrupted = False
-    saved_step = start_step
+    training_view = dataclasses.replace(loaded, model=run.trained)
+    generator = step_generator(settings.seed, step, device)
+    timesteps = torch.randint(0, num_timesteps, (run.global_batch,), generator=generator, device=device)
+    noise = torch.randn((run.global_batch, *noise_shape), generator=generator, device=device)
+    run.optimizer.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    loss_terms = torch.zeros(2, dtype=torch.float64, device=device)  # DDPM, distillation
+    for micro in range(settings.grad_accum):
+        first = (micro * dist.world_size + dist.rank) * settings.batch_size
+        rows = slice(first, first + settings.batch_size)
+        x0, conditioning = prepare_training_batch(loaded, next(run.batches), run.cache)
+        if tuple(x0.shape[1:]) != noise_shape:
+            raise DpError(
+                f"the adapter prepared samples of shape {tuple(x0.shape[1:])}, expected {noise_shape}"
+            )
+        t, eps = timesteps[rows], noise[rows].to(x0.dtype)
+        last_micro = micro == settings.grad_accum - 1
+        sync = contextlib.nullcontext() if last_micro or not dist.enabled else run.trained.no_sync()
+        with sync:
+            with autocast(device, settings.precision):
+                noisy = loaded.scheduler.add_noise(x0, eps, t)
+                prediction = adapter.predict(training_view, noisy, t, conditioning).float()
+            target = loss_target(loaded.scheduler, x0, eps, t).float()
+            loss = ddpm_loss = torch.nn.functional.mse_loss(prediction, target)
+            distill_loss = torch.zeros((), device=device)
+            if run.distilling:
+                with torch.no_grad(), autocast(device, settings.precision):
+                    guide = run.teacher.adapter.predict(run.teacher, noisy, t, conditioning).float()
+                distill_loss = torch.nn.functional.mse_loss(prediction, guide)
+                loss = loss + settings.distill_weight * distill_loss
+            run.scaler.scale(loss / settings.grad_accum).backward()
+        step_loss += loss.detach().double() / settings.grad_accum
+        loss_terms += torch.stack([ddpm_loss, distill_loss]).detach().double() / settings.grad_accum
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = gradient_norm(run.model, settings.grad_clip)  # clipped to grad_clip when > 0
+    lr = _current_lr(run.optimizer)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.lr_schedule.step_update(step + 1)
+    run.ema.update(run.model, step=step + 1)
 
-    saving = (model, ema, optimizer, lr_schedule, scaler, record, settings.keep_checkpoints)
-    with (
-        _StopRequest() as stop,
-        _checkpoint_on_too_many_bad(output, train, saving, lambda: saved_step, dist),
-        run_monitor(loaded, settings, output, record, start_step, dist) as monitor,
-        gradient_checkpointing(model, settings.gradient_checkpointing),
-    ):
-        for step in range(start_step, settings.steps):
-            step_started = time.perf_counter()
-            generator = step_generator(settings.seed, step, device)
-            timesteps = torch.randint(0, num_timesteps, (global_batch,), generator=generator, device=device)
-            noise = torch.randn((global_batch, *noise_shape), generator=generator, device=device)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = torch.zeros((), dtype=torch.float64, device=device)
-            loss_terms = torch.zeros(2, dtype=torch.float64, device=device)  # DDPM, distillation
-            for micro in range(settings.grad_accum):
-                first = (micro * dist.world_size + dist.rank) * batch
-                rows = slice(first, first + batch)
-                x0, conditioning = prepare_training_batch(loaded, next(batches), cache)
-                if tuple(x0.shape[1:]) != noise_shape:
-                    raise DpError(
-                        f"the adapter prepared samples of shape {tuple(x0.shape[1:])}, expected {noise_shape}"
-                    )
-                t, eps = timesteps[rows], noise[rows].to(x0.dtype)
-                last_micro = micro == settings.grad_accum - 1
-                sync = contextlib.nullcontext() if last_micro or not dist.enabled else trained.no_sync()
-                with sync:
-                    with autocast(device, settings.precision):
-                        noisy = loaded.scheduler.add_noise(x0, eps, t)
-                        prediction = adapter.predict(training_view, noisy, t, conditioning).float()
-                    target = loss_target(loaded.scheduler, x0, eps, t).float()
-                    loss = ddpm_loss = torch.nn.functional.mse_loss(prediction, target)
-                    distill_loss = torch.zeros((), device=device)
-                    if teacher is not None and settings.distill_weight > 0:
-                        with torch.no_grad(), autocast(device, settings.precision):
-                            guide = teacher_adapter.predict(teacher, noisy, t, conditioning).float()
-                        distill_loss = torch.nn.functional.mse_loss(prediction, guide)
-                        loss = loss + settings.distill_weight * distill_loss
-                    scaler.scale(loss / settings.grad_accum).backward()
-                step_loss += loss.detach().double() / settings.grad_accum
-                loss_terms += torch.stack([ddpm_loss, distill_loss]).detach().double() / settings.grad_accum
-            scaler.unscale_(optimizer)
-            grad_norm = gradient_norm(model, settings.grad_clip)  # clipped to grad_clip when > 0
-            lr = _current_lr(optimizer)
-            scaler.step(optimizer)
-            scaler.update()
-            lr_schedule.step_update(step + 1)
-            ema.update(model, step=step + 1)
+    stop_flag = torch.tensor(float(stop_requested), device=device).double()
+    shared = torch.cat([torch.stack([step_loss, stop_flag]), loss_terms])
+    if dist.enabled:
+        torch.distributed.all_reduce(shared)
+    loss_value = float(shared[0]) / dist.world_size
+    if not math.isfinite(loss_value):
+        raise DpError(f"the loss is {loss_value} at step {step + 1}: lower --lr, use --grad-clip or fp32")
+    metrics = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}
+    if run.distilling:
+        terms = (shared[2:] / dist.world_size).tolist()
+        metrics.update(loss_ddpm=terms[0], loss_distill=terms[1])
+    return metrics, float(shared[1]) > 0
 
-            stop_flag = torch.tensor(float(stop.requested), device=device).double()
-            shared = torch.cat([torch.stack([step_loss, stop_flag]), loss_terms])
-            if dist.enabled:
-                torch.distributed.all_reduce(shared)
-            loss_value = float(shared[0]) / dist.world_size
-            if not math.isfinite(loss_value):
-                raise DpError(
-                    f"the loss is {loss_value} at step {step + 1}: lower --lr, use --grad-clip or fp32"
-                )
-            train.step = step + 1
-            train.losses.append(loss_value)
-            train.lrs.append(lr)
-            train.seconds = previous_seconds + time.perf_counter() - run_started
-            average = 0.98 * average + 0.02 * loss_value
-            smoothed = average / (1 - 0.98 ** (train.step - start_step))
-            window = [*window[-19:], time.perf_counter() - step_started]
-            if on_step is not None and dist.is_main:
-                speed = len(window) / sum(window)
-                on_step(
-                    StepInfo(train.step, settings.steps, loss_value, smoothed, lr, speed, len(bad_samples))
-                )
-            train.bad_samples = bad_samples.state()  # what the next checkpoint keeps
-            stop_now = float(shared[1]) > 0
-            # [watch] metrics.jsonl, the tracker and validation (before the checkpoint of this step)
-            terms = (shared[2:] / dist.world_size).tolist()
-            step_metrics = {
-                "loss": loss_value,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "images_per_second": global_batch / window[-1],
-                "seconds": train.seconds,
-            }
-            if teacher is not None and settings.distill_weight > 0:
-                step_metrics.update(loss_ddpm=terms[0], loss_distill=terms[1])
-            monitor.after_step(train.step, step_metrics, ema.module, stop_now)
-            due = settings.checkpoint_every and train.step % settings.checkpoint_every == 0
-            if due or stop_now or train.step == settings.steps:
-                saved_step = train.step
-                if dist.is_main:
-                    try:
-                        save_checkpoint(
-                            output,
-                            train,
-                            model,
-                            ema,
-                            optimizer,
-                            lr_schedule,
-                            scaler,
-                            record,
-                            settings.keep_checkpoints,
-                        )
-                    except WriteFailed as exc:
-                        raise WriteFailed(f"{exc} with --resume") from exc
-                dist.barrier()
-            if stop_now:
-                interrupted = True
-                break
-    if interrupted:
-        raise Interrupted(
-            f"interrupted at step {train.step} of {settings.steps}: checkpoint written to "
-            f"{checkpoint_root(output)}; continue with the same command and --resume"
-        )
-    model.eval()
-    return FinetuneResult(
-        report=_report(
-            settings,
-            train,
-            start_step,
-            time.perf_counter() - run_started,
-            dist,
-            teacher,
-            dropout,
-            bad_samples,
-        ),
-        ema_model=ema.module,
-        losses=train.losses,
-        lrs=train.lrs,
-    )
+
+def _record_step(run: _Run, step: int, metrics: dict, clock: _Clock, on_step) -> None:
+    """Add a finished step to the run's state (what the next checkpoint keeps) and to ``metrics`` (what
+    [watch] logs: metrics.jsonl, the tracker), and show it through ``on_step`` on the main process."""
+    state = run.state
+    loss_value, lr = metrics["loss"], metrics["lr"]
+    state.step = step + 1
+    state.losses.append(loss_value)
+    state.lrs.append(lr)
+    state.seconds = clock.seconds()
+    smoothed = clock.smoothed(loss_value, state.step)
+    if on_step is not None and run.dist.is_main:
+        speed = len(clock.window) / sum(clock.window)
+        bad = len(run.bad_samples)
+        on_step(StepInfo(state.step, run.settings.steps, loss_value, smoothed, lr, speed, bad))
+    state.bad_samples = run.bad_samples.state()
+    metrics.update(images_per_second=run.global_batch / clock.window[-1], seconds=state.seconds)
 
 
 @contextlib.contextmanager
-def _checkpoint_on_too_many_bad(output: Path, train: TrainState, saving: tuple, saved_step, dist):
+def _checkpoint_on_too_many_bad(run: _Run, saved_step: Callable[[], int]):
     """Past ``max_bad_fraction`` (every process stops at the same batch): write a checkpoint of the last
-    finished step unless one was just written (``saving``: ``save_checkpoint``'s other arguments), then
-    exit 2 saying where it is."""
+    finished step unless one was just written (at ``saved_step()``), then exit 2 saying where it is."""
     try:
         yield
     except TooManyBadSamples as exc:
-        if train.step > saved_step():
-            if dist.is_main:
-                save_checkpoint(output, train, *saving)
-            dist.barrier()
-        written = train.step > 0 and latest_checkpoint(output) is not None
-        raise exc.with_checkpoint(checkpoint_root(output)) if written else exc from None
+        if run.state.step > saved_step():
+            if run.dist.is_main:
+                run.save_checkpoint()
+            run.dist.barrier()
+        written = run.state.step > 0 and latest_checkpoint(run.output) is not None
+        raise exc.with_checkpoint(checkpoint_root(run.output)) if written else exc from None
 
 
 def summary_window(steps: int) -> int:
@@ -539,33 +633,23 @@ def summary_window(steps: int) -> int:
     return max(1, min(_SUMMARY_WINDOW, steps // 10))
 
 
+# What the model's history keeps of the facts of a run (beside the reported settings).
+_HISTORY_FACTS = ("steps", "global_batch", "world_size", "initial_loss", "final_loss", "seconds")
+
+
 @dataclass
 class FinetuneReport:
-    """What a fine-tuning run did. ``to_json()`` is what ``dp finetune --json`` prints (and its table
-    shows); ``initial_loss``/``final_loss`` are means over the first/last ``loss_window`` steps."""
+    """What a fine-tuning run did: the facts of the run and ``settings``, the reported settings
+    (``FinetuneSettings`` fields marked ``report``) as the run resolved them. ``to_json()`` is what
+    ``dp finetune --json`` prints (and its table shows); ``initial_loss``/``final_loss`` are means over the
+    first/last ``loss_window`` steps."""
 
     steps: int
     resumed_from: int | None
-    batch_size: int
-    grad_accum: int
     world_size: int
     global_batch: int
-    lr: float
-    warmup: int
-    schedule: str
-    weight_decay: float
-    ema_decay: float
-    grad_clip: float
-    precision: str
     device: str
-    seed: int
-    data: str
-    teacher: str | None
-    distill_weight: float | None
-    reinit: bool
-    crop: str
-    flip: bool
-    caption_dropout: float
+    settings: dict
     initial_loss: float | None
     final_loss: float | None
     loss_window: int
@@ -576,8 +660,10 @@ class FinetuneReport:
     def to_json(self, output: Path | None = None, preview: bool = False) -> dict:
         """The report as printed, with the files ``save_finetuned`` wrote into ``output``."""
         output = Path(output) if output is not None else None
+        facts = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "settings"}
         return {
-            **dataclasses.asdict(self),
+            **facts,
+            **self.settings,
             "output": str(output) if output else None,
             "loss_curve": str(output / "loss.png") if output else None,
             "samples": str(output / "samples.png") if output and preview else None,
@@ -595,78 +681,43 @@ class FinetuneResult:
     lrs: list[float]
 
 
-def _report(
-    settings,
-    train: TrainState,
-    start_step: int,
-    run_seconds: float,
-    dist,
-    teacher,
-    caption_dropout: float,
-    bad_samples: BadSampleLog,
-) -> FinetuneReport:
-    window = summary_window(len(train.losses))
-    ran = train.step - start_step
+def reported_settings(settings: FinetuneSettings, teacher: LoadedModel | None, dropout: float) -> dict:
+    """The settings marked ``report`` as a run used them: the data as text, the teacher's source and the
+    distillation weight only with a teacher, the caption dropout the run resolved."""
+    resolved = {
+        "data": str(settings.data),
+        "teacher": teacher.source if teacher is not None else None,
+        "distill_weight": settings.distill_weight if teacher is not None else None,
+        "caption_dropout": dropout,
+    }
+    return {name: resolved.get(name, getattr(settings, name)) for name in settings.marked("report")}
+
+
+def _report(run: _Run, start_step: int, run_seconds: float) -> FinetuneReport:
+    losses = run.state.losses
+    window = summary_window(len(losses))
+    ran = run.state.step - start_step
     return FinetuneReport(
-        steps=train.step,
+        steps=run.state.step,
         resumed_from=start_step or None,
-        batch_size=settings.batch_size,
-        grad_accum=settings.grad_accum,
-        world_size=dist.world_size,
-        global_batch=settings.batch_size * dist.world_size * settings.grad_accum,
-        lr=settings.lr,
-        warmup=settings.warmup,
-        schedule=settings.schedule,
-        weight_decay=settings.weight_decay,
-        ema_decay=settings.ema_decay,
-        grad_clip=settings.grad_clip,
-        precision=settings.precision,
-        device=str(dist.device),
-        seed=settings.seed,
-        data=str(settings.data),
-        teacher=teacher.source if teacher is not None else None,
-        distill_weight=settings.distill_weight if teacher is not None else None,
-        reinit=settings.reinit,
-        crop=settings.crop,
-        flip=settings.flip,
-        caption_dropout=caption_dropout,
-        initial_loss=sum(train.losses[:window]) / window if train.losses else None,
-        final_loss=sum(train.losses[-window:]) / window if train.losses else None,
+        world_size=run.dist.world_size,
+        global_batch=run.global_batch,
+        device=str(run.dist.device),
+        settings=reported_settings(run.settings, run.teacher, run.dropout),
+        initial_loss=sum(losses[:window]) / window if losses else None,
+        final_loss=sum(losses[-window:]) / window if losses else None,
         loss_window=window,
-        seconds=train.seconds,
+        seconds=run.state.seconds,
         steps_per_second=ran / run_seconds if ran and run_seconds > 0 else None,
-        bad_samples=bad_samples.to_json(),
+        bad_samples=run.bad_samples.to_json(),
     )
 
 
 def history_entry(report: FinetuneReport) -> dict:
-    """The ``history`` record a fine-tuned model folder carries."""
-    keys = (
-        "steps",
-        "global_batch",
-        "batch_size",
-        "grad_accum",
-        "world_size",
-        "lr",
-        "warmup",
-        "schedule",
-        "weight_decay",
-        "ema_decay",
-        "grad_clip",
-        "precision",
-        "seed",
-        "data",
-        "teacher",
-        "distill_weight",
-        "reinit",
-        "crop",
-        "flip",
-        "caption_dropout",
-        "initial_loss",
-        "final_loss",
-        "seconds",
-    )
-    entry = {"step": "finetune", **{key: getattr(report, key) for key in keys}}
+    """The ``history`` record a fine-tuned model folder carries: the reported settings and the facts of
+    ``_HISTORY_FACTS``."""
+    facts = {key: getattr(report, key) for key in _HISTORY_FACTS}
+    entry = {"step": "finetune", **facts, **report.settings}
     return {**entry, "weights": "ema", "raw_weights": "unet/raw.safetensors"}
 
 
@@ -686,7 +737,7 @@ def save_finetuned(loaded: LoadedModel, result: FinetuneResult, output: Path, pr
         loaded.adapter.save(ema_view, folder, metadata)
         plot_training(result.losses, result.lrs, folder / "loss.png", title=f"dp finetune {loaded.source}")
         if preview:
-            pixels = preview_samples(ema_view, preview, seed=result.report.seed)
+            pixels = preview_samples(ema_view, preview, seed=result.report.settings["seed"])
             save_image_grid(grid_rows(pixels), folder / "samples.png")
         checkpoints = checkpoint_root(output)
         if checkpoints.is_dir():

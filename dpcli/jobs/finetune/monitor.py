@@ -219,7 +219,7 @@ class Validator:
 
     def __init__(self, loaded: LoadedModel, settings: FinetuneSettings, output: Path):
         from dpcli.conditions import ConditioningRequest
-        from dpcli.jobs.evaluate import resolve_sampling_conditions, with_conditions
+        from dpcli.jobs.measure import resolve_sampling_conditions, with_conditions
         from dpcli.sampling import SamplerSettings
 
         self.loaded, self.settings, self.output = loaded, settings, Path(output)
@@ -236,7 +236,7 @@ class Validator:
         self.scores: _Scores | None = None
 
     def _plan_scores(self, view: LoadedModel, image_shape: list[int], device) -> _Scores:
-        from dpcli.jobs.evaluate import plan_clip
+        from dpcli.jobs.measure import plan_clip
         from dpcli.jobs.protocol import build_protocol
 
         fid_plan, fid_reason, stats = self._plan_fid(view, device)
@@ -249,7 +249,7 @@ class Validator:
     def _plan_fid(self, view: LoadedModel, device):
         """The FID plan against the training data and its reference statistics, or why there is none."""
         from dpcli.data import ImageTransform, example_batches, open_source
-        from dpcli.jobs.evaluate import plan_fid
+        from dpcli.jobs.measure import plan_fid
         from dpcli.metrics import FidComputer, data_as_uint8, default_inception_path, find_inception_weights
 
         data = self.settings.data
@@ -309,7 +309,7 @@ class Validator:
         return fid.compute()
 
     def _clip(self, samples, device) -> float | None:
-        from dpcli.jobs.evaluate import compute_clip_score
+        from dpcli.jobs.measure import compute_clip_score
 
         if self.scores.clip_folder is None:
             return None

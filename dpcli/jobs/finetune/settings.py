@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from dpcli.data.base import DataSpec, settings_data_spec
 from dpcli.errors import BadSetting
@@ -17,6 +17,11 @@ CROPS = ("center", "random")
 DEFAULT_CAPTION_DROPOUT = 0.1
 SCHEDULES = ("cosine", "constant")
 REPORT_TO = ("none", "tensorboard", "wandb")
+
+# Field metadata: a REPORTED setting is printed in the report and kept in the model's history; a RESUMED one
+# also must be the same in a resumed run as in its checkpoint (else the result is not the run it continues).
+REPORTED = {"report": True}
+RESUMED = {"report": True, "resume": True}
 
 
 def tracker_installed(name: str) -> bool:
@@ -46,7 +51,7 @@ class FinetuneSettings:
     bfloat16.
     """
 
-    data: DataSpec | str | None
+    data: DataSpec | str | None = field(metadata=RESUMED)
     steps: int
     split: str | None = None
     image_column: str | None = None
@@ -54,24 +59,24 @@ class FinetuneSettings:
     label_column: str | None = None
     on_bad_sample: str | None = None  # skip (the default) or fail: dpcli.data.bad_samples
     max_bad_fraction: float | None = None  # the cap on skipped examples (default 0.01)
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 2e-4
-    warmup: int = 0
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    seed: int = 0
-    precision: str = "fp32"
-    teacher: str | None = None
-    distill_weight: float | None = None  # None: 1 with a teacher, else 0
-    reinit: bool = False
+    batch_size: int = field(default=16, metadata=REPORTED)
+    grad_accum: int = field(default=1, metadata=REPORTED)
+    lr: float = field(default=2e-4, metadata=RESUMED)
+    warmup: int = field(default=0, metadata=RESUMED)
+    schedule: str = field(default="cosine", metadata=RESUMED)
+    weight_decay: float = field(default=0.0, metadata=RESUMED)
+    ema_decay: float = field(default=0.999, metadata=RESUMED)
+    grad_clip: float = field(default=1.0, metadata=RESUMED)
+    seed: int = field(default=0, metadata=RESUMED)
+    precision: str = field(default="fp32", metadata=RESUMED)
+    teacher: str | None = field(default=None, metadata=RESUMED)
+    distill_weight: float | None = field(default=None, metadata=RESUMED)  # None: 1 with a teacher, else 0
+    reinit: bool = field(default=False, metadata=RESUMED)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    crop: str = "center"
-    flip: bool = False
-    caption_dropout: float | None = None
+    crop: str = field(default="center", metadata=RESUMED)
+    flip: bool = field(default=False, metadata=RESUMED)
+    caption_dropout: float | None = field(default=None, metadata=RESUMED)
     workers: int | None = None
     cache_latents: str | None = None
     device: str = "auto"  # where it trains (dpcli.runtime.start_distributed)
@@ -95,6 +100,11 @@ class FinetuneSettings:
         if self.teacher is not None:
             self.teacher = str(self.teacher)
         self.validation_prompt = list(self.validation_prompt or [])
+
+    @classmethod
+    def marked(cls, key: str) -> tuple[str, ...]:
+        """The names of the fields whose metadata marks them ``key`` (``report`` or ``resume``)."""
+        return tuple(f.name for f in fields(cls) if f.metadata.get(key))
 
     def validate(self) -> None:
         checks = [  # (ok, field, what it must be, show the value given)
