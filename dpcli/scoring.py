@@ -441,3 +441,38 @@ def calibration_share(
         rows=rows,
     )
     return x0, calibration_noise(x0, settings.seed, rows, total), conditioning, available
+
+
+def scan_calibration(
+    loaded: LoadedModel,
+    adapter,
+    settings,
+    size: int,
+    threshold: float,
+    dist: Distributed,
+    *,
+    chunk: int | None = None,
+    fit: bool = False,
+    **options,
+) -> tuple[ScanResult, int | None]:
+    """The timestep scan (``accumulate_gradients``, with ``options`` such as ``stride``) on this process's
+    share of ``size`` calibration images (``calibration_share``, with ``fit``), at the timesteps, batch size
+    and precision of ``settings`` (a ``dpcli.jobs.score.ScoreSettings``); ``chunk`` None: the default for
+    the images one device holds. Returns the scan and the data's image count when it had fewer than
+    ``size`` (else None)."""
+    x0, noise, conditioning, available = calibration_share(loaded, adapter, settings, size, dist, fit=fit)
+    scan = accumulate_gradients(
+        loaded,
+        adapter,
+        x0,
+        noise,
+        threshold,
+        timesteps=settings.timesteps,
+        chunk=share_chunk(chunk, settings.batch_size, available or size, dist),
+        batch_size=settings.batch_size,
+        conditioning=conditioning,
+        precision=settings.precision,
+        dist=dist,
+        **options,
+    )
+    return scan, available

@@ -89,3 +89,22 @@ def limit_params(context, max_params: int | None) -> None:
     from dpcli.sizing import params_limit
 
     context.with_resource(params_limit(max_params))
+
+
+def call_and_render(api_function, options: dict, render, json_output: bool, to_json=None) -> None:
+    """The end of every command: call ``api_function`` (a ``dpcli`` function) with ``options`` and a Rich
+    reporter, then on the main process print its result's JSON (``--json``) or ``render`` it.
+    ``to_json(result)`` makes the JSON (default ``result.to_json()``); a result of None (torchrun ranks
+    other than 0) prints nothing."""
+    from dpcli.cli import render as out
+    from dpcli.cli.reporter import RichReporter, is_main_rank
+
+    with RichReporter() as reporter:
+        result = api_function(**options, reporter=reporter)
+    if result is None or not is_main_rank():
+        return
+    report = to_json(result) if to_json is not None else result.to_json()
+    if json_output:
+        out.print_json(report)
+    else:
+        render(report)

@@ -5,28 +5,18 @@ from typing import Annotated
 
 import typer
 
-from dpcli.cli.common import api_keywords
+from dpcli.cli.common import api_keywords, call_and_render
 from dpcli.cli.options import (
-    BatchSize,
-    ClassLabels,
-    Device,
-    Force,
-    GuidanceScale,
+    CONDITIONING_OPTIONS,
+    LOAD_OPTIONS,
+    MEASURING_OPTIONS,
     Json,
-    Latency,
-    LatencyBatch,
-    MaxParams,
-    NegativePrompt,
     NumSamples,
-    Output,
-    Precision,
-    PromptsFile,
-    Repeats,
     SamplerName,
-    SamplingPrompts,
     SamplingSteps,
-    Scheduler,
     Spacing,
+    pick,
+    with_options,
 )
 
 Models = Annotated[
@@ -61,6 +51,7 @@ Summary = Annotated[
 ]
 
 
+@with_options(CONDITIONING_OPTIONS, MEASURING_OPTIONS, pick(LOAD_OPTIONS, "scheduler", "max_params"))
 def compare(
     context: typer.Context,
     models: Models = None,
@@ -70,40 +61,16 @@ def compare(
     spacing: Spacing = None,
     sampler: SamplerName = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed of the sampling noise.")] = None,
-    prompt: SamplingPrompts = None,
-    prompts: PromptsFile = None,
-    negative_prompt: NegativePrompt = None,
-    guidance_scale: GuidanceScale = None,
-    class_label: ClassLabels = None,
     mixed_protocols: MixedProtocols = False,
     summary: Summary = False,
-    batch_size: BatchSize = 64,
-    latency_batch: LatencyBatch = 64,
-    repeats: Repeats = 5,
-    latency: Latency = True,
-    device: Device = None,
-    precision: Precision = "auto",
-    scheduler: Scheduler = None,
-    output: Output = None,
-    force: Force = False,
-    max_params: MaxParams = None,
     json_output: Json = False,
+    **options,
 ) -> None:
     """Models side by side: size, MACs, latency, speedup, per-block widths, SSIM/PSNR to the first from the
     same noise, prompts and labels, a grid captioned with what each column was asked for."""
-    options = api_keywords(compare, locals())
     import dpcli
-    from dpcli.cli import render as out
     from dpcli.cli.render.compare import render_compare, render_compare_summary
-    from dpcli.cli.reporter import RichReporter
 
-    with RichReporter() as reporter:
-        result = dpcli.compare(**options, reporter=reporter)
-    if result is None:
-        return
-    if json_output:
-        out.print_json(result.to_json())
-    elif summary:
-        render_compare_summary(result.to_json())
-    else:
-        render_compare(result.to_json())
+    keywords = api_keywords(compare, {**locals(), **options})
+    render = render_compare_summary if summary else render_compare
+    call_and_render(dpcli.compare, keywords, render, json_output)

@@ -5,39 +5,20 @@ from typing import Annotated
 
 import typer
 
-from dpcli.cli.common import api_keywords
+from dpcli.cli.common import api_keywords, call_and_render
 from dpcli.cli.options import (
-    Adapter,
-    BatchSize,
-    CaptionColumn,
-    ClassLabels,
-    Config,
-    Data,
-    Device,
-    Force,
-    GuidanceScale,
-    ImageColumn,
+    CONDITIONING_OPTIONS,
+    DATA_OPTIONS,
+    LOAD_OPTIONS,
+    MEASURING_OPTIONS,
     Json,
-    LabelColumn,
-    Latency,
-    LatencyBatch,
-    MaxBadFraction,
-    MaxParams,
     ModelArgument,
-    NegativePrompt,
     NumSamples,
-    OnBadSample,
-    Output,
-    Precision,
-    PromptsFile,
-    Repeats,
     SamplerName,
-    SamplingPrompts,
     SamplingSteps,
-    Scheduler,
     Seed,
     Spacing,
-    Split,
+    with_options,
 )
 
 Reference = Annotated[
@@ -70,6 +51,7 @@ SaveStats = Annotated[
 ]
 
 
+@with_options(CONDITIONING_OPTIONS, DATA_OPTIONS, MEASURING_OPTIONS, LOAD_OPTIONS)
 def evaluate(
     context: typer.Context,
     model: ModelArgument,
@@ -79,49 +61,17 @@ def evaluate(
     spacing: Spacing = "uniform",
     sampler: SamplerName = "ddim",
     seed: Seed = 0,
-    prompt: SamplingPrompts = None,
-    prompts: PromptsFile = None,
-    negative_prompt: NegativePrompt = None,
-    guidance_scale: GuidanceScale = None,
-    class_label: ClassLabels = None,
     clip_model: ClipModel = None,
-    batch_size: BatchSize = 64,
-    data: Data = None,
-    split: Split = None,
-    image_column: ImageColumn = None,
-    caption_column: CaptionColumn = None,
-    label_column: LabelColumn = None,
-    on_bad_sample: OnBadSample = None,
-    max_bad_fraction: MaxBadFraction = None,
     fid_stats: FidStatsFile = None,
     inception_weights: InceptionWeights = None,
     save_stats: SaveStats = None,
-    latency_batch: LatencyBatch = 64,
-    repeats: Repeats = 5,
-    latency: Latency = True,
-    device: Device = None,
-    precision: Precision = "auto",
-    output: Output = None,
-    force: Force = False,
-    adapter: Adapter = None,
-    config: Config = None,
-    scheduler: Scheduler = None,
-    max_params: MaxParams = None,
     json_output: Json = False,
+    **options,
 ) -> None:
     """Sample a model: latency, FID against --data, CLIP score for text models, SSIM/PSNR to --reference from
     the same noise and prompts, a grid; the report records the protocol that makes the numbers reproducible."""
-    options = api_keywords(evaluate, locals())
     import dpcli
-    from dpcli.cli import render as out
     from dpcli.cli.render.eval import render_eval
-    from dpcli.cli.reporter import RichReporter
 
-    with RichReporter() as reporter:
-        report = dpcli.evaluate(**options, reporter=reporter)
-    if report is None:
-        return
-    if json_output:
-        out.print_json(report.to_json())
-    else:
-        render_eval(report.to_json())
+    keywords = api_keywords(evaluate, {**locals(), **options})
+    call_and_render(dpcli.evaluate, keywords, render_eval, json_output)

@@ -5,8 +5,8 @@ from typing import Annotated
 
 import typer
 
-from dpcli.cli.common import api_keywords, default_output
-from dpcli.cli.options import Adapter, Config, Force, Json, MaxParams, ModelArgument, Output
+from dpcli.cli.common import api_keywords, call_and_render, default_output
+from dpcli.cli.options import LOAD_OPTIONS, Force, Json, ModelArgument, Output, pick, with_options
 
 Format = Annotated[str, typer.Option("--format", help="onnx, or torchscript (a traced torch.jit file).")]
 Opset = Annotated[int, typer.Option("--opset", help="ONNX opset version (14 or more).")]
@@ -18,6 +18,7 @@ Tolerance = Annotated[
 ]
 
 
+@with_options(pick(LOAD_OPTIONS, "adapter", "config", "max_params"))
 def export(
     context: typer.Context,
     model: ModelArgument,
@@ -26,27 +27,18 @@ def export(
     opset: Opset = 17,
     tolerance: Tolerance = 1e-3,
     force: Force = False,
-    adapter: Adapter = None,
-    config: Config = None,
-    max_params: MaxParams = None,
     json_output: Json = False,
+    **options,
 ) -> None:
     """Export the UNet to ONNX (dynamic batch; timestep and conditioning inputs), verified with onnxruntime."""
     output = (
         Path(output) if output else Path(f"{default_output(model, 'unet')}.{_SUFFIX.get(format, 'onnx')}")
     )
-    options = api_keywords(export, locals())
     import dpcli
-    from dpcli.cli import render as out
     from dpcli.cli.render.export import render_export
-    from dpcli.cli.reporter import RichReporter
 
-    with RichReporter() as reporter:
-        report = dpcli.export(**options, reporter=reporter).to_json()
-    if json_output:
-        out.print_json(report)
-    else:
-        render_export(report)
+    keywords = api_keywords(export, {**locals(), **options})
+    call_and_render(dpcli.export, keywords, render_export, json_output)
 
 
 _SUFFIX = {"torchscript": "pt"}

@@ -5,27 +5,21 @@ from typing import Annotated
 
 import typer
 
-from dpcli.cli.common import api_keywords, default_output
+from dpcli.cli.common import api_keywords, call_and_render, default_output
 from dpcli.cli.options import (
-    Adapter,
+    DATA_OPTIONS,
+    LOAD_OPTIONS,
     BatchSize,
-    CaptionColumn,
-    Config,
-    Data,
     Force,
     GradientCheckpointing,
-    ImageColumn,
     Json,
-    LabelColumn,
-    MaxBadFraction,
-    MaxParams,
     ModelArgument,
-    OnBadSample,
     Optimizer,
     Output,
     Seed,
-    Split,
     Workers,
+    pick,
+    with_options,
 )
 from dpcli.cli.options import RunDevice as Device
 
@@ -136,17 +130,11 @@ Preview = Annotated[
 ]
 
 
+@with_options(DATA_OPTIONS, pick(LOAD_OPTIONS, "adapter", "config", "max_params"))
 def finetune(
     context: typer.Context,
     model: ModelArgument,
     steps: Steps,
-    data: Data = None,
-    split: Split = None,
-    image_column: ImageColumn = None,
-    caption_column: CaptionColumn = None,
-    label_column: LabelColumn = None,
-    on_bad_sample: OnBadSample = None,
-    max_bad_fraction: MaxBadFraction = None,
     crop: Crop = "center",
     flip: Flip = False,
     caption_dropout: CaptionDropout = None,
@@ -178,10 +166,8 @@ def finetune(
     validation_samples: ValidationSamples = 16,
     validation_prompt: ValidationPrompt = None,
     force: Force = False,
-    adapter: Adapter = None,
-    config: Config = None,
-    max_params: MaxParams = None,
     json_output: Json = False,
+    **options,
 ) -> None:
     """Fine-tune (or train) a model with the DDPM loss: EMA, checkpoints, exact --resume, torchrun/DDP.
 
@@ -193,18 +179,11 @@ def finetune(
     OUTPUT/validation/step-N.png with --validate-every N.
     """
     output = Path(output) if output else default_output(model, "finetuned")
-    options = api_keywords(finetune, locals())
     import dpcli
-    from dpcli.cli import render as out
     from dpcli.cli.render.finetune import render_finetune
-    from dpcli.cli.reporter import RichReporter, is_main_rank
 
-    with RichReporter() as reporter:
-        tuned = dpcli.finetune(**options, reporter=reporter)
-    if not is_main_rank():
-        return
-    report = tuned.report.to_json(output=output, preview=bool(preview))
-    if json_output:
-        out.print_json(report)
-    else:
-        render_finetune(report)
+    def to_json(tuned) -> dict:
+        return tuned.report.to_json(output=output, preview=bool(preview))
+
+    keywords = api_keywords(finetune, {**locals(), **options})
+    call_and_render(dpcli.finetune, keywords, render_finetune, json_output, to_json)

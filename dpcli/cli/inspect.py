@@ -4,9 +4,10 @@ from typing import Annotated
 
 import typer
 
-from dpcli.cli.options import Adapter, Config, Json, MaxParams, ModelArgument, Scheduler
+from dpcli.cli.options import LOAD_OPTIONS, Json, ModelArgument, with_options
 
 
+@with_options(LOAD_OPTIONS)
 def inspect(
     context: typer.Context,
     model: ModelArgument,
@@ -14,11 +15,8 @@ def inspect(
         int | None,
         typer.Option("--depth", min=1, help="Group rows into blocks by the first N parts of the path."),
     ] = None,
-    adapter: Adapter = None,
-    config: Config = None,
-    scheduler: Scheduler = None,
-    max_params: MaxParams = None,
     json_output: Json = False,
+    **options,
 ) -> None:
     """Show what is in a model: params, MACs, resolution, scheduler, and a per-layer table."""
     from dpcli.cli import render as output
@@ -27,10 +25,10 @@ def inspect(
     from dpcli.inspection import inspect_model
     from dpcli.loading import load_model
 
-    limit_params(context, max_params)
+    limit_params(context, options.pop("max_params"))
 
     with output.stderr.status("Loading model and counting MACs"):
-        loaded = load_model(model, adapter=adapter, config=config, scheduler=scheduler)
+        loaded = load_model(model, **options)
         report = inspect_model(loaded, depth=depth)
     if json_output:
         output.print_json(report)

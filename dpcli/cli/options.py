@@ -285,3 +285,92 @@ Optimizer = Annotated[
         "weight; needs the bitsandbytes package and, for its 8-bit kernels, a CUDA GPU).",
     ),
 ]
+
+
+# Option groups: options that several commands take with the same default, declared once. A command
+# function takes a group's options as ``**options`` (see ``with_options``); each entry is
+# name -> (the option's type above, its default).
+LOAD_OPTIONS = {
+    "adapter": (Adapter, None),
+    "config": (Config, None),
+    "scheduler": (Scheduler, None),
+    "max_params": (MaxParams, None),
+}
+DATA_OPTIONS = {
+    "data": (Data, None),
+    "split": (Split, None),
+    "image_column": (ImageColumn, None),
+    "caption_column": (CaptionColumn, None),
+    "label_column": (LabelColumn, None),
+    "on_bad_sample": (OnBadSample, None),
+    "max_bad_fraction": (MaxBadFraction, None),
+}
+# dp score and dp prune: the timestep scan, and the pruning options the scores are computed for.
+SCAN_OPTIONS = {
+    "workers": (Workers, None),
+    "threshold": (Threshold, None),
+    "calib_size": (CalibSize, None),
+    "batch_size": (BatchSize, 256),
+    "chunk": (Chunk, None),
+    "timesteps": (Timesteps, None),
+    "timestep_stride": (TimestepStride, None),
+    "scan_budget": (ScanBudget, None),
+    "prompt": (Prompt, None),
+    "device": (RunDevice, "auto"),
+    "precision": (ScanPrecision, "fp32"),
+    "gradient_checkpointing": (GradientCheckpointing, False),
+    "seed": (Seed, 0),
+    "ignore": (Ignore, None),
+    "round_to": (RoundTo, None),
+    "head_ratio": (HeadRatio, 0.0),
+}
+# dp eval and dp compare: what the samples are conditioned on, and how they are sampled and timed.
+CONDITIONING_OPTIONS = {
+    "prompt": (SamplingPrompts, None),
+    "prompts": (PromptsFile, None),
+    "negative_prompt": (NegativePrompt, None),
+    "guidance_scale": (GuidanceScale, None),
+    "class_label": (ClassLabels, None),
+}
+MEASURING_OPTIONS = {
+    "batch_size": (BatchSize, 64),
+    "latency_batch": (LatencyBatch, 64),
+    "repeats": (Repeats, 5),
+    "latency": (Latency, True),
+    "device": (Device, None),
+    "precision": (Precision, "auto"),
+    "output": (Output, None),
+    "force": (Force, False),
+}
+
+
+def pick(group: dict, *names: str) -> dict:
+    """The options ``names`` of ``group`` (a command that takes only some of them)."""
+    return {name: group[name] for name in names}
+
+
+def with_options(*groups: dict):
+    """Give a command function, which takes them as ``**options``, the options of ``groups``: Typer (and
+    the parity test, tests/test_api.py) read the signature this sets, where they come after the function's
+    own parameters, before ``--json``."""
+    import inspect
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+
+    def decorate(command):
+        own = [
+            parameter.replace(kind=keyword)
+            for parameter in inspect.signature(command).parameters.values()
+            if parameter.kind is not parameter.VAR_KEYWORD
+        ]
+        shared = [
+            inspect.Parameter(name, keyword, annotation=annotation, default=default)
+            for group in groups
+            for name, (annotation, default) in group.items()
+        ]
+        last = [parameter for parameter in own if parameter.name == "json_output"]
+        first = [parameter for parameter in own if parameter.name != "json_output"]
+        command.__signature__ = inspect.Signature([*first, *shared, *last])
+        return command
+
+    return decorate

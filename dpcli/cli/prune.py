@@ -6,43 +6,20 @@ from typing import Annotated
 import typer
 
 from dpcli.cli.options import (
-    Adapter,
-    BatchSize,
-    CalibSize,
-    CaptionColumn,
-    Chunk,
-    Config,
+    DATA_OPTIONS,
+    LOAD_OPTIONS,
+    SCAN_OPTIONS,
     Criterion,
-    Data,
     Force,
-    GradientCheckpointing,
-    HeadRatio,
-    Ignore,
-    ImageColumn,
     Json,
-    LabelColumn,
     Layout,
-    MaxBadFraction,
-    MaxParams,
     ModelArgument,
-    OnBadSample,
     Output,
-    Prompt,
     Ratio,
-    RoundTo,
-    RunDevice,
-    ScanBudget,
-    ScanPrecision,
-    Scheduler,
-    Seed,
-    Split,
     TargetMacs,
     TargetParams,
-    Threshold,
-    Timesteps,
-    TimestepStride,
-    Workers,
     Yes,
+    with_options,
 )
 
 ScoresFile = Annotated[
@@ -54,6 +31,7 @@ Tolerance = Annotated[
 ]
 
 
+@with_options(DATA_OPTIONS, SCAN_OPTIONS, LOAD_OPTIONS)
 def prune(
     context: typer.Context,
     model: ModelArgument,
@@ -61,40 +39,14 @@ def prune(
     ratio: Ratio = None,
     target_macs: TargetMacs = None,
     target_params: TargetParams = None,
-    threshold: Threshold = None,
-    data: Data = None,
-    split: Split = None,
-    image_column: ImageColumn = None,
-    caption_column: CaptionColumn = None,
-    label_column: LabelColumn = None,
-    on_bad_sample: OnBadSample = None,
-    max_bad_fraction: MaxBadFraction = None,
-    workers: Workers = None,
     scores: ScoresFile = None,
     output: Output = None,
-    ignore: Ignore = None,
-    round_to: RoundTo = None,
-    head_ratio: HeadRatio = 0.0,
     layout: Layout = "free",
-    seed: Seed = 0,
-    calib_size: CalibSize = None,
-    batch_size: BatchSize = 256,
-    chunk: Chunk = None,
-    timesteps: Timesteps = None,
-    timestep_stride: TimestepStride = None,
-    scan_budget: ScanBudget = None,
-    prompt: Prompt = None,
-    device: RunDevice = "auto",
-    precision: ScanPrecision = "fp32",
-    gradient_checkpointing: GradientCheckpointing = False,
     tolerance: Tolerance = 0.05,
     yes: Yes = False,
     force: Force = False,
-    adapter: Adapter = None,
-    config: Config = None,
-    scheduler: Scheduler = None,
-    max_params: MaxParams = None,
     json_output: Json = False,
+    **options,
 ) -> None:
     """Prune a model to --ratio / --target-macs / --target-params with a criterion; save it safely.
 
@@ -103,18 +55,18 @@ def prune(
     import os
 
     import dpcli
-    from dpcli.cli import render as out
     from dpcli.cli.common import (
         api_keywords,
         ask_criterion,
         ask_data,
         ask_target,
+        call_and_render,
         confirm_plan,
         default_output,
         interactive,
     )
     from dpcli.cli.render.prune import render_prune
-    from dpcli.cli.reporter import RichReporter, is_main_rank
+    from dpcli.cli.reporter import RichReporter
     from dpcli.errors import BadInput
     from dpcli.plugins import get_registry
 
@@ -127,27 +79,25 @@ def prune(
         if not can_ask:
             raise BadInput("give one of --ratio, --target-macs, --target-params")
         target_macs = ask_target()
-    if scores is None and data is None and can_ask and get_registry().criterion(criterion).needs_data:
-        data = ask_data(criterion)
+    if (
+        scores is None
+        and options["data"] is None
+        and can_ask
+        and get_registry().criterion(criterion).needs_data
+    ):
+        options["data"] = ask_data(criterion)
     output = Path(output) if output else default_output(model, "pruned")
-    options = api_keywords(prune, locals())
-    with RichReporter() as reporter:
-        if can_ask:
-            from dpcli.io.files import prepare_output
+    keywords = api_keywords(prune, {**locals(), **options})
+    if can_ask:
+        from dpcli.io.files import prepare_output
 
-            prepare_output(output, force)  # before the question, not after it
-            loaded = dpcli.load(model, adapter, config, scheduler, max_params, reporter=reporter)
-            confirm_plan(loaded.loaded, criterion or f"the scores in {scores}", options, output)
-            options = {
-                **options,
-                "model": loaded,
-                **dict.fromkeys(("adapter", "config", "scheduler", "max_params")),
-            }
-        pruned = dpcli.prune(**options, reporter=reporter)
-    if not is_main_rank():
-        return
-    report = pruned.report.to_json(output=output)
-    if json_output:
-        out.print_json(report)
-    else:
-        render_prune(report)
+        prepare_output(output, force)  # before the question, not after it
+        load_options = {name: keywords.pop(name) for name in LOAD_OPTIONS}
+        with RichReporter() as reporter:
+            keywords["model"] = dpcli.load(model, **load_options, reporter=reporter)
+        confirm_plan(keywords["model"].loaded, criterion or f"the scores in {scores}", keywords, output)
+
+    def to_json(pruned) -> dict:
+        return pruned.report.to_json(output=output)
+
+    call_and_render(dpcli.prune, keywords, render_prune, json_output, to_json)

@@ -76,6 +76,19 @@ DATA_OPTIONS = (
 )  # fmt: skip
 
 
+@dataclass(kw_only=True)
+class DataOptions:
+    """The companions of a job's ``data`` setting, named as the options (``--split``, ...): the settings of
+    score, prune, finetune and eval inherit them, and build their ``data`` with ``settings_data_spec``."""
+
+    split: str | None = None
+    image_column: str | None = None
+    caption_column: str | None = None
+    label_column: str | None = None
+    on_bad_sample: str | None = None  # skip (the default) or fail: dpcli.data.bad_samples
+    max_bad_fraction: float | None = None  # the cap on skipped examples (default 0.01)
+
+
 def settings_data_spec(settings) -> DataSpec | None:
     """``data_spec`` of a job's settings, whose fields are named as the options (``data``, ``split``, ...)."""
     return data_spec(settings.data, *(getattr(settings, name) for name in DATA_OPTIONS))

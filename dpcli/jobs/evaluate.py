@@ -16,6 +16,7 @@ from dpcli import __version__
 from dpcli.adapters.base import LoadedModel
 from dpcli.conditions import ConditioningRequest, Conditions
 from dpcli.data import DataSpec
+from dpcli.data.base import DataOptions
 from dpcli.errors import BadInput, BadSetting
 from dpcli.io.eval_report import GRID_FILE, REPORT_FILE, REPORT_FORMAT, SAMPLES_FILE, write_samples
 from dpcli.jobs.measure import (
@@ -64,7 +65,7 @@ def conditional_grid(images: torch.Tensor, conditions: Conditions) -> tuple[list
 
 
 @dataclass
-class EvalSettings:
+class EvalSettings(DataOptions):
     """``dp eval``'s settings, named as its options (``latency=False`` is ``--no-latency``); the sampling,
     latency and conditioning settings are built from them (``sampling``, ``latency_settings``,
     ``conditioning``)."""
@@ -83,12 +84,6 @@ class EvalSettings:
     clip_model: str | None = None  # a CLIP folder or cached Hub id (default: DEFAULT_CLIP_MODEL if cached)
     batch_size: int = 64
     data: DataSpec | str | Path | None = None
-    split: str | None = None
-    image_column: str | None = None
-    caption_column: str | None = None
-    label_column: str | None = None
-    on_bad_sample: str | None = None  # skip (the default) or fail: dpcli.data.bad_samples
-    max_bad_fraction: float | None = None  # the cap on skipped examples (default 0.01)
     fid_stats: Path | None = None
     inception_weights: Path | None = None
     save_stats: Path | None = None

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from dpcli.adapters.base import LoadedModel
 from dpcli.errors import BadSetting
 from dpcli.runtime import Distributed
-from dpcli.scoring import accumulate_gradients, calibration_share, share_chunk
+from dpcli.scoring import scan_calibration
 
 if TYPE_CHECKING:
     from dpcli.jobs.score import ScoreSettings
@@ -83,23 +83,16 @@ def plan_budget_scan(
     Under torchrun the pilot's images are shared out too and its losses summed: every process plans the
     same scan."""
     dist = dist or Distributed(device=next(loaded.model.parameters()).device)
-    x0, noise, conditioning, available = calibration_share(
-        loaded, adapter, settings, PILOT_IMAGES, dist, fit=True
-    )
-    pilot = accumulate_gradients(
+    pilot, available = scan_calibration(
         loaded,
         adapter,
-        x0,
-        noise,
+        settings,
+        PILOT_IMAGES,
         threshold,
-        timesteps=settings.timesteps,
-        chunk=share_chunk(None, settings.batch_size, available or PILOT_IMAGES, dist),
-        batch_size=settings.batch_size,
-        conditioning=conditioning,
+        dist,
+        fit=True,
         stride=BUDGET_STRIDES[0],
         gradients=False,
-        precision=settings.precision,
-        dist=dist,
     )
     # A pilot that ran to the last timestep says the scan will too; one that stopped at t stops the real
     # scan (finer stride, more images) at about t, a little earlier at most.

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from dpcli.adapters.base import LoadedModel
-from dpcli.data.base import DataSpec, settings_data_spec
+from dpcli.data.base import DataOptions, DataSpec, settings_data_spec
 from dpcli.errors import BadInput, BadSetting
 from dpcli.io.model_format import model_signature
 from dpcli.io.scores_file import ScoresFile, read_scores_file, write_scores_file
@@ -21,26 +21,18 @@ from dpcli.reporting import Reporter, silent
 from dpcli.runtime import Distributed, check_precision
 from dpcli.scoring import (
     ScanResult,
-    accumulate_gradients,
-    calibration_share,
     gradient_checkpointing,
     place,
-    share_chunk,
+    scan_calibration,
 )
 
 
 @dataclass
-class ScoreSettings:
+class ScoreSettings(DataOptions):
     """Everything that decides the scores (recorded with them), named as ``dp score``'s options."""
 
     criterion: str | None = "diff-taylor"
     data: DataSpec | str | Path | None = None
-    split: str | None = None
-    image_column: str | None = None
-    caption_column: str | None = None
-    label_column: str | None = None
-    on_bad_sample: str | None = None  # skip (the default) or fail: dpcli.data.bad_samples
-    max_bad_fraction: float | None = None  # the cap on skipped examples (default 0.01)
     workers: int | None = None  # DataLoader workers decoding the calibration images (None: the default)
     threshold: float | None = None
     batch_size: int = 256
@@ -164,27 +156,20 @@ def _compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress, d
         if settings.scan_budget is not None:
             plan = plan_budget_scan(loaded, adapter, settings, threshold, dist)
             calib_size, stride = plan.calib_size, plan.timestep_stride
-        x0, noise, conditioning, available = calibration_share(
-            loaded, adapter, settings, calib_size, dist, fit=plan is not None
-        )
         with gradient_checkpointing(loaded.model, settings.gradient_checkpointing):
-            scan = accumulate_gradients(
+            scan, _ = scan_calibration(
                 loaded,
                 adapter,
-                x0,
-                noise,
+                settings,
+                calib_size,
                 threshold,
-                timesteps=settings.timesteps,
-                chunk=share_chunk(settings.chunk, settings.batch_size, available or calib_size, dist),
-                batch_size=settings.batch_size,
-                conditioning=conditioning,
+                dist,
+                chunk=settings.chunk,
+                fit=plan is not None,
                 on_progress=on_progress,
                 squared=bool(getattr(criterion, "squared_gradients", False)),
                 stride=stride,
-                precision=settings.precision,
-                dist=dist,
             )
-        del x0, noise, conditioning
     tensors = collect_scores(loaded, adapter, criterion, threshold, settings.seed, settings.options)
     loaded.model.zero_grad(set_to_none=True)
     recorded = {
@@ -317,14 +302,8 @@ def scan_and_score(
 def save_scores(scores: Scores, path: Path, model_source: str) -> None:
     """Write ``scores`` (computed for the model ``model_source``) as a scores file (``dpcli.io.scores_file``)."""
     scan = scores.scan
-    file = ScoresFile(
-        tensors=scores.tensors,
-        settings=scores.settings,
-        model=model_source,
-        model_signature=scores.model_signature,
-        cutoff=scan.cutoff if scan else None,
-        losses=scan.losses if scan else [],
-    )
+    cutoff, losses = (scan.cutoff, scan.losses) if scan else (None, [])
+    file = ScoresFile(scores.tensors, scores.settings, model_source, scores.model_signature, cutoff, losses)
     write_scores_file(path, file)
 
 

@@ -268,29 +268,49 @@ def prepare_output_folder(
 class _Run:
     """What ``_setup`` prepares for the steps of a run: the model (``trained`` wraps it in DDP when
     distributed), its optimizer, schedule, EMA and grad scaler, the resumable state, the batches and the
-    record checkpoints carry."""
+    record checkpoints carry (``_run_record``)."""
 
     loaded: LoadedModel
     settings: FinetuneSettings
     output: Path
     dist: Distributed
     teacher: LoadedModel | None
-    dropout: float
-    global_batch: int
     record: dict
-    trained: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    lr_schedule: object
-    ema: object
-    scaler: torch.amp.GradScaler
-    state: TrainState
+    dropout: float
     bad_samples: BadSampleLog
-    batches: object = None
     cache: object = None
+    batches: object = None
+    state: TrainState = dataclasses.field(default_factory=TrainState)
+    trained: torch.nn.Module = dataclasses.field(init=False)
+    optimizer: torch.optim.Optimizer = dataclasses.field(init=False)
+    lr_schedule: object = dataclasses.field(init=False)
+    ema: object = dataclasses.field(init=False)
+    scaler: torch.amp.GradScaler = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        """The optimizer, LR schedule, EMA and grad scaler of the model (on its device by now); ``trained``
+        is the model until ``_setup`` wraps it for data parallelism."""
+        from timm.utils import ModelEmaV3
+
+        from dpcli.optimizers import make_optimizer
+
+        model, settings = self.loaded.model, self.settings
+        self.trained = model
+        self.optimizer = make_optimizer(
+            settings.optimizer, model.parameters(), settings.lr, settings.weight_decay
+        )
+        self.lr_schedule = make_lr_schedule(self.optimizer, settings)
+        self.ema = ModelEmaV3(model, decay=settings.ema_decay)
+        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=settings.precision == "fp16")
 
     @property
     def model(self) -> torch.nn.Module:
         return self.loaded.model
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step: ``batch_size × world_size × grad_accum``."""
+        return self.settings.batch_size * self.dist.world_size * self.settings.grad_accum
 
     @property
     def distilling(self) -> bool:
@@ -402,11 +422,6 @@ def _setup(
     """Everything before the first step: the checks of the data and the settings against the model, the
     run's record, the optimizer, schedule, EMA and grad scaler (from the newest intact checkpoint when
     resuming), the teacher and the batches."""
-    from timm.utils import ModelEmaV3
-
-    from dpcli.io.model_format import model_signature
-    from dpcli.optimizers import make_optimizer
-
     device = dist.device
     if settings.precision == "fp16" and device.type != "cuda":
         raise BadSetting("precision", "{precision} fp16 needs a CUDA GPU (use bf16 or fp32 on the CPU)")
@@ -422,20 +437,10 @@ def _setup(
             f"{settings.grad_accum} accumulation step(s) = {global_batch}) is larger than the data "
             f"({len(source)} images in {settings.data})"
         )
-    cache = open_latent_cache(loaded, settings) if settings.cache_latents else None
     model = loaded.model
     if settings.reinit:
         reinitialise(model, settings.seed)
-    record = {
-        "model": loaded.source,
-        "model_signature": model_signature(model),
-        "model_fingerprint": weights_fingerprint(model),
-        "settings": {
-            **dataclasses.asdict(settings),
-            "caption_dropout": dropout,
-            "global_batch": global_batch,
-        },
-    }
+    record = _run_record(loaded, settings, dropout, global_batch)
     checkpoint = saved_state = None
     if resume:
         checkpoint, saved_state, skipped = newest_valid_checkpoint(output)
@@ -452,24 +457,16 @@ def _setup(
         teacher_dtype = torch.bfloat16 if settings.precision == "bf16" else None
         teacher.model.to(device, dtype=teacher_dtype).eval().requires_grad_(False)
         check_teacher(loaded, teacher)
-    optimizer = make_optimizer(settings.optimizer, model.parameters(), settings.lr, settings.weight_decay)
     run = _Run(
-        loaded=loaded,
-        settings=settings,
-        output=output,
-        dist=dist,
-        teacher=teacher,
-        dropout=dropout,
-        global_batch=global_batch,
+        loaded,
+        settings,
+        output,
+        dist,
+        teacher,
         record=record,
-        trained=model,
-        optimizer=optimizer,
-        lr_schedule=make_lr_schedule(optimizer, settings),
-        ema=ModelEmaV3(model, decay=settings.ema_decay),
-        scaler=torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16"),
-        state=TrainState(),
+        dropout=dropout,
         bad_samples=BadSampleLog(on_warning if dist.is_main else lambda message: None),
-        cache=cache,
+        cache=open_latent_cache(loaded, settings) if settings.cache_latents else None,
     )
     _restore(run, checkpoint, saved_state)
     if dist.enabled:
@@ -480,6 +477,23 @@ def _setup(
         )
     run.batches = _training_batches(run, source)
     return run
+
+
+def _run_record(loaded: LoadedModel, settings: FinetuneSettings, dropout: float, global_batch: int) -> dict:
+    """What checkpoints carry about the run: the model it started from (shape and weights) and its settings
+    as resolved (``check_resumable`` compares them on resume)."""
+    from dpcli.io.model_format import model_signature
+
+    return {
+        "model": loaded.source,
+        "model_signature": model_signature(loaded.model),
+        "model_fingerprint": weights_fingerprint(loaded.model),
+        "settings": {
+            **dataclasses.asdict(settings),
+            "caption_dropout": dropout,
+            "global_batch": global_batch,
+        },
+    }
 
 
 def _restore(run: _Run, checkpoint: Path | None, saved_state: dict | None) -> None:

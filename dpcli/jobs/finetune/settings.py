@@ -6,7 +6,7 @@ import importlib.util
 import math
 from dataclasses import dataclass, field, fields
 
-from dpcli.data.base import DataSpec, settings_data_spec
+from dpcli.data.base import DataOptions, DataSpec, settings_data_spec
 from dpcli.errors import BadSetting
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -35,7 +35,7 @@ def default_report_to() -> str:
 
 
 @dataclass
-class FinetuneSettings:
+class FinetuneSettings(DataOptions):
     """Everything that decides a fine-tuning run (recorded in checkpoints and in the model's history).
 
     ``batch_size`` is per process and per micro-step; the global batch of one optimizer step is
@@ -53,12 +53,6 @@ class FinetuneSettings:
 
     data: DataSpec | str | None = field(metadata=RESUMED)
     steps: int
-    split: str | None = None
-    image_column: str | None = None
-    caption_column: str | None = None
-    label_column: str | None = None
-    on_bad_sample: str | None = None  # skip (the default) or fail: dpcli.data.bad_samples
-    max_bad_fraction: float | None = None  # the cap on skipped examples (default 0.01)
     batch_size: int = field(default=16, metadata=REPORTED)
     grad_accum: int = field(default=1, metadata=REPORTED)
     lr: float = field(default=2e-4, metadata=RESUMED)
