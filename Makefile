@@ -32,9 +32,10 @@ install: $(STAMP)
 # -> fine-tune with dp's recovery recipe (README, "Fine-tuning"; measured in docs/benchmarks.md, "The demo's
 # recovery recipe") -> eval original, pruned and fine-tuned (256 samples, DDIM 50, FID vs builtin:digits)
 # -> one summary table. PNGs, models and reports go into $(DEMO_OUT)/ (rerunnable: --force).
-# Two cores at work: the evaluations run one thread each beside another step (the original's beside inspect
-# and score, the pruned model's beside the fine-tuned model's; their output goes to $(DEMO_OUT)/eval-*.log),
-# and the fine-tune runs alone on both cores.
+# Two cores at work, one thread per step (two-threaded torch gains ~1.3x on this small model idle, and loses
+# ~15x when other processes want the cores, docs/benchmarks.md): the evaluations run beside the other steps
+# (the original's beside inspect and score, the pruned model's beside the fine-tune; their output goes to
+# $(DEMO_OUT)/eval-*.log), the compare grid beside the summary.
 DEMO_EVAL := --data builtin:digits --num-samples 256 --steps 50 --seed 0 --force
 DEMO_REPORTS := --report $(DEMO_OUT)/eval-original --report $(DEMO_OUT)/eval-pruned --report $(DEMO_OUT)/eval-finetuned
 ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -42,33 +43,33 @@ DEMO_STEPS := demo-inspect demo-score demo-prune demo-finetune demo-eval-origina
 .PHONY: $(DEMO_STEPS)
 demo: $(STAMP)
 	mkdir -p $(DEMO_OUT)
-	$(MAKE) --no-print-directory -j2 demo-eval-pruned demo-eval-finetuned
+	$(ONE_THREAD) $(MAKE) --no-print-directory -j2 demo-eval-original demo-eval-finetuned demo-eval-pruned
 	@echo "Plots: $(DEMO_OUT)/timestep-scan.png (diff-taylor scan), $(DEMO_OUT)/finetune-loss.png (fine-tuning loss);"
 	@echo "side by side, one row per model from the same noise: $(DEMO_OUT)/compare/grid.png"
 	@# the grid (8 samples) is drawn on the second core while the summary (SSIM over all 256) prints
-	$(DP) compare $(DEMO_REPORTS) --num-samples 8 --force -o $(DEMO_OUT)/compare --json > /dev/null & grid=$$!; \
-		$(DP) compare $(DEMO_REPORTS) --num-samples 256 --summary && wait $$grid
+	$(ONE_THREAD) $(DP) compare $(DEMO_REPORTS) --num-samples 8 --force -o $(DEMO_OUT)/compare --json > /dev/null & \
+		grid=$$!; $(ONE_THREAD) $(DP) compare $(DEMO_REPORTS) --num-samples 256 --summary && wait $$grid
 
-# The steps of the demo and what each waits for (`make demo` runs them two at a time).
+# The steps of the demo and what each waits for (`make demo` runs them two at a time, one thread each).
 demo-score: demo-inspect
 demo-prune: demo-score
-demo-finetune: demo-prune demo-eval-original
-demo-eval-pruned demo-eval-finetuned: demo-finetune
+demo-finetune demo-eval-pruned: demo-prune
+demo-eval-finetuned: demo-finetune
 demo-inspect:
 	$(DP) inspect builtin:ddpm-digits --depth 1
 demo-score:
-	$(ONE_THREAD) $(DP) score builtin:ddpm-digits --criterion diff-taylor --threshold 0.1 --data builtin:digits \
+	$(DP) score builtin:ddpm-digits --criterion diff-taylor --threshold 0.1 --data builtin:digits \
 		-o $(DEMO_OUT)/scores.safetensors --plot $(DEMO_OUT)/timestep-scan.png
 demo-prune:
-	$(ONE_THREAD) $(DP) prune builtin:ddpm-digits --scores $(DEMO_OUT)/scores.safetensors --target-macs 0.56 \
+	$(DP) prune builtin:ddpm-digits --scores $(DEMO_OUT)/scores.safetensors --target-macs 0.56 \
 		--yes --force -o $(DEMO_OUT)/pruned
 demo-finetune:
 	$(DP) finetune $(DEMO_OUT)/pruned --data builtin:digits --steps 800 --batch-size 64 --lr 4e-4 --warmup 30 --schedule cosine --ema-decay 0.99 \
 		--force -o $(DEMO_OUT)/finetuned
 	cp $(DEMO_OUT)/finetuned/loss.png $(DEMO_OUT)/finetune-loss.png
 demo-eval-original demo-eval-pruned demo-eval-finetuned: demo-eval-%:
-	@echo "dp eval of the $* model, one thread beside the other steps (output: $(DEMO_OUT)/eval-$*.log)"
-	@$(ONE_THREAD) $(DP) eval $(DEMO_MODEL_$*) $(DEMO_EVAL) -o $(DEMO_OUT)/eval-$* > $(DEMO_OUT)/eval-$*.log 2>&1 || \
+	@echo "dp eval of the $* model (output: $(DEMO_OUT)/eval-$*.log)"
+	@$(DP) eval $(DEMO_MODEL_$*) $(DEMO_EVAL) -o $(DEMO_OUT)/eval-$* > $(DEMO_OUT)/eval-$*.log 2>&1 || \
 		{ cat $(DEMO_OUT)/eval-$*.log; exit 1; }
 	@echo "dp eval of the $* model done:"; grep -E "^ +(FID|output) " $(DEMO_OUT)/eval-$*.log
 DEMO_MODEL_original := builtin:ddpm-digits
