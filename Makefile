@@ -71,7 +71,7 @@ demo-eval-original demo-eval-pruned demo-eval-finetuned: demo-eval-%:
 	@echo "dp eval of the $* model (output: $(DEMO_OUT)/eval-$*.log)"
 	@$(DP) eval $(DEMO_MODEL_$*) $(DEMO_EVAL) -o $(DEMO_OUT)/eval-$* > $(DEMO_OUT)/eval-$*.log 2>&1 || \
 		{ cat $(DEMO_OUT)/eval-$*.log; exit 1; }
-	@echo "dp eval of the $* model done:"; grep -E "^ +(FID|output) " $(DEMO_OUT)/eval-$*.log
+	@echo "dp eval of the $* model done:"; grep -E "^ +(FID|output) " $(DEMO_OUT)/eval-$*.log || true
 DEMO_MODEL_original := builtin:ddpm-digits
 DEMO_MODEL_pruned := $(DEMO_OUT)/pruned
 DEMO_MODEL_finetuned := $(DEMO_OUT)/finetuned
