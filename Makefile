@@ -33,9 +33,10 @@ install: $(STAMP)
 # recovery recipe") -> eval original, pruned and fine-tuned (256 samples, DDIM 50, FID vs builtin:digits)
 # -> one summary table. PNGs, models and reports go into $(DEMO_OUT)/ (rerunnable: --force).
 # Two cores at work, one thread per step (two-threaded torch gains ~1.3x on this small model idle, and loses
-# ~15x when other processes want the cores, docs/benchmarks.md): the evaluations run beside the other steps
-# (the original's beside inspect and score, the pruned model's beside the fine-tune; their output goes to
-# $(DEMO_OUT)/eval-*.log), the compare grid beside the summary.
+# ~15x when other processes want the cores, docs/benchmarks.md): the evaluations run beside another step
+# each, so that their latencies are measured alike (the original's beside inspect and score, the pruned and
+# the fine-tuned model's side by side; their output goes to $(DEMO_OUT)/eval-*.log), the compare grid beside
+# the summary.
 DEMO_EVAL := --data builtin:digits --num-samples 256 --steps 50 --seed 0 --force
 DEMO_REPORTS := --report $(DEMO_OUT)/eval-original --report $(DEMO_OUT)/eval-pruned --report $(DEMO_OUT)/eval-finetuned
 ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -43,7 +44,7 @@ DEMO_STEPS := demo-inspect demo-score demo-prune demo-finetune demo-eval-origina
 .PHONY: $(DEMO_STEPS)
 demo: $(STAMP)
 	mkdir -p $(DEMO_OUT)
-	$(ONE_THREAD) $(MAKE) --no-print-directory -j2 demo-eval-original demo-eval-finetuned demo-eval-pruned
+	$(ONE_THREAD) $(MAKE) --no-print-directory -j2 demo-eval-original demo-eval-pruned demo-eval-finetuned
 	@echo "Plots: $(DEMO_OUT)/timestep-scan.png (diff-taylor scan), $(DEMO_OUT)/finetune-loss.png (fine-tuning loss);"
 	@echo "side by side, one row per model from the same noise: $(DEMO_OUT)/compare/grid.png"
 	@# the grid (8 samples) is drawn on the second core while the summary (SSIM over all 256) prints
@@ -53,8 +54,8 @@ demo: $(STAMP)
 # The steps of the demo and what each waits for (`make demo` runs them two at a time, one thread each).
 demo-score: demo-inspect
 demo-prune: demo-score
-demo-finetune demo-eval-pruned: demo-prune
-demo-eval-finetuned: demo-finetune
+demo-finetune: demo-prune
+demo-eval-pruned demo-eval-finetuned: demo-finetune
 demo-inspect:
 	$(DP) inspect builtin:ddpm-digits --depth 1
 demo-score:
