@@ -56,7 +56,9 @@ demo-score: demo-inspect
 demo-prune: demo-score
 demo-finetune: demo-prune
 demo-eval-pruned demo-eval-finetuned: demo-finetune
+demo-inspect demo-eval-original: $(STAMP)
 demo-inspect:
+	@mkdir -p $(DEMO_OUT)
 	$(DP) inspect builtin:ddpm-digits --depth 1
 demo-score:
 	$(DP) score builtin:ddpm-digits --criterion diff-taylor --threshold 0.1 --data builtin:digits \
@@ -69,7 +71,7 @@ demo-finetune:
 		--force -o $(DEMO_OUT)/finetuned
 	cp $(DEMO_OUT)/finetuned/loss.png $(DEMO_OUT)/finetune-loss.png
 demo-eval-original demo-eval-pruned demo-eval-finetuned: demo-eval-%:
-	@echo "dp eval of the $* model (output: $(DEMO_OUT)/eval-$*.log)"
+	@echo "dp eval of the $* model (output: $(DEMO_OUT)/eval-$*.log)"; mkdir -p $(DEMO_OUT)
 	@$(DP) eval $(DEMO_MODEL_$*) $(DEMO_EVAL) -o $(DEMO_OUT)/eval-$* > $(DEMO_OUT)/eval-$*.log 2>&1 || \
 		{ cat $(DEMO_OUT)/eval-$*.log; exit 1; }
 	@echo "dp eval of the $* model done:"; grep -E "^ +(FID|output) " $(DEMO_OUT)/eval-$*.log || true
