@@ -282,6 +282,7 @@ def controlnet_residuals(controlnet, seed: int = 5):
     return sample, text, [*down, mid]
 
 
+@pytest.mark.slow  # ~15 CPU-seconds per layout: two pipelines loaded, one sampled
 @pytest.mark.parametrize("layout", ["free", "diffusers"])
 def test_a_sliced_controlnet_loads_as_the_original_at_the_kept_channels(built, pruned, tmp_path, layout):  # noqa: F811
     """Through the Python API: dpcli.slice, then load_controlnet; the loaded ControlNet is the in-memory
@@ -339,6 +340,7 @@ def test_a_sliced_controlnet_loads_as_the_original_at_the_kept_channels(built, p
     }
 
 
+@pytest.mark.slow  # ~10-15 CPU-seconds: the plain pipeline loaded from disk and sampled twice
 def test_a_sliced_controlnet_with_the_plain_diffusers_pipeline_of_a_diffusers_layout_model(
     dp,
     built,  # noqa: F811
@@ -391,8 +393,11 @@ def test_a_sliced_controlnet_with_the_plain_diffusers_pipeline_of_a_diffusers_la
     ],
 )
 def test_load_controlnet_refuses_what_is_not_a_controlnet_with_one_clear_error(
-    built, tmp_path, case, message
-):  # noqa: F811
+    built,  # noqa: F811
+    tmp_path,
+    case,
+    message,
+):
     from dpcli.errors import BadInput
     from dpcli.slicing import load_controlnet
 
