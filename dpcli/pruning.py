@@ -11,6 +11,7 @@ import copy
 import fnmatch
 import gc
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -98,21 +99,41 @@ def build_pruner(loaded: LoadedModel, adapter, importance, ratio: float, options
     ignored = list(adapter.ignored_layers(loaded)) + resolve_ignored(model, options.ignore)
     extra = adapter.pruner_options(loaded)
     example = adapter.example_inputs(loaded, batch_size=1)
-    pruner = tp.pruner.BasePruner(
-        model,
-        example,
-        importance=importance,
-        pruning_ratio=ratio,
-        ignored_layers=ignored,
-        round_to=options.round_to,
-        num_heads=extra.get("num_heads", {}),
-        out_channel_groups=dict(extra.get("out_channel_groups", {})),
-        prune_num_heads=options.head_ratio > 0,
-        head_pruning_ratio=options.head_ratio,
-        forward_fn=lambda m, inputs: adapter.predict(loaded, *inputs),
-    )
+    with keeping_no_activations():
+        pruner = tp.pruner.BasePruner(
+            model,
+            example,
+            importance=importance,
+            pruning_ratio=ratio,
+            ignored_layers=ignored,
+            round_to=options.round_to,
+            num_heads=extra.get("num_heads", {}),
+            out_channel_groups=dict(extra.get("out_channel_groups", {})),
+            prune_num_heads=options.head_ratio > 0,
+            head_pruning_ratio=options.head_ratio,
+            forward_fn=lambda m, inputs: adapter.predict(loaded, *inputs),
+        )
     importance.pruner = pruner
     return pruner
+
+
+@contextmanager
+def keeping_no_activations():
+    """Autograd saves no tensor for the backward inside this block.
+
+    torch-pruning finds the dependencies by tracing the autograd graph of one forward and keeps that
+    graph (every operator's ``grad_fn``) as long as the pruner lives; it reads the operators' saved sizes
+    and dims, never their saved tensors. Without this, the tracing forward's activations live on with
+    the pruner: for SDXL at 512 px about 5 GB more during the search and again while pruning."""
+
+    def pack(tensor: torch.Tensor) -> None:
+        return None
+
+    def unpack(packed: None) -> torch.Tensor:
+        raise DpError("the dependency-tracing forward kept no activations: it cannot be backpropagated")
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 def collect_scores(

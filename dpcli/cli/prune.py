@@ -41,6 +41,7 @@ from dpcli.cli.options import (
     Threshold,
     Timesteps,
     TimestepStride,
+    WeightsDtype,
     Workers,
     Yes,
 )
@@ -94,6 +95,7 @@ def prune(
     config: Config = None,
     scheduler: Scheduler = None,
     max_params: MaxParams = None,
+    weights_dtype: WeightsDtype = None,
     json_output: Json = False,
 ) -> None:
     """Prune a model to --ratio / --target-macs / --target-params with a criterion; save it safely.
@@ -136,12 +138,14 @@ def prune(
             from dpcli.io.files import prepare_output
 
             prepare_output(output, force)  # before the question, not after it
-            loaded = dpcli.load(model, adapter, config, scheduler, max_params, reporter=reporter)
+            loaded = dpcli.load(
+                model, adapter, config, scheduler, max_params, weights_dtype=weights_dtype, reporter=reporter
+            )
             confirm_plan(loaded.loaded, criterion or f"the scores in {scores}", options, output)
             options = {
                 **options,
                 "model": loaded,
-                **dict.fromkeys(("adapter", "config", "scheduler", "max_params")),
+                **dict.fromkeys(("adapter", "config", "scheduler", "max_params", "weights_dtype")),
             }
         pruned = dpcli.prune(**options, reporter=reporter)
     if not is_main_rank():

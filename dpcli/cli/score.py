@@ -35,6 +35,7 @@ from dpcli.cli.options import (
     Threshold,
     Timesteps,
     TimestepStride,
+    WeightsDtype,
     Workers,
 )
 
@@ -72,6 +73,7 @@ def score(
     config: Config = None,
     scheduler: Scheduler = None,
     max_params: MaxParams = None,
+    weights_dtype: WeightsDtype = None,
     json_output: Json = False,
 ) -> None:
     """Compute channel importance (and the per-timestep loss curve with its cutoff); save it for dp prune.

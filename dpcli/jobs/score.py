@@ -20,7 +20,7 @@ from dpcli.io.model_format import model_signature
 from dpcli.io.weights import load_tensor_file
 from dpcli.pruning import PruneOptions, collect_scores
 from dpcli.reporting import Reporter, silent
-from dpcli.runtime import Distributed, check_precision
+from dpcli.runtime import Distributed, check_precision, check_weights_precision
 from dpcli.scoring import (
     ScanResult,
     accumulate_gradients,
@@ -297,6 +297,8 @@ def _compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress, d
     adapter = loaded.adapter
     dist = dist or Distributed(device=next(loaded.model.parameters()).device)
     check_precision(settings.precision, dist.device)
+    if criterion.needs_gradients:
+        check_weights_precision(loaded.model, settings.precision)
     place(loaded, dist.device)
     threshold = criterion.scan_threshold(settings.threshold)
     started = time.perf_counter()
