@@ -460,9 +460,11 @@ def test_bf16_load_never_makes_a_float32_parameter(sdxl, tmp_path, parameter_dty
     assert _float32_elements(parameter_dtypes) > sum(p.numel() for p in unet.parameters())
 
 
-def test_score_bf16_weights_cli(dp, sdxl, tmp_path):
+@pytest.mark.slow
+def test_score_and_prune_bf16_weights_cli(dp, sdxl, tmp_path):
     """dp score --weights-dtype bf16 --precision bf16 --gradient-checkpointing scores the tiny SDXL; a bf16
-    model with an fp32 scan, or an unknown dtype, is one line and exit 2."""
+    model with an fp32 scan, or an unknown dtype, is one line and exit 2; dp prune --weights-dtype bf16
+    writes bf16 weights."""
     pipeline, data = sdxl["pipeline"], sdxl["images"]
     common = ("--data", data, "--calib-size", "2", "--timesteps", "2")
     result = dp(
@@ -488,3 +490,23 @@ def test_score_bf16_weights_cli(dp, sdxl, tmp_path):
     assert "--precision" in error and "bf16" in error and len(error.splitlines()) == 1, error
     result = dp("score", pipeline, *common, "--weights-dtype", "fp8")
     assert result.exit_code == 2 and "--weights-dtype" in result.stderr
+    result = dp(
+        "prune",
+        pipeline,
+        "--criterion",
+        "magnitude",
+        "--ratio",
+        "0.3",
+        "--weights-dtype",
+        "bf16",
+        "-o",
+        tmp_path / "pruned",
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.json["params_after"] < result.json["params_before"]
+    from safetensors import safe_open
+
+    for weights in ("unet/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors"):
+        with safe_open(str(tmp_path / "pruned" / weights), "pt") as stored:
+            assert {stored.get_tensor(key).dtype for key in stored.keys()} == {torch.bfloat16}, weights
