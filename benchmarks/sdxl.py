@@ -9,9 +9,9 @@ depend on the values). Two steps, each in its own process so that one peak RSS i
 2. speed: one batch-1 denoising forward (no grad, float32) of the original and of the pruned UNet, each
    in a fresh process, median of `--repeats` after one warm-up; on CUDA too when a GPU is present.
 
-3. score: `dp score` at batch 1 (`--calib-size 1 --batch-size 1 --chunk 1`, `--timesteps 2`: two
-   forward+backward passes) on a full SDXL base pipeline with random weights written offline by
-   benchmarks/sdxl_pipeline.py (the real UNet, VAE and both text encoder configs, an offline tokenizer),
+3. score: `dp score` at batch 1 (`--calib-size 1 --batch-size 1 --chunk 1 --timesteps N`, N batch-1
+   forward+backward passes, `--score-timesteps`, default 2) on a full SDXL base pipeline with random
+   weights written offline by benchmarks/sdxl_pipeline.py (the real UNet, VAE and both text encoder configs, an offline tokenizer),
    with captioned images of the run's size: `--weights-dtype bf16 --precision bf16
    --gradient-checkpointing` (and, with `--score-dtypes bf16,fp32`, in fp32: weights and gradients alone
    are 20.6 GB, more than this machine's 24 GB leaves). Wall, CPU, max RSS and seconds per sample.
@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="folder for the config and the pruned model")
     parser.add_argument("--steps", default="prune,speed,score", help="comma-separated: prune, speed, score")
     parser.add_argument("--score-dtypes", default="bf16", help="comma-separated weights dtypes to score in")
+    parser.add_argument("--score-timesteps", type=int, default=2, help="timesteps (batch-1 passes) scored")
     args = parser.parse_args()
     steps = set(args.steps.split(","))
     info = machine_info()
@@ -130,7 +131,7 @@ def main() -> None:
     if "speed" in steps:
         rows += speed_step(config_file, pruned, pixels, args.repeats, results)
     if "score" in steps and args.model == "sdxl":
-        rows += score_step(work, latent, args.score_dtypes.split(","), results)
+        rows += score_step(work, latent, args.score_dtypes.split(","), args.score_timesteps, results)
     title = (
         "SD 1.5 UNet config, random weights"
         if args.model == "sd15"
@@ -225,7 +226,7 @@ def speed_step(config_file: Path, pruned: Path, pixels: int, repeats: int, resul
     return rows
 
 
-def score_step(work: Path, latent: int, dtypes: list[str], results: dict) -> list[list[str]]:
+def score_step(work: Path, latent: int, dtypes: list[str], timesteps: int, results: dict) -> list[list[str]]:
     """`dp score` at batch 1 on a random-weight SDXL pipeline folder (benchmarks/sdxl_pipeline.py)."""
     pixels = latent * 8
     images = work / f"images-{pixels}"
@@ -266,7 +267,7 @@ def score_step(work: Path, latent: int, dtypes: list[str], results: dict) -> lis
             "--chunk",
             "1",
             "--timesteps",
-            "2",
+            str(timesteps),
             "--weights-dtype",
             dtype,
             "--json",
