@@ -1,23 +1,24 @@
-"""SDXL at scale on this machine: `dp prune --target-macs 0.5` on the SDXL UNet, and the pruned UNet's speed.
+"""SDXL at scale on this machine: `dp prune --target-macs 0.5` on the SDXL UNet, the pruned UNet's speed,
+and `dp score` at batch 1.
 
 The model is `config:sdxl-base-1.0` (the real SDXL base UNet config, random weights: speed and sizes do not
-depend on the values). Two steps, each in its own process so that one peak RSS is measured per step:
+depend on the values). Three steps (`--steps`, default all), each in its own processes so that one peak
+RSS is measured per step:
 
 1. prune: `/usr/bin/time -v dp prune CONFIG --criterion magnitude --target-macs 0.5 --tolerance 0.02`
    (the ratio search predicts each trial from kept widths, `dpcli.macs_table`; the result is counted by
    fvcore). Wall time, user+sys CPU time, max RSS, MACs fraction, ratio and trials.
 2. speed: one batch-1 denoising forward (no grad, float32) of the original and of the pruned UNet, each
    in a fresh process, median of `--repeats` after one warm-up; on CUDA too when a GPU is present.
-
-3. score: `dp score` at batch 1 (`--calib-size 1 --batch-size 1 --chunk 1 --timesteps N`, N batch-1
+3. score: `dp score` at batch 1 (`--calib-size 1 --batch-size 1 --chunk 1 --timesteps N`: N batch-1
    forward+backward passes, `--score-timesteps`, default 2) on a full SDXL base pipeline with random
-   weights written offline by benchmarks/sdxl_pipeline.py (the real UNet, VAE and both text encoder configs, an offline tokenizer),
-   with captioned images of the run's size: `--weights-dtype bf16 --precision bf16
-   --gradient-checkpointing` (and, with `--score-dtypes bf16,fp32`, in fp32: weights and gradients alone
-   are 20.6 GB, more than this machine's 24 GB leaves). Wall, CPU, max RSS and seconds per sample.
+   weights written offline by benchmarks/sdxl_pipeline.py (the real UNet, VAE and both text encoder
+   configs, an offline tokenizer) and captioned images of the run's size, with `--weights-dtype bf16
+   --precision bf16 --gradient-checkpointing`; `--score-dtypes bf16,fp32` adds fp32 (its weights and
+   gradients alone are 20.6 GB: more than this 24 GB machine leaves). Wall, CPU, max RSS, s per sample.
 
-`--steps` picks the steps (default all three). `--quick` runs at 512x512 pixels (64x64 latents: the config written with `sample_size` 64), the full run at
-SDXL's native 1024x1024 (128x128 latents). Results: benchmarks/results/sdxl[-quick].json and .md.
+`--quick` runs at 512x512 pixels (64x64 latents: the config written with `sample_size` 64), the full run
+at SDXL's native 1024x1024 (128x128 latents). Results: benchmarks/results/sdxl[-quick][-STEPS].json, .md.
 """
 
 from __future__ import annotations
