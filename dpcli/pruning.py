@@ -177,6 +177,8 @@ def prune_in_place(
     # module's width at the time it is pruned: a norm or conv over a concatenation is cut by one group
     # per input, the second one after the first has already shrunk it.
     alive: dict[str, dict[str, list[int]]] = {}
+    originals = dict(model.named_parameters())
+    group = None
     for group in pruner.step(interactive=True) if select is None else select(pruner):
         positions: dict[tuple[str, str], set[int]] = {}
         for name, side, indices in group_removals(pruner, group, names, widths):
@@ -188,13 +190,29 @@ def prune_in_place(
             )
             alive[name][side] = [c for i, c in enumerate(current) if i not in removed_now]
         group.prune()
+        release_replaced(model, originals)
     removed = {
         name: {side: set(range(widths[name][f"{side}_channels"])) - set(kept) for side, kept in sides.items()}
         for name, sides in alive.items()
     }
     adapter.fix_pruned_modules(loaded, pruner)
     model.zero_grad(set_to_none=True)
+    del pruner, group
+    gc.collect()  # the dependency graph (reference cycles) goes now, not at some later collection
     return kept_channels(model, widths, removed)
+
+
+def release_replaced(model: torch.nn.Module, originals: dict[str, torch.nn.Parameter]) -> None:
+    """Free the storage of each parameter in ``originals`` that pruning has replaced in ``model``.
+
+    torch-pruning swaps a pruned layer's weight for a new, narrower Parameter; the old one stays referenced
+    by the traced autograd graph the pruner keeps (its AccumulateGrad nodes) until the pruner goes. Without
+    this, the whole unpruned model lives beside the pruned one until the end (10.3 GB beside 5.3 GB for
+    SDXL in float32); with it, only the layer being pruned is held twice."""
+    current = dict(model.named_parameters())
+    for name in [name for name, parameter in originals.items() if current.get(name) is not parameter]:
+        parameter = originals.pop(name)
+        parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
 
 
 _NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.modules.batchnorm._BatchNorm)
