@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 DP := $(VENV)/bin/dp
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-output
+# The install skips byte-compiling (pip --no-compile): Python compiles what it imports on first use and caches
+# it in the venv, which a PYTHONDONTWRITEBYTECODE in the environment would forbid (every process would then
+# compile torch and diffusers again: ~8 CPU-seconds each). Empty here means "write the cache".
+export PYTHONDONTWRITEBYTECODE :=
 # Example third-party plugins: installed into the venv like any plugin, and tested by `make test`.
 PLUGINS := plugins/dpcli-obd plugins/dpcli-dit
 
@@ -12,12 +16,13 @@ PLUGINS := plugins/dpcli-obd plugins/dpcli-dit
 
 $(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --progress-bar off -e '.[dev]'
-	$(PY) -m pip install --quiet --progress-bar off --no-deps $(addprefix -e ,$(PLUGINS))
+	@# One resolve for dpcli and the plugins (their dependencies are dpcli's); --no-compile: Python compiles
+	@# only the modules it imports, on first use, instead of all ~17,000 files of torch, CUDA libraries and co.
+	$(PY) -m pip install --quiet --progress-bar off --no-compile -e '.[dev]' $(addprefix -e ,$(PLUGINS))
 	@# A CPU-only torch that cannot load torchvision breaks diffusers and timm: fail loudly here.
-	@$(PY) -c "import torch, torchvision, torchvision.ops, timm, diffusers, fvcore, torch_pruning" || \
+	@$(PY) -c "import torch, torchvision, torchvision.ops, timm, diffusers, fvcore, torch_pruning; \
+		print('installed torch', torch.__version__, 'torchvision', torchvision.__version__)" || \
 		{ echo "torch and torchvision do not import together; see README (Troubleshooting)"; exit 1; }
-	@$(PY) -c "import torch, torchvision; print('installed torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,25 +32,52 @@ install: $(STAMP)
 # -> fine-tune with dp's recovery recipe (README, "Fine-tuning"; measured in docs/benchmarks.md, "The demo's
 # recovery recipe") -> eval original, pruned and fine-tuned (256 samples, DDIM 50, FID vs builtin:digits)
 # -> one summary table. PNGs, models and reports go into $(DEMO_OUT)/ (rerunnable: --force).
+# Two cores at work, one thread per step (two-threaded torch gains ~1.3x on this small model idle, and loses
+# ~15x when other processes want the cores, docs/benchmarks.md): the evaluations run beside another step
+# each, so that their latencies are measured alike (the original's beside inspect and score, the pruned and
+# the fine-tuned model's side by side; their output goes to $(DEMO_OUT)/eval-*.log), the compare grid beside
+# the summary.
 DEMO_EVAL := --data builtin:digits --num-samples 256 --steps 50 --seed 0 --force
 DEMO_REPORTS := --report $(DEMO_OUT)/eval-original --report $(DEMO_OUT)/eval-pruned --report $(DEMO_OUT)/eval-finetuned
+ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+DEMO_STEPS := demo-inspect demo-score demo-prune demo-finetune demo-eval-original demo-eval-pruned demo-eval-finetuned
+.PHONY: $(DEMO_STEPS)
 demo: $(STAMP)
 	mkdir -p $(DEMO_OUT)
-	$(DP) inspect builtin:ddpm-digits --depth 1
-	$(DP) score builtin:ddpm-digits --criterion diff-taylor --threshold 0.1 --data builtin:digits \
-		-o $(DEMO_OUT)/scores.safetensors --plot $(DEMO_OUT)/timestep-scan.png
-	$(DP) prune builtin:ddpm-digits --scores $(DEMO_OUT)/scores.safetensors --target-macs 0.56 \
-		--yes --force -o $(DEMO_OUT)/pruned
-	$(DP) finetune $(DEMO_OUT)/pruned --data builtin:digits --steps 800 --batch-size 64 --lr 4e-4 --warmup 30 --schedule cosine --ema-decay 0.99 \
-		--preview 64 --force -o $(DEMO_OUT)/finetuned
-	cp $(DEMO_OUT)/finetuned/loss.png $(DEMO_OUT)/finetune-loss.png
-	$(DP) eval builtin:ddpm-digits $(DEMO_EVAL) -o $(DEMO_OUT)/eval-original
-	$(DP) eval $(DEMO_OUT)/pruned $(DEMO_EVAL) -o $(DEMO_OUT)/eval-pruned
-	$(DP) eval $(DEMO_OUT)/finetuned $(DEMO_EVAL) -o $(DEMO_OUT)/eval-finetuned
-	$(DP) compare $(DEMO_REPORTS) --num-samples 8 --force -o $(DEMO_OUT)/compare --json > /dev/null
+	$(ONE_THREAD) $(MAKE) --no-print-directory -j2 demo-eval-original demo-eval-pruned demo-eval-finetuned
 	@echo "Plots: $(DEMO_OUT)/timestep-scan.png (diff-taylor scan), $(DEMO_OUT)/finetune-loss.png (fine-tuning loss);"
 	@echo "side by side, one row per model from the same noise: $(DEMO_OUT)/compare/grid.png"
-	$(DP) compare $(DEMO_REPORTS) --num-samples 256 --summary
+	@# the grid (8 samples) is drawn on the second core while the summary (SSIM over all 256) prints
+	$(ONE_THREAD) $(DP) compare $(DEMO_REPORTS) --num-samples 8 --force -o $(DEMO_OUT)/compare --json > /dev/null & \
+		grid=$$!; $(ONE_THREAD) $(DP) compare $(DEMO_REPORTS) --num-samples 256 --summary && wait $$grid
+
+# The steps of the demo and what each waits for (`make demo` runs them two at a time, one thread each).
+demo-score: demo-inspect
+demo-prune: demo-score
+demo-finetune: demo-prune
+demo-eval-pruned demo-eval-finetuned: demo-finetune
+demo-inspect demo-eval-original: $(STAMP)
+demo-inspect:
+	@mkdir -p $(DEMO_OUT)
+	$(DP) inspect builtin:ddpm-digits --depth 1
+demo-score:
+	$(DP) score builtin:ddpm-digits --criterion diff-taylor --threshold 0.1 --data builtin:digits \
+		-o $(DEMO_OUT)/scores.safetensors --plot $(DEMO_OUT)/timestep-scan.png
+demo-prune:
+	$(DP) prune builtin:ddpm-digits --scores $(DEMO_OUT)/scores.safetensors --target-macs 0.56 \
+		--yes --force -o $(DEMO_OUT)/pruned
+demo-finetune:
+	$(DP) finetune $(DEMO_OUT)/pruned --data builtin:digits --steps 800 --batch-size 64 --lr 4e-4 --warmup 30 --schedule cosine --ema-decay 0.99 \
+		--force -o $(DEMO_OUT)/finetuned
+	cp $(DEMO_OUT)/finetuned/loss.png $(DEMO_OUT)/finetune-loss.png
+demo-eval-original demo-eval-pruned demo-eval-finetuned: demo-eval-%:
+	@echo "dp eval of the $* model (output: $(DEMO_OUT)/eval-$*.log)"; mkdir -p $(DEMO_OUT)
+	@$(DP) eval $(DEMO_MODEL_$*) $(DEMO_EVAL) -o $(DEMO_OUT)/eval-$* > $(DEMO_OUT)/eval-$*.log 2>&1 || \
+		{ cat $(DEMO_OUT)/eval-$*.log; exit 1; }
+	@echo "dp eval of the $* model done:"; grep -E "^ +(FID|output) " $(DEMO_OUT)/eval-$*.log || true
+DEMO_MODEL_original := builtin:ddpm-digits
+DEMO_MODEL_pruned := $(DEMO_OUT)/pruned
+DEMO_MODEL_finetuned := $(DEMO_OUT)/finetuned
 
 test: $(STAMP)
 	$(PY) -m ruff check dpcli tests plugins

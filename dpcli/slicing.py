@@ -316,29 +316,55 @@ def _unet_config(record: PrunedRecord) -> dict:
     return details.get("original_config") or info["base"]["config"]
 
 
-def load_controlnet(folder: str | Path, dtype: torch.dtype | None = None):
-    """A ControlNetModel from a ``dp slice`` folder: built from its config, output projections given the
-    sliced widths, weights loaded strictly. Plug it into ``StableDiffusionControlNetPipeline`` with the
-    pruned pipeline's components (``dpcli.load(PRUNED).pipeline()``)."""
+def load_controlnet(folder: str | Path, dtype: torch.dtype | None = None, device=None):
+    """A ControlNetModel from a ``dp slice`` folder (or one its loaded model was ``save_pretrained`` to):
+    built from its config, the output projections given the widths of the sliced weights, the weights
+    loaded strictly. Its outputs are the original ControlNet's at the pruned UNet's kept channels.
+
+    Plain ``ControlNetModel.from_pretrained`` refuses such a folder (size mismatch): diffusers ties each
+    output projection's width to the ControlNet's own ``block_out_channels``, and the trunk keeps the
+    original widths, so no diffusers config describes it, in either layout. Plug it into the pruned
+    pipeline::
+
+        from diffusers import StableDiffusionControlNetPipeline
+        pipe = StableDiffusionControlNetPipeline.from_pipe(dpcli.load(PRUNED).pipeline(),
+                                                           controlnet=load_controlnet(SLICED))
+        # a --layout diffusers model, without dpcli for the rest of the pipeline:
+        pipe = StableDiffusionControlNetPipeline.from_pretrained(PRUNED, controlnet=load_controlnet(SLICED))
+    """
     from diffusers import ControlNetModel
 
-    from dpcli.io.diffusers_files import load_weights_into
-    from dpcli.io.weights import load_tensor_file
+    from dpcli.io.diffusers_files import folder_weights, load_weights_into
 
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    state = load_tensor_file(folder / CONTROLNET_WEIGHTS)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise BadInput(f"{folder} is not a ControlNet folder (no config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BadInput(f"{config_file} is not readable JSON ({exc})") from exc
+    if config.get("_class_name") != "ControlNetModel":
+        raise BadInput(f"{folder} holds a {config.get('_class_name')}, not a ControlNetModel")
+    state = folder_weights(folder)
     model = ControlNetModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-    convs = [*model.controlnet_down_blocks, model.controlnet_mid_block]
     names = [f"controlnet_down_blocks.{i}" for i in range(len(model.controlnet_down_blocks))]
+    convs = [*model.controlnet_down_blocks, model.controlnet_mid_block]
     for conv, name in zip(convs, [*names, "controlnet_mid_block"], strict=True):
-        width = state[f"{name}.weight"].shape[0]
+        weight = state.get(f"{name}.weight")
+        if weight is None or weight.dim() != 4 or tuple(weight.shape[1:]) != tuple(conv.weight.shape[1:]):
+            found = "nothing" if weight is None else tuple(weight.shape)
+            raise BadInput(
+                f"the weights in {folder} do not fit its config: {name}.weight is {found}, "
+                f"expected (N, {', '.join(map(str, conv.weight.shape[1:]))})"
+            )
+        width = weight.shape[0]
         if width != conv.out_channels:
             conv.out_channels = width
             conv.weight = torch.nn.Parameter(torch.empty(width, *conv.weight.shape[1:]))
-            conv.bias = torch.nn.Parameter(torch.empty(width))
+            conv.bias = torch.nn.Parameter(torch.empty(width)) if conv.bias is not None else None
     load_weights_into(model, state, str(folder))
-    return model.to(dtype=dtype).eval() if dtype is not None else model.eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def slice(  # noqa: A001

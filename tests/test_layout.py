@@ -150,3 +150,69 @@ def test_bad_layout_settings_are_one_line_and_write_nothing(dp, tmp_path, args, 
     assert result.exit_code == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow  # ~55 CPU-seconds: fresh interpreters load the pipeline, a ControlNet pipeline samples
+def test_tiny_sdxl_in_the_diffusers_layout_loads_as_a_plain_pipeline(dp, tmp_path):
+    """SDXL (two text encoders, text_time added conditioning, transformer_layers_per_block (1, 2)): the
+    pruned folder is a StableDiffusionXLPipeline plain diffusers loads, its UNet computes what dp's does."""
+    from test_sdxl import write_sdxl_pipeline
+
+    source = write_sdxl_pipeline(tmp_path / "sdxl", tmp_path / "tokenizer-files")
+    out = tmp_path / "pruned"
+    result = dp(
+        "prune", source, "--criterion", "magnitude", "--ratio", "0.5", "--layout", "diffusers", "-o", out, "--json"
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert result.json["layout"] == "diffusers" and result.json["level_widths"] == [16, 32]
+    config = json.loads((out / "unet" / "config.json").read_text())
+    assert config["block_out_channels"] == [16, 32] and config["addition_embed_type"] == "text_time"
+    assert config["transformer_layers_per_block"] == [1, 2]
+    ours = dpcli.load(out)
+    block = ours.module.down_blocks[1].attentions[0].transformer_blocks[1]
+    assert block.attn2.to_k.in_features == 64  # the text width is untouched
+    assert ours.module.add_embedding.linear_1.in_features == 80  # so is the added conditioning
+
+    torch.manual_seed(0)
+    sample, timesteps, text = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 64)
+    added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)}
+    extra = [text, None, None, None, None, added]
+    plain = plain_diffusers(
+        out, tmp_path, "UNet2DConditionModel", 'prompt="a red square", height=16, width=16', sample,
+        timesteps, extra,
+    )  # fmt: skip
+    assert plain["pipeline"] == "StableDiffusionXLPipeline" and plain["widths"] == [16, 32]
+    with torch.no_grad():
+        mine = ours.module(sample, timesteps, *extra).sample
+        original = dpcli.load(source).module(sample, timesteps, *extra).sample
+    assert mine.shape == original.shape == (2, 4, 8, 8)
+    assert torch.allclose(mine, plain["output"], atol=1e-5)
+
+    # a ControlNet made for the original SDXL UNet, sliced, drives the plain SDXL ControlNet pipeline
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    from dpcli.slicing import load_controlnet
+
+    torch.manual_seed(1)
+    controlnet = ControlNetModel.from_unet(
+        dpcli.load(source).module, conditioning_embedding_out_channels=(16, 32)
+    )
+    with torch.no_grad():  # its output convolutions start at zero: give them something to carry
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.05)
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    result = dp("slice", tmp_path / "controlnet", "--model", out, "-o", tmp_path / "sliced", "--json")
+    assert result.exit_code == 0, result.stderr
+    sliced = load_controlnet(tmp_path / "sliced")
+    condition = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = controlnet(sample, timesteps, text, condition, added_cond_kwargs=added, return_dict=False)
+        part = sliced(sample, timesteps, text, condition, added_cond_kwargs=added, return_dict=False)
+    kept = json.loads((out / "dpcli.json").read_text())["pruning"]["kept_channels"]
+    assert [r.shape[1] for r in [*part[0], part[1]]] == [16] * 4 + [32] * 3  # the pruned level widths
+    assert torch.allclose(part[0][0], full[0][0][:, kept["conv_in"]["out"]], atol=1e-6)
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(out, controlnet=sliced)
+    images = pipe(
+        "a red square", image=condition[:1], height=16, width=16, num_inference_steps=2, output_type="pt"
+    ).images
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()

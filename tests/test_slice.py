@@ -270,6 +270,149 @@ def test_a_controlnet_sliced_runs_with_the_pruned_pipeline(dp, built, pruned, tm
     assert not torch.allclose(pruned_images, unsteered)
 
 
+def controlnet_residuals(controlnet, seed: int = 5):
+    """The ControlNet's down and mid residuals for one fixed input."""
+    generator = torch.Generator().manual_seed(seed)
+    sample, text = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 5, 64, generator=generator)
+    condition = torch.rand(2, 3, 16, 16, generator=generator)
+    with torch.no_grad():
+        down, mid = controlnet(
+            sample, torch.tensor([700, 30]), text, controlnet_cond=condition, return_dict=False
+        )
+    return sample, text, [*down, mid]
+
+
+@pytest.mark.slow  # ~15 CPU-seconds per layout: two pipelines loaded, one sampled
+@pytest.mark.parametrize("layout", ["free", "diffusers"])
+def test_a_sliced_controlnet_loads_as_the_original_at_the_kept_channels(built, pruned, tmp_path, layout):  # noqa: F811
+    """Through the Python API: dpcli.slice, then load_controlnet; the loaded ControlNet is the in-memory
+    slice, its residuals are the original's at the pruned UNet's kept skip channels, and the pruned UNet
+    and pipeline take them."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from dpcli.slicing import load_controlnet, read_pruned, skip_sources, slice_controlnet
+
+    original = dpcli.load(built["sd"])
+    controlnet = controlnet_of(original.module)
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    model = dpcli.load(pruned[layout])
+    report = dpcli.slice(tmp_path / "controlnet", model, tmp_path / "sliced")
+    assert report.kind == "controlnet" and report.params_after < report.params_before
+
+    loaded = load_controlnet(tmp_path / "sliced")
+    in_memory, _ = slice_controlnet(tmp_path / "controlnet", read_pruned(pruned[layout]))
+    state = loaded.state_dict()
+    assert set(state) == set(in_memory)
+    assert all(torch.equal(state[key], in_memory[key]) for key in in_memory)
+
+    kept = kept_of(pruned[layout])
+    sources, mid = skip_sources(original.module.config, read_pruned(pruned[layout]).original)
+    sample, text, full = controlnet_residuals(controlnet)
+    _, _, sliced = controlnet_residuals(loaded)
+    assert len(sliced) == len(full) == len(sources) + 1
+    for source, whole, part in zip([*sources, mid], full, sliced, strict=True):
+        channels = kept.get(source, {}).get("out", list(range(whole.shape[1])))
+        assert part.shape == (2, len(channels), *whole.shape[2:]), source
+        assert torch.allclose(part, whole[:, channels], atol=1e-6, rtol=0), source
+
+    # the pruned UNet takes the residuals, and they change its output
+    with torch.no_grad():
+        steered = model.module(
+            sample, torch.tensor([700, 30]), text,
+            down_block_additional_residuals=sliced[:-1], mid_block_additional_residual=sliced[-1],
+        ).sample  # fmt: skip
+        plain = model.module(sample, torch.tensor([700, 30]), text).sample
+    assert steered.shape == plain.shape == (2, 4, 8, 8) and not torch.allclose(steered, plain)
+
+    # one line makes the ControlNet pipeline from the pruned model's pipeline; it samples
+    pipe = StableDiffusionControlNetPipeline.from_pipe(model.pipeline(), controlnet=loaded)
+    assert pipe.unet is model.module
+    condition = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    images = pipe(
+        "a red square", image=condition, height=16, width=16, num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0), output_type="pt",
+    ).images  # fmt: skip
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+    # bfloat16 on request
+    assert {p.dtype for p in load_controlnet(tmp_path / "sliced", dtype=torch.bfloat16).parameters()} == {
+        torch.bfloat16
+    }
+
+
+@pytest.mark.slow  # ~10-15 CPU-seconds: the plain pipeline loaded from disk and sampled twice
+def test_a_sliced_controlnet_with_the_plain_diffusers_pipeline_of_a_diffusers_layout_model(
+    dp,
+    built,  # noqa: F811
+    pruned,
+    tmp_path,
+):
+    """A --layout diffusers model loads with diffusers alone; the sliced ControlNet needs load_controlnet
+    (its trunk keeps the original widths, so no ControlNetModel config describes it), and plain
+    ControlNetModel.from_pretrained refuses it instead of loading random weights."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from dpcli.slicing import load_controlnet
+
+    controlnet = controlnet_of(dpcli.load(built["sd"]).module)
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    out = tmp_path / "sliced"
+    result = dp("slice", tmp_path / "controlnet", "--model", pruned["diffusers"], "-o", out)
+    assert result.exit_code == 0, result.stderr
+    with pytest.raises(ValueError, match="expected shape"):
+        ControlNetModel.from_pretrained(out)
+
+    loaded = load_controlnet(out)
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        pruned["diffusers"], controlnet=loaded, safety_checker=None, requires_safety_checker=False
+    )
+    condition = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        images = pipe(
+            ["a red square", "a blue circle"], image=condition, height=16, width=16, num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0), output_type="pt",
+        ).images  # fmt: skip
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    # the same images as dp's own pipeline of the model with the same ControlNet
+    with torch.no_grad():
+        reference = StableDiffusionControlNetPipeline.from_pipe(
+            dpcli.load(pruned["diffusers"]).pipeline(), controlnet=loaded
+        )(
+            ["a red square", "a blue circle"], image=condition, height=16, width=16, num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0), output_type="pt",
+        ).images  # fmt: skip
+    assert torch.allclose(images, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "not a ControlNet folder"),
+        ("unet folder", "not a ControlNetModel"),
+        ("other weights", "do not fit its config"),
+    ],
+)
+def test_load_controlnet_refuses_what_is_not_a_controlnet_with_one_clear_error(
+    built,  # noqa: F811
+    tmp_path,
+    case,
+    message,
+):
+    from dpcli.errors import BadInput
+    from dpcli.slicing import load_controlnet
+
+    folder = tmp_path / "nothing"
+    if case == "unet folder":
+        folder = built["sd"] / "unet"
+    elif case == "other weights":
+        controlnet_of(dpcli.load(built["sd"]).module).save_pretrained(folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["block_out_channels"] = [16, 32]
+        (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BadInput, match=message):
+        load_controlnet(folder)
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
