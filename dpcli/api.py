@@ -184,6 +184,7 @@ def load(
     scheduler: str | Path | None = None,
     max_params: int | None = None,
     *,
+    weights_dtype: str | None = None,
     reporter: Reporter | None = None,
 ) -> Model:
     """Load anything dp accepts as MODEL: a diffusers model or pipeline folder, a Hub id (from the local
@@ -193,7 +194,9 @@ def load(
     (a scheduler_config.json or a folder with one) replaces the model's scheduler, ``max_params`` refuses
     a model with more parameters before building it; as the CLI's ``--adapter``, ``--config``,
     ``--scheduler`` and ``--max-params``. The functions below that take a model path take these keywords
-    too and pass them here.
+    too and pass them here. ``weights_dtype`` (``--weights-dtype`` of score and prune: fp32, bf16 or fp16)
+    builds and loads the weights in that dtype, never through a float32 copy (SDXL in bf16: 5.1 GB, not
+    10.3 GB).
     """
     from dpcli.loading import load_model
     from dpcli.sizing import params_limit
@@ -207,6 +210,7 @@ def load(
                 adapter=adapter,
                 config=Path(config) if config is not None else None,
                 scheduler=Path(scheduler) if scheduler is not None else None,
+                weights_dtype=weights_dtype,
             )
         )
 
@@ -264,6 +268,7 @@ def score(
     config: str | Path | None = None,
     scheduler: str | Path | None = None,
     max_params: int | None = None,
+    weights_dtype: str | None = None,
     reporter: Reporter | None = None,
 ) -> Scores:
     """Importance scores of every prunable channel group of ``model``, as ``dp score`` computes them (the
@@ -320,6 +325,7 @@ def prune(
     config: str | Path | None = None,
     scheduler: str | Path | None = None,
     max_params: int | None = None,
+    weights_dtype: str | None = None,
     reporter: Reporter | None = None,
 ) -> Model:
     """Prune ``model`` IN PLACE to one of ``ratio``, ``target_macs``, ``target_params`` (as ``dp prune``)
@@ -358,7 +364,7 @@ def prune(
     return model
 
 
-_LOAD_OPTIONS = ("adapter", "config", "scheduler", "max_params")
+_LOAD_OPTIONS = ("adapter", "config", "scheduler", "max_params", "weights_dtype")
 
 
 def _load_options(arguments: dict) -> dict:

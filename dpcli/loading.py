@@ -89,19 +89,29 @@ _RENAMED = (
 
 
 def load_model(
-    spec: str, adapter: str | None = None, config: Path | None = None, scheduler: Path | None = None
+    spec: str,
+    adapter: str | None = None,
+    config: Path | None = None,
+    scheduler: Path | None = None,
+    weights_dtype: str | None = None,
 ) -> LoadedModel:
     """Load a model for dp from anything the CLI's MODEL argument accepts. The Python API entry point.
 
     ``scheduler`` (a scheduler_config.json or a folder holding one) replaces the model's own scheduler.
+    ``weights_dtype`` (fp32, bf16 or fp16) is the dtype the denoiser and its modules are built and loaded
+    in; the built-in adapters never make a float32 copy on the way (``dpcli.weights_dtype``).
     """
+    from dpcli.weights_dtype import building_in, cast_loaded, resolve_weights_dtype
+
+    dtype = resolve_weights_dtype(weights_dtype)
     for label, path in (("config", config), ("scheduler", scheduler)):
         if path is not None and not Path(path).exists():
             raise BadInput(f"{label} not found: {path}")
     source = resolve_source(spec)
     chosen = choose_adapter(source, adapter)
     try:
-        loaded = chosen.load(source, config=Path(config) if config is not None else None)
+        with building_in(dtype):
+            loaded = chosen.load(source, config=Path(config) if config is not None else None)
     except TypeError as exc:
         if "LoadedModel.__init__()" not in str(exc):
             raise
@@ -109,6 +119,8 @@ def load_model(
     if "pruning" in vars(loaded) or not isinstance(loaded.adapter_name, str):
         raise DpError(f"adapter {chosen.name!r} was written for an older dpcli: {_RENAMED}")
     loaded.adapter = chosen
+    if weights_dtype is not None:
+        cast_loaded(loaded, dtype)  # for adapters that build in float32 whatever they are asked
     if scheduler is not None:
         from dpcli.io.diffusers_files import load_scheduler
 

@@ -11,6 +11,7 @@ import copy
 import fnmatch
 import gc
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -98,21 +99,41 @@ def build_pruner(loaded: LoadedModel, adapter, importance, ratio: float, options
     ignored = list(adapter.ignored_layers(loaded)) + resolve_ignored(model, options.ignore)
     extra = adapter.pruner_options(loaded)
     example = adapter.example_inputs(loaded, batch_size=1)
-    pruner = tp.pruner.BasePruner(
-        model,
-        example,
-        importance=importance,
-        pruning_ratio=ratio,
-        ignored_layers=ignored,
-        round_to=options.round_to,
-        num_heads=extra.get("num_heads", {}),
-        out_channel_groups=dict(extra.get("out_channel_groups", {})),
-        prune_num_heads=options.head_ratio > 0,
-        head_pruning_ratio=options.head_ratio,
-        forward_fn=lambda m, inputs: adapter.predict(loaded, *inputs),
-    )
+    with keeping_no_activations():
+        pruner = tp.pruner.BasePruner(
+            model,
+            example,
+            importance=importance,
+            pruning_ratio=ratio,
+            ignored_layers=ignored,
+            round_to=options.round_to,
+            num_heads=extra.get("num_heads", {}),
+            out_channel_groups=dict(extra.get("out_channel_groups", {})),
+            prune_num_heads=options.head_ratio > 0,
+            head_pruning_ratio=options.head_ratio,
+            forward_fn=lambda m, inputs: adapter.predict(loaded, *inputs),
+        )
     importance.pruner = pruner
     return pruner
+
+
+@contextmanager
+def keeping_no_activations():
+    """Autograd saves no tensor for the backward inside this block.
+
+    torch-pruning finds the dependencies by tracing the autograd graph of one forward and keeps that
+    graph (every operator's ``grad_fn``) as long as the pruner lives; it reads the operators' saved sizes
+    and dims, never their saved tensors. Without this, the tracing forward's activations live on with
+    the pruner: for SDXL at 512 px about 5 GB more during the search and again while pruning."""
+
+    def pack(tensor: torch.Tensor) -> None:
+        return None
+
+    def unpack(packed: None) -> torch.Tensor:
+        raise DpError("the dependency-tracing forward kept no activations: it cannot be backpropagated")
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 def collect_scores(
@@ -156,6 +177,8 @@ def prune_in_place(
     # module's width at the time it is pruned: a norm or conv over a concatenation is cut by one group
     # per input, the second one after the first has already shrunk it.
     alive: dict[str, dict[str, list[int]]] = {}
+    originals = dict(model.named_parameters())
+    group = None
     for group in pruner.step(interactive=True) if select is None else select(pruner):
         positions: dict[tuple[str, str], set[int]] = {}
         for name, side, indices in group_removals(pruner, group, names, widths):
@@ -167,13 +190,29 @@ def prune_in_place(
             )
             alive[name][side] = [c for i, c in enumerate(current) if i not in removed_now]
         group.prune()
+        release_replaced(model, originals)
     removed = {
         name: {side: set(range(widths[name][f"{side}_channels"])) - set(kept) for side, kept in sides.items()}
         for name, sides in alive.items()
     }
     adapter.fix_pruned_modules(loaded, pruner)
     model.zero_grad(set_to_none=True)
+    del pruner, group
+    gc.collect()  # the dependency graph (reference cycles) goes now, not at some later collection
     return kept_channels(model, widths, removed)
+
+
+def release_replaced(model: torch.nn.Module, originals: dict[str, torch.nn.Parameter]) -> None:
+    """Free the storage of each parameter in ``originals`` that pruning has replaced in ``model``.
+
+    torch-pruning swaps a pruned layer's weight for a new, narrower Parameter; the old one stays referenced
+    by the traced autograd graph the pruner keeps (its AccumulateGrad nodes) until the pruner goes. Without
+    this, the whole unpruned model lives beside the pruned one until the end (10.3 GB beside 5.3 GB for
+    SDXL in float32); with it, only the layer being pruned is held twice."""
+    current = dict(model.named_parameters())
+    for name in [name for name, parameter in originals.items() if current.get(name) is not parameter]:
+        parameter = originals.pop(name)
+        parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
 
 
 _NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.modules.batchnorm._BatchNorm)

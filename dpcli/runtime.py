@@ -104,6 +104,21 @@ def check_precision(precision: str, device: torch.device | None = None) -> None:
         raise BadSetting("precision", "{precision} fp16 needs a CUDA GPU (use bf16 or fp32 on the CPU)")
 
 
+def check_weights_precision(model: torch.nn.Module, precision: str) -> None:
+    """A model loaded in bf16/fp16 (``--weights-dtype``) runs its scan under that same autocast
+    ``precision``: float32 inputs do not meet half-precision weights."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    if dtype in names and precision != names[dtype]:
+        raise BadSetting(
+            "precision",
+            "{precision} {given} cannot scan weights loaded in {dtype}: use {precision} {dtype} "
+            "(or {weights_dtype} fp32)",
+            given=precision,
+            dtype=names[dtype],
+        )
+
+
 def autocast(device: torch.device, precision: str):
     """Autocast to bf16/fp16 for ``precision``; nothing for fp32."""
     import contextlib

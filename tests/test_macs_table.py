@@ -136,3 +136,60 @@ def test_predicted_sizes_equal_fvcore_on_the_pruned_sdxl_unet(tmp_path):
     folder = write_sdxl_pipeline(tmp_path / "pipeline", tmp_path / "tokenizer-files")
     # added text_time embedding summed with the time embedding, two text encoders' context
     assert_predictions_match_pruned_copies(load_model(str(folder)), PruneOptions(head_ratio=0.25), [0.4])
+
+
+def test_a_pruner_keeps_no_activations_of_its_tracing_forward():
+    """torch-pruning keeps the traced autograd graph while the pruner lives; the activations of that
+    forward must not live on with it (they are the UNet's size again for SDXL at 512 px)."""
+    import weakref
+
+    from dpcli.pruning import build_pruner
+
+    loaded = tiny_loaded()
+    options = PruneOptions()
+    scores = magnitude_scores(loaded, options)
+    outputs = []
+
+    def keep_a_weak_reference(module, inputs, output):
+        outputs.append(weakref.ref(output))
+
+    handles = [
+        m.register_forward_hook(keep_a_weak_reference)
+        for m in loaded.model.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.GroupNorm))
+    ]
+    pruner = build_pruner(
+        loaded,
+        loaded.adapter,
+        pruning.SavedImportance(scores, pruning.module_names(loaded.model)),
+        0.5,
+        options,
+    )
+    for handle in handles:
+        handle.remove()
+    assert outputs and pruner.DG is not None
+    alive = [ref for ref in outputs if ref() is not None]
+    assert not alive, f"{len(alive)} of {len(outputs)} layer outputs are still held by the pruner"
+
+
+def test_pruning_frees_each_replaced_weight_as_it_goes(monkeypatch):
+    """The unpruned weights do not live on beside the pruned ones: once pruning has replaced a layer's
+    weight, the old tensor's storage is freed (the pruner's traced graph still refers to the object)."""
+    loaded = tiny_loaded()
+    options = PruneOptions()
+    scores = magnitude_scores(loaded, options)
+    originals = dict(loaded.model.named_parameters())
+    held = []
+    release = pruning.release_replaced
+
+    def spy(model, still_original):
+        release(model, still_original)
+        held.append(sum(p.untyped_storage().nbytes() for p in originals.values()))
+
+    monkeypatch.setattr(pruning, "release_replaced", spy)
+    prune_in_place(loaded, loaded.adapter, scores, 0.5, options)
+    current = dict(loaded.model.named_parameters())
+    replaced = [name for name, parameter in originals.items() if current[name] is not parameter]
+    assert replaced, "pruning at 0.5 replaces weights"
+    assert all(originals[name].untyped_storage().nbytes() == 0 for name in replaced)
+    assert held == sorted(held, reverse=True) and held[-1] < held[0]  # freed group by group, not at the end

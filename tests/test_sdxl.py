@@ -9,6 +9,7 @@ conditioning, transformer_layers_per_block (1, 2), linear projections), with the
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -416,3 +417,96 @@ def test_sgm_single_file_converts_offline_to_the_same_model(dp, sdxl, tmp_path):
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     shipped = dp("inspect", checkpoint)  # the shipped SDXL base configs do not fit a tiny checkpoint
     assert shipped.exit_code == 2 and "Traceback" not in shipped.stderr
+
+
+# --weights-dtype: bf16 without a float32 build ----------------------------------------------------------
+
+
+@pytest.fixture
+def parameter_dtypes(monkeypatch):
+    """The (dtype, numel) of every parameter a module registers off the meta device while the test runs."""
+    made: list[tuple[torch.dtype, int]] = []
+    register = torch.nn.Module.register_parameter
+
+    def spy(module, name, parameter):
+        if parameter is not None and not parameter.is_meta:
+            made.append((parameter.dtype, parameter.numel()))
+        return register(module, name, parameter)
+
+    monkeypatch.setattr(torch.nn.Module, "register_parameter", spy)
+    return made
+
+
+def _float32_elements(made) -> int:
+    return sum(count for dtype, count in made if dtype == torch.float32)
+
+
+def test_bf16_load_never_makes_a_float32_parameter(sdxl, tmp_path, parameter_dtypes):
+    """Pipeline folder (UNet, VAE, both text encoders) and a config built with random weights: in bf16,
+    no float32 parameter is ever allocated, and everything ends in bf16. In fp32 the same spy sees them."""
+    import dpcli
+
+    config = tmp_path / "unet.json"
+    unet = sdxl_unet()
+    config.write_text(json.dumps({**dict(unet.config), "_class_name": "UNet2DConditionModel"}))
+    parameter_dtypes.clear()
+    for spec in (sdxl["pipeline"], config):
+        model = dpcli.load(spec, weights_dtype="bf16")
+        modules = [model.loaded.model, *model.loaded.components.values()]
+        dtypes = {p.dtype for m in modules if isinstance(m, torch.nn.Module) for p in m.parameters()}
+        assert dtypes == {torch.bfloat16}, spec
+    assert parameter_dtypes and _float32_elements(parameter_dtypes) == 0
+    dpcli.load(sdxl["pipeline"])  # the default: float32, which the spy sees
+    assert _float32_elements(parameter_dtypes) > sum(p.numel() for p in unet.parameters())
+
+
+@pytest.mark.slow
+def test_score_and_prune_bf16_weights_cli(dp, sdxl, tmp_path):
+    """dp score --weights-dtype bf16 --precision bf16 --gradient-checkpointing scores the tiny SDXL; a bf16
+    model with an fp32 scan, or an unknown dtype, is one line and exit 2; dp prune --weights-dtype bf16
+    writes bf16 weights."""
+    pipeline, data = sdxl["pipeline"], sdxl["images"]
+    common = ("--data", data, "--calib-size", "2", "--timesteps", "2")
+    result = dp(
+        "score",
+        pipeline,
+        *common,
+        "--weights-dtype",
+        "bf16",
+        "--precision",
+        "bf16",
+        "--gradient-checkpointing",
+        "-o",
+        tmp_path / "s.safetensors",
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.json["precision"] == "bf16" and (tmp_path / "s.safetensors").is_file()
+    layers = result.json["layers"]
+    assert layers and all(math.isfinite(row["mean"]) for row in layers) and max(r["max"] for r in layers) > 0
+    result = dp("score", pipeline, *common, "--weights-dtype", "bf16")
+    assert result.exit_code == 2
+    error = result.stderr.strip()
+    assert "--precision" in error and "bf16" in error and len(error.splitlines()) == 1, error
+    result = dp("score", pipeline, *common, "--weights-dtype", "fp8")
+    assert result.exit_code == 2 and "--weights-dtype" in result.stderr
+    result = dp(
+        "prune",
+        pipeline,
+        "--criterion",
+        "magnitude",
+        "--ratio",
+        "0.3",
+        "--weights-dtype",
+        "bf16",
+        "-o",
+        tmp_path / "pruned",
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.json["params_after"] < result.json["params_before"]
+    from safetensors import safe_open
+
+    for weights in ("unet/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors"):
+        with safe_open(str(tmp_path / "pruned" / weights), "pt") as stored:
+            assert {stored.get_tensor(key).dtype for key in stored.keys()} == {torch.bfloat16}, weights

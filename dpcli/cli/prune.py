@@ -9,6 +9,7 @@ from dpcli.cli.options import (
     DATA_OPTIONS,
     LOAD_OPTIONS,
     SCAN_OPTIONS,
+    WEIGHTS_OPTIONS,
     Criterion,
     Force,
     Json,
@@ -31,7 +32,7 @@ Tolerance = Annotated[
 ]
 
 
-@with_options(DATA_OPTIONS, SCAN_OPTIONS, LOAD_OPTIONS)
+@with_options(DATA_OPTIONS, SCAN_OPTIONS, LOAD_OPTIONS, WEIGHTS_OPTIONS)
 def prune(
     context: typer.Context,
     model: ModelArgument,
@@ -92,7 +93,7 @@ def prune(
         from dpcli.io.files import prepare_output
 
         prepare_output(output, force)  # before the question, not after it
-        load_options = {name: keywords.pop(name) for name in LOAD_OPTIONS}
+        load_options = {name: keywords.pop(name) for name in (*LOAD_OPTIONS, *WEIGHTS_OPTIONS)}
         with RichReporter() as reporter:
             keywords["model"] = dpcli.load(model, **load_options, reporter=reporter)
         confirm_plan(keywords["model"].loaded, criterion or f"the scores in {scores}", keywords, output)

@@ -7,6 +7,7 @@ from dpcli.cli.options import (
     DATA_OPTIONS,
     LOAD_OPTIONS,
     SCAN_OPTIONS,
+    WEIGHTS_OPTIONS,
     Criterion,
     Json,
     ModelArgument,
@@ -16,7 +17,7 @@ from dpcli.cli.options import (
 )
 
 
-@with_options(DATA_OPTIONS, SCAN_OPTIONS, LOAD_OPTIONS)
+@with_options(DATA_OPTIONS, SCAN_OPTIONS, LOAD_OPTIONS, WEIGHTS_OPTIONS)
 def score(
     context: typer.Context,
     model: ModelArgument,

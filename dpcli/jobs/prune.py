@@ -23,11 +23,15 @@ def measure(loaded: LoadedModel) -> tuple[int, int]:
     return count_params(loaded.model), macs_of(loaded).total
 
 
-def layer_rows(loaded: LoadedModel) -> dict[str, dict]:
-    """Per-layer widths, params and MACs by layer name, for before/after tables."""
+def measure_layers(loaded: LoadedModel) -> tuple[int, int, dict[str, dict]]:
+    """(params, MACs, per-layer rows by layer name) of ``loaded`` from one fvcore count (an SDXL-size
+    trace is a minute of CPU: counted once before and once after pruning)."""
     from dpcli.inspection import layer_rows as rows_of
+    from dpcli.inspection import macs_of
 
-    return {row.pop("name"): row for row in rows_of(loaded)}
+    macs = macs_of(loaded)
+    rows = {row.pop("name"): row for row in rows_of(loaded, macs)}
+    return count_params(loaded.model), macs.total, rows
 
 
 @dataclass
@@ -155,9 +159,8 @@ def prune_model(
     criterion = get_registry().criterion(scores.criterion)
     adapter = loaded.adapter
     shape_before = output_shape(loaded, adapter)
-    before_rows = layer_rows(loaded)
     original_modules = module_shapes(loaded.model)
-    params_before, macs_before = measure(loaded)
+    params_before, macs_before, before_rows = measure_layers(loaded)
     started = time.perf_counter()
     search = prune_to_target
     if settings.layout == "diffusers":
@@ -186,8 +189,7 @@ def prune_model(
             before=shape_before,
             after=shape_after,
         )
-    params_after, macs_after = measure(loaded)
-    after_rows = layer_rows(loaded)
+    params_after, macs_after, after_rows = measure_layers(loaded)
     layers = []
     for name, before in before_rows.items():
         after = after_rows.get(name, {})

@@ -18,7 +18,7 @@ from dpcli.io.scores_file import ScoresFile, read_scores_file, write_scores_file
 from dpcli.jobs.scan_budget import plan_budget_scan
 from dpcli.pruning import PruneOptions, collect_scores
 from dpcli.reporting import Reporter, silent
-from dpcli.runtime import Distributed, check_precision
+from dpcli.runtime import Distributed, check_precision, check_weights_precision
 from dpcli.scoring import (
     ScanResult,
     gradient_checkpointing,
@@ -140,6 +140,8 @@ def _compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress, d
     adapter = loaded.adapter
     dist = dist or Distributed(device=next(loaded.model.parameters()).device)
     check_precision(settings.precision, dist.device)
+    if criterion.needs_gradients:
+        check_weights_precision(loaded.model, settings.precision)
     place(loaded, dist.device)
     threshold = criterion.scan_threshold(settings.threshold)
     started = time.perf_counter()

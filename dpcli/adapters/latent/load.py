@@ -24,6 +24,7 @@ from dpcli.adapters.latent.sdxl import REFINER_REFUSAL, check_unet, is_sdxl
 from dpcli.adapters.latent.sgm import is_sgm_state_dict, load_sgm
 from dpcli.errors import BadInput
 from dpcli.io.diffusers_files import folder_weights
+from dpcli.weights_dtype import default_dtype, target_dtype, to_target
 
 
 def load_latent(source: ModelSource, adapter_name: str, config_path: Path | None = None) -> LoadedModel:
@@ -180,7 +181,8 @@ def _class_of(config: dict, allowed: tuple[str, ...]) -> str:
 
 
 def build_random(class_name: str, config: dict, seed: int = 0):
-    """A diffusers model from its config with seeded random weights."""
+    """A diffusers model from its config with seeded random weights, allocated and drawn in the target
+    dtype (``dpcli.weights_dtype``)."""
     import diffusers
 
     from dpcli.sizing import check_buildable
@@ -190,7 +192,8 @@ def build_random(class_name: str, config: dict, seed: int = 0):
         try:
             check_buildable(lambda: model_class.from_config(config), f"the {class_name} of this config")
             torch.manual_seed(seed)
-            return model_class.from_config(config).eval()
+            with default_dtype():  # built in the target dtype: bf16 never goes through a float32 copy
+                return model_class.from_config(config).eval()
         except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as exc:
             raise BadInput(f"invalid {class_name} config: {str(exc).splitlines()[0]}") from None
 
@@ -224,14 +227,12 @@ def instantiate(class_name: str, config: dict, state_dict: dict, origin: str, sh
 
 
 def assign_weights(model: torch.nn.Module, state_dict: dict, origin: str) -> None:
-    """Strictly load ``state_dict`` into a model built on the meta device (tensors become float32)."""
+    """Strictly load ``state_dict`` into a model built on the meta device (floating tensors become the
+    target dtype, ``dpcli.weights_dtype``: float32 unless loading in bf16/fp16)."""
     from dpcli.io.diffusers_files import check_weights_fit
 
     check_weights_fit(model, state_dict, origin)
-    tensors = {
-        k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
-        for k, v in state_dict.items()
-    }
+    tensors = {k: to_target(v) for k, v in state_dict.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     leftover = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if leftover:
@@ -337,7 +338,9 @@ def build_text_encoder(config, state_dict: dict, origin: str, class_name: str = 
     transformers = _transformers()
     if isinstance(config, dict):
         config = transformers.CLIPTextConfig(**config)
-    with torch.random.fork_rng(devices=[]):
+    # the dtype the inner CLIPTextModel of a ...WithProjection is built in (transformers reads the config)
+    config.dtype = config.torch_dtype = target_dtype()
+    with torch.random.fork_rng(devices=[]), default_dtype():
         model = getattr(transformers, class_name)(config)
     own = set(model.state_dict())
     wrapped = any(key.startswith("text_model.") for key in own)
@@ -349,7 +352,7 @@ def build_text_encoder(config, state_dict: dict, origin: str, class_name: str = 
             continue  # buffers some versions save and others do not
         if key not in own and key == "text_projection.weight":
             continue  # OpenCLIP's projection; Stable Diffusion uses the hidden states before it
-        cleaned[key] = tensor
+        cleaned[key] = to_target(tensor)
     from dpcli.io.diffusers_files import load_weights_into
 
     load_weights_into(model, {**_missing_buffers(model, cleaned), **cleaned}, origin)
@@ -384,8 +387,8 @@ def load_class_embedder(path: Path) -> torch.nn.Embedding:
 
 
 def class_embedder(weight: torch.Tensor) -> torch.nn.Embedding:
-    embedder = torch.nn.Embedding(*weight.shape)
-    embedder.weight = torch.nn.Parameter(weight.float(), requires_grad=False)
+    embedder = torch.nn.Embedding(*weight.shape, device="meta")
+    embedder.weight = torch.nn.Parameter(weight.to(target_dtype()), requires_grad=False)
     return embedder.eval()
 
 
