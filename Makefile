@@ -32,26 +32,22 @@ install: $(STAMP)
 # -> fine-tune with dp's recovery recipe (README, "Fine-tuning"; measured in docs/benchmarks.md, "The demo's
 # recovery recipe") -> eval original, pruned and fine-tuned (256 samples, DDIM 50, FID vs builtin:digits)
 # -> one summary table. PNGs, models and reports go into $(DEMO_OUT)/ (rerunnable: --force).
-# Two cores at work, one thread per step (two-threaded torch gains ~1.3x on this small model idle, and loses
-# ~15x when other processes want the cores, docs/benchmarks.md): the evaluations run beside another step
-# each, so that their latencies are measured alike (the original's beside inspect and score, the pruned and
-# the fine-tuned model's side by side; their output goes to $(DEMO_OUT)/eval-*.log), the compare grid beside
-# the summary.
-DEMO_EVAL := --data builtin:digits --num-samples 256 --steps 50 --seed 0 --force
+# Every step runs alone on all cores, one after the other: the evaluations measure the latencies the summary's
+# speedup column shows, and a latency measured beside another process is noise (side by side, two same-shape
+# models measured 0.72x and 1.19x; docs/benchmarks.md, "The demo's recovery recipe").
+DEMO_EVAL := --data builtin:digits --num-samples 256 --steps 50 --seed 0 --repeats 30 --force
 DEMO_REPORTS := --report $(DEMO_OUT)/eval-original --report $(DEMO_OUT)/eval-pruned --report $(DEMO_OUT)/eval-finetuned
-ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 DEMO_STEPS := demo-inspect demo-score demo-prune demo-finetune demo-eval-original demo-eval-pruned demo-eval-finetuned
 .PHONY: $(DEMO_STEPS)
 demo: $(STAMP)
 	mkdir -p $(DEMO_OUT)
-	$(ONE_THREAD) $(MAKE) --no-print-directory -j2 demo-eval-original demo-eval-pruned demo-eval-finetuned
+	$(MAKE) --no-print-directory demo-eval-original demo-eval-pruned demo-eval-finetuned
 	@echo "Plots: $(DEMO_OUT)/timestep-scan.png (diff-taylor scan), $(DEMO_OUT)/finetune-loss.png (fine-tuning loss);"
 	@echo "side by side, one row per model from the same noise: $(DEMO_OUT)/compare/grid.png"
-	@# the grid (8 samples) is drawn on the second core while the summary (SSIM over all 256) prints
-	$(ONE_THREAD) $(DP) compare $(DEMO_REPORTS) --num-samples 8 --force -o $(DEMO_OUT)/compare --json > /dev/null & \
-		grid=$$!; $(ONE_THREAD) $(DP) compare $(DEMO_REPORTS) --num-samples 256 --summary && wait $$grid
+	$(DP) compare $(DEMO_REPORTS) --num-samples 8 --force -o $(DEMO_OUT)/compare --json > /dev/null
+	$(DP) compare $(DEMO_REPORTS) --num-samples 256 --summary
 
-# The steps of the demo and what each waits for (`make demo` runs them two at a time, one thread each).
+# The steps of the demo and what each waits for (`make demo` runs them one at a time).
 demo-score: demo-inspect
 demo-prune: demo-score
 demo-finetune: demo-prune
