@@ -34,6 +34,28 @@ def tensorboard_events(out: Path):
     return events
 
 
+def test_a_resumed_runs_purge_holds_even_when_its_event_file_would_sort_first(tmp_path):
+    """A resume within the same second as the killed run's first event, from a process with a smaller pid
+    (an in-process resume, say): TensorBoard still drops the killed run's steps after the checkpoint."""
+    from dpcli.jobs.finetune.monitor import TensorBoardTracker
+
+    killed = TensorBoardTracker(tmp_path, 0, {"lr": 1e-4})
+    for step in range(1, 5):
+        killed.log(step, {"train/loss": 1.0})
+    killed.close()
+    (event_file,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    second, host = event_file.name.split(".")[3:5]
+    event_file.rename(event_file.with_name(f"events.out.tfevents.{second}.{host}.99999999.0"))
+    resumed = TensorBoardTracker(tmp_path, 2, {"lr": 1e-4})
+    for step in range(3, 9):
+        resumed.log(step, {"train/loss": 2.0})
+    resumed.close()
+    scalars = tensorboard_events(tmp_path).Scalars("train/loss")
+    assert [(event.step, event.value) for event in scalars] == [(1, 1.0), (2, 1.0)] + [
+        (s, 2.0) for s in range(3, 9)
+    ]
+
+
 @pytest.mark.slow
 def test_metrics_hold_every_step_once_across_kill_and_resume(dp, tmp_path, uninterrupted):
     model, images, plain = uninterrupted

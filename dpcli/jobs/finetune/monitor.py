@@ -103,6 +103,21 @@ def gradient_norm(model: torch.nn.Module, clip: float) -> torch.Tensor:
 # Trackers -----------------------------------------------------------------------------------------
 
 
+def _wait_for_a_later_second(log_dir: Path) -> None:
+    """Wait until the clock's second is past every event file's in ``log_dir``.
+
+    TensorBoard reads the files of a run in name order (``events.out.tfevents.<second>.<host>.<pid>...``) and
+    applies a purge only to the events before it: a resumed run's file named in the same second as the killed
+    run's, with a smaller pid, would be read first and the killed run's later steps would survive."""
+    seconds = [
+        int(parts[3])
+        for parts in (path.name.split(".") for path in log_dir.glob("events.out.tfevents.*"))
+        if len(parts) > 3 and parts[3].isdigit()
+    ]
+    while seconds and time.time() < max(seconds) + 1:
+        time.sleep(0.05)
+
+
 class TensorBoardTracker:
     """Event files under ``OUT/tensorboard``: scalars ``train/<metric>`` and ``validation/<metric>``, the
     validation grid as the image ``validation/samples``, the settings as text."""
@@ -110,9 +125,12 @@ class TensorBoardTracker:
     def __init__(self, output: Path, start_step: int, settings: dict):
         from torch.utils.tensorboard import SummaryWriter
 
+        log_dir = Path(output) / TENSORBOARD_DIR
+        if start_step:
+            _wait_for_a_later_second(log_dir)
         # purge_step: TensorBoard drops the events a killed run wrote after the resumed checkpoint.
         self.writer = SummaryWriter(
-            log_dir=str(Path(output) / TENSORBOARD_DIR),
+            log_dir=str(log_dir),
             purge_step=start_step + 1 if start_step else None,
             flush_secs=10,
         )
