@@ -37,6 +37,7 @@ def test_every_public_name_has_a_docstring():
                 assert (member.__doc__ or "").strip(), f"{cls.__name__}.{attribute}"
 
 
+@pytest.mark.slow
 def test_score_prune_save_writes_what_dp_prune_writes(dp, tmp_path):
     model_folder = save_tiny_unet(tmp_path / "unet")
     images = make_image_folder(tmp_path / "images")
@@ -204,6 +205,7 @@ def test_every_cli_option_is_a_keyword_of_its_api_function():
         assert "reporter" in keywords, name
 
 
+@pytest.mark.slow
 def test_score_and_prune_take_the_device_and_scan_options(tmp_path):
     model_folder = save_tiny_unet(tmp_path / "unet")
     images = make_image_folder(tmp_path / "images")

@@ -101,6 +101,7 @@ def test_earlier_eval_reports_are_reused(dp, tmp_path, tiny_unet_folder, pruned_
     assert mixed.json["sampling"]["seed"] == 4 and mixed.json["models"][1]["ssim"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_summary_of_eval_reports_is_one_row_per_model(dp, tmp_path):
     gray = tmp_path / "gray"
     make_unet({**TINY_UNET_CONFIG, "in_channels": 1, "out_channels": 1}).save_pretrained(gray)

@@ -182,6 +182,7 @@ def test_caption_dropout_replaces_that_share_of_captions_with_the_empty_prompt(t
     assert all(c.startswith("caption ") for c in captions if c)
 
 
+@pytest.mark.slow
 def test_hub_dataset_id_is_read_from_the_local_cache_offline(tmp_path, tiny_unet_folder):
     """``hf:NAME``: a Hub dataset as the Hugging Face cache holds it (a snapshot of parquet files), read
     by a fresh ``dp`` with HF_HUB_OFFLINE=1: no network."""
@@ -244,6 +245,7 @@ def test_bad_sources_exit_2_naming_the_problem_and_write_nothing(dp, tmp_path, t
         assert not out.exists() or not any(out.iterdir()), options
 
 
+@pytest.mark.slow
 def test_finetune_on_a_dataset_or_shards_equals_finetune_on_the_folder(dp, tmp_path, tiny_unet_folder):
     from safetensors.torch import load_file
 

@@ -150,6 +150,7 @@ def fake_inception_weights(path, monkeypatch):
     return path
 
 
+@pytest.mark.slow
 def test_fid_with_local_inception_weights(dp, tmp_path, tiny_unet_folder, monkeypatch):
     weights = fake_inception_weights(tmp_path / "inception.pth", monkeypatch)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))

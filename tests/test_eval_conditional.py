@@ -283,6 +283,7 @@ def test_compare_samples_every_model_with_the_same_prompts(dp, models, tmp_path)
         assert image.height == grid["caption_height"] + 2 * (grid["cell"][0] + grid["pad"]) + grid["pad"]
 
 
+@pytest.mark.slow
 def test_reports_with_different_protocols_are_refused(dp, tiny_unet_folder, tmp_path):
     common = ["--num-samples", "3", "--no-latency", "--data", "builtin:digits"]
     assert dp("eval", tiny_unet_folder, "--steps", "2", *common, "-o", tmp_path / "a").exit_code == 0
@@ -318,6 +319,7 @@ def test_a_live_model_samples_with_the_prompts_of_a_report(dp, models, tmp_path)
     assert changed.exit_code == 2 and "changed since the report was made" in changed.stderr
 
 
+@pytest.mark.slow
 def test_the_api_conditions_and_guides_as_dp_eval_does(dp, models, tiny_unet_folder, tmp_path):
     import dpcli
     from dpcli.errors import BadSetting

@@ -40,6 +40,7 @@ def test_onnx_export_runs_in_onnxruntime_at_any_batch_like_the_pytorch_unet(dp, 
     assert "max abs difference" in table.stdout and "batch × 3 × 16 × 16" in table.stdout
 
 
+@pytest.mark.slow
 def test_a_pruned_text_unet_exports_with_its_text_conditioning_input(tmp_path):
     from helpers.latent import (
         byte_level_tokenizer,

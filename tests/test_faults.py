@@ -253,6 +253,7 @@ def disk_full_commands(model, images, work: Path) -> dict[str, tuple[list, Path]
 
 
 @pytest.mark.parametrize("command", ["finetune", "prune", "score", "eval"])
+@pytest.mark.slow
 def test_disk_full_at_every_write_point_leaves_outputs_untouched(
     dp, tmp_path, uninterrupted, monkeypatch, command
 ):

@@ -60,6 +60,7 @@ def test_single_files_in_diffusers_layout(dp, tmp_path, tiny_unet):
     assert inferred["params"] == sum(p.numel() for p in tiny_unet.parameters())
 
 
+@pytest.mark.slow
 def test_hub_id_through_local_cache_offline(tmp_path, tiny_pipeline_folder):
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--example--tiny-ddpm"

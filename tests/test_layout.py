@@ -63,6 +63,7 @@ def expected_pruned(tensor: torch.Tensor, kept: dict) -> torch.Tensor:
     return tensor
 
 
+@pytest.mark.slow
 def test_digits_in_the_diffusers_layout_load_with_plain_from_pretrained(dp, tmp_path):
     out = tmp_path / "pruned"
     result = dp(
@@ -100,6 +101,7 @@ def test_digits_in_the_diffusers_layout_load_with_plain_from_pretrained(dp, tmp_
         assert torch.equal(expected_pruned(original[name], kept.get(module, {})), tensor), name
 
 
+@pytest.mark.slow
 def test_tiny_stable_diffusion_in_the_diffusers_layout_loads_as_a_plain_pipeline(dp, built, tmp_path):  # noqa: F811
     out = tmp_path / "pruned"
     result = dp(

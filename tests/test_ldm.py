@@ -96,6 +96,7 @@ def test_latent_pipelines_go_to_ldm_and_pixel_ones_stay_with_ddpm(
     assert get_registry().usable("adapter")["ldm"].plugin.builtin
 
 
+@pytest.mark.slow
 def test_hub_id_of_a_latent_pipeline_through_the_local_cache(built, tmp_path):
     import shutil
 
@@ -138,6 +139,7 @@ def test_inspect_text_pipeline_lists_autoencoder_and_text_encoder_separately(dp,
 
 
 # Scoring and pruning ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_text_pipeline_prunes_through_the_cli_into_a_loadable_pipeline_folder(dp, built, tmp_path):
     out = tmp_path / "pruned"
     result = dp(
@@ -322,6 +324,7 @@ def expected_batches(data, steps: int, batch: int, flip: bool = False):
     )
 
 
+@pytest.mark.slow
 def test_text_finetune_encodes_the_captions_of_the_images_it_trains_on(dp, built, tmp_path, monkeypatch):
     from dpcli.adapters.latent import hooks
 

@@ -36,12 +36,14 @@ def assert_predictions_match_pruned_copies(loaded, options, ratios):
     predictor.close()
 
 
+@pytest.mark.slow
 def test_predicted_sizes_equal_fvcore_on_the_pruned_unet2d():
     assert_predictions_match_pruned_copies(tiny_loaded(), PruneOptions(), [0.3, 0.7, 0.9])
     wide = tiny_loaded(config={**TINY_CONFIG, "norm_num_groups": 4})
     assert_predictions_match_pruned_copies(wide, PruneOptions(round_to=4), [0.6])
 
 
+@pytest.mark.slow
 def test_predicted_sizes_equal_fvcore_on_the_pruned_sd_unet(tmp_path):
     pytest.importorskip("transformers")
     from test_ldm import (
@@ -127,6 +129,7 @@ def test_prune_target_through_the_cli_reports_fvcore_sizes_on_target(dp, tmp_pat
     assert reloaded["macs"] == report["macs_after"]
 
 
+@pytest.mark.slow
 def test_predicted_sizes_equal_fvcore_on_the_pruned_sdxl_unet(tmp_path):
     pytest.importorskip("transformers")
     from test_sdxl import write_sdxl_pipeline

@@ -29,6 +29,7 @@ def prune_args(model, data, out, *extra):
 
 
 @pytest.mark.parametrize("criterion", ["diff-taylor", "taylor", "magnitude", "random", "reinit"])
+@pytest.mark.slow
 def test_every_criterion_prunes_through_the_cli(dp, tmp_path, tiny_unet_folder, image_folder, criterion):
     out = tmp_path / f"pruned-{criterion}"
     result = dp(
@@ -48,6 +49,7 @@ def test_every_criterion_prunes_through_the_cli(dp, tmp_path, tiny_unet_folder, 
     assert inspected["pruned"]["criterion"] == criterion
 
 
+@pytest.mark.slow
 def test_reload_gives_identical_outputs(tmp_path, tiny_unet_folder, image_folder):
     loaded = load_model(str(tiny_unet_folder))
     scores = compute_scores(
@@ -109,6 +111,7 @@ def test_target_macs_lands_within_five_percent(dp, tmp_path, image_folder):
     assert report["trials"], "a target is reached by searching the ratio"
 
 
+@pytest.mark.slow
 def test_scores_file_gives_the_same_pruned_weights(dp, tmp_path, tiny_unet_folder, image_folder):
     from safetensors.torch import load_file
 
@@ -253,6 +256,7 @@ def expected_pruned(original: torch.Tensor, kept: dict) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("criterion", ["diff-taylor", "magnitude"])
+@pytest.mark.slow
 def test_kept_channels_are_recorded_and_match_the_saved_weights(dp, tmp_path, image_folder, criterion):
     from safetensors.torch import load_file
 

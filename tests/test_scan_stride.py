@@ -101,6 +101,7 @@ def test_stride_one_is_the_default_scan_bit_for_bit(dp, tmp_path, tiny_unet_fold
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.slow
 def test_strided_score_reports_and_records_its_stride(dp, tmp_path, tiny_unet_folder, image_folder):
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -196,6 +197,7 @@ def test_budget_goes_to_images_at_stride_16_then_to_finer_strides():
         plan_scan(BUDGET_MIN_CALIB * 20 - 1, 319)
 
 
+@pytest.mark.slow
 def test_scan_budget_chooses_reports_and_keeps_to_it(dp, tmp_path, tiny_unet_folder, image_folder):
     output = tmp_path / "scores.safetensors"
     common = ["--data", image_folder, "--timesteps", "64", "--threshold", "0", "-o", output]

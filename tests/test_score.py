@@ -35,6 +35,7 @@ def reference_scan(model, scheduler, clean_images, noise, threshold, total):
     [(0.0, 7, 256), (0.995, 4, 256), (0.999, 3, 256), (0.995, 1, 256), (0.995, 8, 4)],
     ids=["all-steps-chunk7", "early-chunk4", "early-chunk3", "chunk1", "micro-batched"],
 )
+@pytest.mark.slow
 def test_packed_scan_equals_reference(threshold, chunk, batch_size):
     adapter = get_registry().adapter("ddpm")
     x0, noise = calibration()
@@ -66,6 +67,7 @@ def test_nan_in_the_model_is_an_error_not_garbage():
         accumulate_gradients(loaded, adapter, x0, noise, 0.1, timesteps=4, chunk=2)
 
 
+@pytest.mark.slow
 def test_score_cli_writes_scores_plot_and_json(dp, tmp_path, tiny_unet_folder, image_folder):
     scores = tmp_path / "scores.safetensors"
     plot = tmp_path / "loss.png"

@@ -150,6 +150,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_is_off_afterwards(m
             pass
 
 
+@pytest.mark.slow
 def test_prune_with_gradient_checkpointing_prunes_like_without(dp, tmp_path, tiny_unet_folder, image_folder):
     kept = []
     for name, extra in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):

@@ -156,6 +156,7 @@ def test_inspect_sdxl_unet_config_counts_params_and_macs(dp, tmp_path):
 # Loading ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sdxl_pipeline_from_the_hub_cache_and_its_bare_unet_folder(sdxl, tmp_path):
     import shutil
 

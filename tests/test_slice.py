@@ -97,6 +97,7 @@ def sliced_delta_is_exact(original: dict, sliced: dict, kept: dict, keys) -> Non
 
 @pytest.mark.parametrize("layout", ["free", "diffusers"])
 @pytest.mark.parametrize("lora_layout", ["peft", "kohya"])
+@pytest.mark.slow
 def test_a_lora_sliced_is_exact_and_loads_into_the_pruned_pipeline(
     dp,
     built,  # noqa: F811

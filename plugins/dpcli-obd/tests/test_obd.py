@@ -54,6 +54,7 @@ def test_dp_score_reports_obd_like_a_builtin(files):
     assert report["groups"] > 0 and all(row["min"] >= 0 for row in report["layers"])
 
 
+@pytest.mark.slow
 def test_dp_prune_with_obd_keeps_other_channels_than_magnitude(files):
     kept = {}
     for criterion in ("obd", "magnitude"):
