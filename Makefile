@@ -81,7 +81,7 @@ test: $(STAMP)
 
 # The edit loop: the suite without the tests marked slow (multi-process gloo runs, killed-and-resumed
 # subprocesses, the plugin pip-install, tests over ~4 s idle), on every core (pytest-xdist). `make test`
-# runs everything, in one process. Measured idle on 2 cores: 3 min 26 s (docs/benchmarks.md, "Test suite").
+# runs everything, in one process. Measured idle on 2 cores: 3 min 26 s (README, "Development").
 test-fast: $(STAMP)
 	$(PY) -m pytest tests $(addsuffix /tests,$(PLUGINS)) -m "not slow" -n auto
 
