@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from dpcli.testing import byte_level_tokenizer
+
 SD15_UNET = {
     "act_fn": "silu",
     "attention_head_dim": 8,
@@ -75,27 +77,6 @@ SD15_SCHEDULER = {
     "num_train_timesteps": 1000,
     "prediction_type": "epsilon",
 }
-
-
-def byte_level_tokenizer(folder: Path, max_length: int = 77):
-    """A CLIP tokenizer with CLIP's byte alphabet and no merges: every character is one token."""
-    from transformers import CLIPTokenizer
-
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    codes = printable + [256 + i for i in range(256 - len(printable))]
-    characters = [chr(c) for c in codes]
-    vocab = {c: i for i, c in enumerate(characters)}
-    vocab.update({c + "</w>": len(characters) + i for i, c in enumerate(characters)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
 
 
 def main(target: Path) -> None:

@@ -31,23 +31,10 @@ TOKENS = 77
 
 
 def byte_level_tokenizer(folder: Path):
-    """A CLIP tokenizer with CLIP's byte alphabet and no merges, written offline (as in the tests)."""
-    from transformers import CLIPTokenizer
+    """dpcli.testing's CLIP tokenizer with CLIP's byte alphabet and no merges, written offline."""
+    from dpcli.testing import byte_level_tokenizer as write_tokenizer
 
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    characters = [chr(c) for c in printable + [256 + i for i in range(256 - len(printable))]]
-    vocab = {c: i for i, c in enumerate(characters)}
-    vocab.update({c + "</w>": len(characters) + i for i, c in enumerate(characters)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=TOKENS)
+    return write_tokenizer(folder, TOKENS)
 
 
 def write_pipeline(folder: Path, dtype_name: str = "bf16", sample_size: int | None = None) -> Path:

@@ -135,6 +135,27 @@ def make_image_folder(
     return folder
 
 
+def byte_level_tokenizer(folder: Path, max_length: int = 77):
+    """A CLIP tokenizer with CLIP's byte alphabet and no merges, written offline into ``folder`` (no Hub
+    download): prompts reach text encoders built from real configs in tests and benchmarks."""
+    from transformers import CLIPTokenizer
+
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    characters = [chr(c) for c in printable + [256 + i for i in range(256 - len(printable))]]
+    vocab = {c: i for i, c in enumerate(characters)}
+    vocab.update({c + "</w>": len(characters) + i for i, c in enumerate(characters)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+
+
 def _plugin_pairs(plugins: Iterable[Any]) -> list[tuple[str, Any]]:
     pairs = []
     for plugin in plugins:

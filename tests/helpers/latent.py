@@ -9,28 +9,15 @@ from pathlib import Path
 
 import torch
 
+from dpcli import testing
+
 CROSS_WIDTH = 64  # text hidden size = cross-attention width (one 64-wide head, like CLIP's)
 TOKENS = 8
 
 
 def byte_level_tokenizer(folder: Path, max_length: int = TOKENS):
-    """A CLIP tokenizer with CLIP's byte alphabet and no merges, written offline."""
-    from transformers import CLIPTokenizer
-
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    characters = [chr(c) for c in printable + [256 + i for i in range(256 - len(printable))]]
-    vocab = {c: i for i, c in enumerate(characters)}
-    vocab.update({c + "</w>": len(characters) + i for i, c in enumerate(characters)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    """dpcli.testing's offline byte-level CLIP tokenizer, at the tiny encoders' TOKENS."""
+    return testing.byte_level_tokenizer(folder, max_length)
 
 
 def text_encoder(vocab: int, act: str = "quick_gelu", layers: int = 2, seed: int = 0):
