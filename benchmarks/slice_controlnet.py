@@ -34,13 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def main() -> None:
     import torch
     from _common import RESULTS, machine_info
-    from helpers.latent import (
-        byte_level_tokenizer,
-        cross_attention_unet,
-        kl_autoencoder,
-        text_encoder,
-        write_pipeline,
-    )
+    from helpers.latent import write_text_pipeline
 
     import dpcli
     from dpcli.metrics import ssim_psnr
@@ -56,14 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="dp-slice-controlnet-"))
-    tokenizer = byte_level_tokenizer(work / "tokenizer")
-    folder = write_pipeline(
-        work / "sd",
-        cross_attention_unet(),
-        kl_autoencoder(),
-        text=text_encoder(len(tokenizer)),
-        tokenizer=tokenizer,
-    )
+    folder = write_text_pipeline(work / "sd", work / "tokenizer")
     original = dpcli.load(folder)
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 

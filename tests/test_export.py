@@ -42,24 +42,11 @@ def test_onnx_export_runs_in_onnxruntime_at_any_batch_like_the_pytorch_unet(dp, 
 
 @pytest.mark.slow
 def test_a_pruned_text_unet_exports_with_its_text_conditioning_input(tmp_path):
-    from helpers.latent import (
-        byte_level_tokenizer,
-        cross_attention_unet,
-        kl_autoencoder,
-        text_encoder,
-        write_pipeline,
-    )
+    from helpers.latent import write_text_pipeline
 
     import dpcli
 
-    tokenizer = byte_level_tokenizer(tmp_path / "tokenizer-files")
-    folder = write_pipeline(
-        tmp_path / "sd",
-        cross_attention_unet(),
-        kl_autoencoder(),
-        text=text_encoder(len(tokenizer)),
-        tokenizer=tokenizer,
-    )
+    folder = write_text_pipeline(tmp_path / "sd", tmp_path / "tokenizer-files")
     model = dpcli.prune(dpcli.load(folder), criterion="magnitude", ratio=0.3, head_ratio=0.25)
     report = model.export(tmp_path / "sd-unet.onnx")
     names = [item["name"] for item in report.inputs]

@@ -46,24 +46,11 @@ def test_predicted_sizes_equal_fvcore_on_the_pruned_unet2d():
 @pytest.mark.slow
 def test_predicted_sizes_equal_fvcore_on_the_pruned_sd_unet(tmp_path):
     pytest.importorskip("transformers")
-    from test_ldm import (
-        byte_level_tokenizer,
-        cross_attention_unet,
-        kl_autoencoder,
-        text_encoder,
-        write_pipeline,
-    )
+    from helpers.latent import write_text_pipeline
 
     from dpcli.loading import load_model
 
-    tokenizer = byte_level_tokenizer(tmp_path / "tokenizer")
-    folder = write_pipeline(
-        tmp_path / "sd",
-        cross_attention_unet(),
-        kl_autoencoder(),
-        text=text_encoder(len(tokenizer)),
-        tokenizer=tokenizer,
-    )
+    folder = write_text_pipeline(tmp_path / "sd", tmp_path / "tokenizer")
     # cross-attention (sdpa), GEGLU, LayerNorm, upsampling; with and without whole heads removed
     assert_predictions_match_pruned_copies(load_model(str(folder)), PruneOptions(), [0.3016, 0.8])
     assert_predictions_match_pruned_copies(load_model(str(folder)), PruneOptions(head_ratio=0.25), [0.5])

@@ -6,13 +6,11 @@ import numpy as np
 import pytest
 import torch
 from helpers.latent import (
-    byte_level_tokenizer,
-    cross_attention_unet,
     kl_autoencoder,
     latent_unet2d,
-    text_encoder,
     vq_autoencoder,
     write_pipeline,
+    write_text_pipeline,
 )
 
 import dpcli
@@ -74,14 +72,10 @@ def test_an_unconditional_latent_unet_gives_an_ldm_pipeline_with_dp_evals_images
 def test_a_pruned_text_unet_gives_a_stable_diffusion_pipeline_with_dp_evals_images(dp, tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    tokenizer = byte_level_tokenizer(tmp_path / "tokenizer-files")
-    folder = write_pipeline(
+    # steps_offset 0: StableDiffusionPipeline would rewrite it to 1 for itself; dpcli keeps the model's
+    folder = write_text_pipeline(
         tmp_path / "sd",
-        cross_attention_unet(),
-        kl_autoencoder(),
-        text=text_encoder(len(tokenizer)),
-        tokenizer=tokenizer,
-        # steps_offset 0: StableDiffusionPipeline would rewrite it to 1 for itself; dpcli keeps the model's
+        tmp_path / "tokenizer-files",
         scheduler=DDIMScheduler(clip_sample=False, set_alpha_to_one=False),
     )
     pruned = dpcli.prune(dpcli.load(folder), criterion="magnitude", ratio=0.3, head_ratio=0.25)

@@ -127,3 +127,17 @@ def write_pipeline(folder: Path, unet, vae, vae_key="vae", text=None, tokenizer=
     index["scheduler"] = ["diffusers", type(scheduler).__name__]
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder
+
+
+def write_text_pipeline(folder: Path, tokenizer_files: Path, scheduler=None) -> Path:
+    """The tiny SD-layout text pipeline folder (cross-attention UNet, KL autoencoder, CLIP text encoder and
+    the byte-level tokenizer written into ``tokenizer_files``)."""
+    tokenizer = byte_level_tokenizer(tokenizer_files)
+    return write_pipeline(
+        folder,
+        cross_attention_unet(),
+        kl_autoencoder(),
+        text=text_encoder(len(tokenizer)),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+    )
