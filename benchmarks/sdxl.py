@@ -39,8 +39,9 @@ from _common import ROOT, machine_info, markdown_table, write_results  # noqa: E
 CONFIG = ROOT / "dpcli" / "resources" / "configs" / "sdxl-base-1.0.json"
 
 
-def timed(command: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
-    """Run ``command`` under ``/usr/bin/time -v``: its result and wall/user/sys seconds and max RSS."""
+def timed(command: list[str], check: bool = True) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run ``command`` under ``/usr/bin/time -v``: its result and wall/user/sys seconds and max RSS
+    (``check``: exit with its stderr when it fails)."""
     started = time.perf_counter()
     env = {
         **os.environ,
@@ -58,7 +59,7 @@ def timed(command: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
         if found:
             value = float(found.group(1))
             stats[key] = round(value / 1e6, 2) if key == "max_rss_gb" else value
-    if result.returncode != 0:
+    if check and result.returncode != 0:
         sys.exit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result, stats
 
