@@ -50,10 +50,10 @@ GB = 1e9
 
 # job: (theoretical bytes per UNet parameter, what they are, scales of the full run)
 JOBS = {
-    "score-fp32": (8, "float32 weights 4 + gradients 4", [0.2, 0.3, 0.4]),
     "score-bf16": (4, "bf16 weights 2 + bf16 gradients 2", [0.2, 0.4, 0.6]),
     "finetune": (20, "float32 weights 4 + gradients 4 + AdamW moments 8 + EMA 4", [0.1, 0.2, 0.3]),
     "finetune-teacher": (22, "finetune 20 + the same-size teacher in bf16 2", [0.1, 0.2, 0.3]),
+    "score-fp32": (8, "float32 weights 4 + gradients 4", [0.2, 0.3, 0.4]),
     "finetune-cache": (20, "as finetune (the encoders stay loaded)", [0.2]),
     "finetune-adamw8bit": (14, "finetune with 8-bit AdamW moments 2 instead of 8", [0.1]),
 }
@@ -218,6 +218,7 @@ def main() -> None:
         "failed": {},
     }
     measured: dict[str, list[dict]] = {}
+    name = "sdxl_memory-quick" if args.quick else "sdxl_memory"
     if "libraries" in jobs:
         code = "import torch, diffusers, transformers, dpcli.api, dpcli.adapters.ldm"
         _, stats = timed([sys.executable, "-c", code])
@@ -258,19 +259,32 @@ def main() -> None:
             }
             measured.setdefault(job, []).append(row)
             print(json.dumps({job: row}), flush=True)
+            save(results, measured, name, info)  # after every run: a stopped run keeps what it measured
+    path = save(results, measured, name, info)
+    print(path.read_text())
+
+
+def save(results: dict, measured: dict, name: str, info: dict) -> Path:
     results["runs"] = measured
     results["fits"] = {
         job: fit([(row["params"], row["max_rss_gb"]) for row in rows]) for job, rows in measured.items()
     }
     summarise(results)
-    name = "sdxl_memory-quick" if args.quick else "sdxl_memory"
-    path = write_results(name, results, markdown(results), info)
-    print(path.read_text())
+    return write_results(name, results, markdown(results), info)
 
 
 def summarise(results: dict) -> None:
-    """The validation against the full-size bf16 score, and the teacher's own bytes per parameter."""
+    """The validation against the full-size bf16 score, the teacher's own bytes per parameter, and the
+    per-parameter terms alone (what a GPU holds for the UNet: the fit without its fixed term)."""
     fits = results["fits"]
+    results["per_param_gb"] = {
+        job: {
+            "pruned": round(line["bytes_per_param"] * PRUNED_PARAMS / GB, 2),
+            "full": round(line["bytes_per_param"] * FULL_PARAMS / GB, 2),
+        }
+        for job, line in fits.items()
+        if line is not None
+    }
     line = fits.get("score-bf16")
     if line:
         error = line["full_gb"] - FULL_SCORE_BF16_512_GB
@@ -327,6 +341,7 @@ def markdown(results: dict) -> str:
                 ", ".join(f"{r:+.2f}" for r in line["residuals_gb"]),
                 f"{line['pruned_gb']:.1f} GB",
                 f"{line['full_gb']:.1f} GB",
+                f"{results['per_param_gb'][job]['pruned']:.1f} / {results['per_param_gb'][job]['full']:.1f} GB",
                 f"{line['sizes']}",
             ]
         )
@@ -344,6 +359,7 @@ def markdown(results: dict) -> str:
                 "residuals",
                 "pruned (extrapolated)",
                 "full (extrapolated)",
+                "per-param part (bytes/param × params): pruned / full",
                 "sizes measured",
             ],
             fit_rows,
