@@ -169,6 +169,29 @@ def fit(points: list[tuple[int, float]]) -> dict | None:
     }
 
 
+def fit_with_width(points: list[tuple[int, float, float]]) -> dict | None:
+    """Least squares peak = fixed + slope × params + per_width × width scale over (params, scale, GB)
+    points: the activations at a fixed image size grow with the widths, not with the parameters (which
+    grow about with the square of the width). Needs four sizes (three would fit exactly). The pruned
+    UNet (30 % of the channels removed) counts as width 0.7."""
+    import numpy as np
+
+    if len({params for params, _, _ in points}) < 4:
+        return None
+    design = np.array([[1.0, params / GB, scale] for params, scale, _ in points])
+    peaks = np.array([gb for _, _, gb in points])
+    (fixed, slope, per_width), *_ = np.linalg.lstsq(design, peaks, rcond=None)
+    residuals = peaks - design @ np.array([fixed, slope, per_width])
+    return {
+        "fixed_gb": round(float(fixed), 3),
+        "bytes_per_param": round(float(slope), 2),
+        "gb_per_width": round(float(per_width), 3),
+        "residuals_gb": [round(float(r), 3) for r in residuals],
+        "full_gb": round(float(fixed + slope * FULL_PARAMS / GB + per_width), 2),
+        "pruned_gb": round(float(fixed + slope * PRUNED_PARAMS / GB + per_width * 0.7), 2),
+    }
+
+
 def predicted_gb(job: str, params: int, measured: dict) -> float:
     points = [(row["params"], row["max_rss_gb"]) for row in measured.get(job, [])]
     line = fit(points)
@@ -270,6 +293,10 @@ def save(results: dict, measured: dict, name: str, info: dict) -> Path:
     results["fits"] = {
         job: fit([(row["params"], row["max_rss_gb"]) for row in rows]) for job, rows in measured.items()
     }
+    results["fits_with_width"] = {
+        job: fit_with_width([(row["params"], row["scale"], row["max_rss_gb"]) for row in rows])
+        for job, rows in measured.items()
+    }
     summarise(results)
     return write_results(name, results, markdown(results), info)
 
@@ -295,6 +322,14 @@ def summarise(results: dict) -> None:
             "error_gb": round(error, 2),
             "error_percent": round(100 * error / FULL_SCORE_BF16_512_GB, 1),
         }
+        width = results.get("fits_with_width", {}).get("score-bf16")
+        if width:
+            error = width["full_gb"] - FULL_SCORE_BF16_512_GB
+            results["validation"]["with_width"] = {
+                "extrapolated_full_gb": width["full_gb"],
+                "error_gb": round(error, 2),
+                "error_percent": round(100 * error / FULL_SCORE_BF16_512_GB, 1),
+            }
     if fits.get("finetune") and fits.get("finetune-teacher"):
         teacher = fits["finetune-teacher"]["bytes_per_param"] - fits["finetune"]["bytes_per_param"]
         student = fits["finetune"]
@@ -366,12 +401,50 @@ def markdown(results: dict) -> str:
             fit_rows,
         )
     )
+    width_rows = [
+        [
+            job,
+            f"{line['fixed_gb']:.2f} GB",
+            f"**{line['bytes_per_param']:.2f}**",
+            f"{line['gb_per_width']:+.2f} GB",
+            ", ".join(f"{r:+.2f}" for r in line["residuals_gb"]),
+            f"{line['pruned_gb']:.1f} GB",
+            f"{line['full_gb']:.1f} GB",
+        ]
+        for job, line in results.get("fits_with_width", {}).items()
+        if line is not None
+    ]
+    if width_rows:
+        parts.append(
+            "With an activation term that grows with the width scale (peak = fixed + bytes/param × params + "
+            "c × scale; the pruned UNet counted as scale 0.7):"
+        )
+        parts.append(
+            markdown_table(
+                [
+                    "job",
+                    "fixed",
+                    "bytes/param",
+                    "c",
+                    "residuals",
+                    "pruned (extrapolated)",
+                    "full (extrapolated)",
+                ],
+                width_rows,
+            )
+        )
     if "validation" in results:
         check = results["validation"]
         parts.append(
             f"Validation: `score-bf16` extrapolated to the full UNet gives {check['extrapolated_full_gb']:.2f} GB; "
             f"measured at full size {check['measured_full_gb']:.2f} GB: error {check['error_gb']:+.2f} GB "
             f"({check['error_percent']:+.1f} %)."
+            + (
+                f" With the activation term: {check['with_width']['extrapolated_full_gb']:.2f} GB, error "
+                f"{check['with_width']['error_gb']:+.2f} GB ({check['with_width']['error_percent']:+.1f} %)."
+                if "with_width" in check
+                else ""
+            )
         )
     if "teacher_bytes_per_param" in results:
         parts.append(
