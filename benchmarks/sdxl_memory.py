@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, markdown_table, write_results  # noqa: E402
+from _common import RESULTS, machine_info, markdown_table, write_results  # noqa: E402
 from sdxl import timed  # noqa: E402
 
 PIPELINE_SCRIPT = Path(__file__).with_name("sdxl_pipeline.py")
@@ -210,6 +210,11 @@ def main() -> None:
     parser.add_argument("--scales", default=None, help="comma-separated width scales for every job")
     parser.add_argument("--max-gb", type=float, default=10.0, help="skip runs predicted above this peak RSS")
     parser.add_argument("--work", type=Path, default=None, help="folder for the pipelines (kept for reuse)")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the runs of the existing results file and measure only the (job, scale) pairs it lacks",
+    )
     args = parser.parse_args()
     jobs = args.jobs.split(",")
     unknown = [job for job in jobs if job != "libraries" and job not in JOBS]
@@ -243,7 +248,17 @@ def main() -> None:
     }
     measured: dict[str, list[dict]] = {}
     name = "sdxl_memory-quick" if args.quick else "sdxl_memory"
-    if "libraries" in jobs:
+    previous = RESULTS / f"{name}.json"
+    if args.append and previous.is_file():
+        old = json.loads(previous.read_text())
+        measured = {job: list(rows) for job, rows in old.get("runs", {}).items()}
+        results["scales"] = {**old.get("scales", {}), **results["scales"]}
+        results["failed"] = old.get("failed", {})
+        if "libraries" in old:
+            results["libraries"] = old["libraries"]
+        if old.get("command"):
+            info["appended_to"] = {"command": old["command"], "date": old.get("machine", {}).get("date")}
+    if "libraries" in jobs and "libraries" not in results:
         code = "import torch, diffusers, transformers, dpcli.api, dpcli.adapters.ldm"
         _, stats = timed([sys.executable, "-c", code])
         results["libraries"] = stats
@@ -251,6 +266,8 @@ def main() -> None:
     for job, scales in plan.items():
         for scale in sorted(scales):
             params = pipelines[scale]["params"]
+            if any(row["scale"] == scale for row in measured.get(job, [])) or job in results["failed"]:
+                continue
             expected = predicted_gb(job, params, measured)
             if expected > args.max_gb:
                 results["skipped"].append(
