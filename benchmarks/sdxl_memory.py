@@ -147,23 +147,47 @@ def command_for(job: str, pipeline: Path, images: Path, work: Path) -> list[str]
     return command
 
 
-def fit(points: list[tuple[int, float]]) -> dict | None:
-    """Least squares peak = fixed + slope × params over (params, GB) points: fixed GB, bytes per param,
-    residuals in GB (None with fewer than two sizes)."""
-    if len({params for params, _ in points}) < 2:
-        return None
+def line_through(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least squares (fixed GB, GB per param) through (params, GB) points."""
     n = len(points)
     mean_x = sum(p for p, _ in points) / n
     mean_y = sum(g for _, g in points) / n
     sxx = sum((p - mean_x) ** 2 for p, _ in points)
-    slope = sum((p - mean_x) * (g - mean_y) for p, g in points) / sxx  # GB per param
-    fixed = mean_y - slope * mean_x
+    slope = sum((p - mean_x) * (g - mean_y) for p, g in points) / sxx
+    return mean_y - slope * mean_x, slope
+
+
+PLATEAU_GB = 0.1
+
+
+def fit(points: list[tuple[int, float]]) -> dict | None:
+    """Least squares peak = fixed + slope × params over (params, GB) points: fixed GB, bytes per param,
+    residuals in GB (None with fewer than two sizes).
+
+    At small sizes the peak can come from another phase than the one that grows with the UNet (encoding
+    the calibration images with the full-size autoencoder, before any gradient exists): such a size sits
+    on a plateau above the line through the larger sizes. While three or more sizes remain, the smallest
+    is left out of the fit when it lies more than PLATEAU_GB above the line through the others; the left
+    out sizes are reported (``plateau``) with their distance from the line."""
+    points = sorted(points)
+    if len({params for params, _ in points}) < 2:
+        return None
+    plateau = []
+    while len(points) >= 3:
+        fixed, slope = line_through(points[1:])
+        above = points[0][1] - (fixed + slope * points[0][0])
+        if above <= PLATEAU_GB:
+            break
+        plateau.append({"params": points[0][0], "gb": points[0][1], "above_line_gb": round(above, 3)})
+        points = points[1:]
+    fixed, slope = line_through(points)  # GB, GB per param
     residuals = [round(g - (fixed + slope * p), 3) for p, g in points]
     return {
         "fixed_gb": round(fixed, 3),
         "bytes_per_param": round(slope * GB, 2),
         "residuals_gb": residuals,
-        "sizes": n,
+        "sizes": len(points),
+        "plateau": plateau,
         "full_gb": round(fixed + slope * FULL_PARAMS, 2),
         "pruned_gb": round(fixed + slope * PRUNED_PARAMS, 2),
     }
@@ -395,7 +419,12 @@ def markdown(results: dict) -> str:
                 f"{line['pruned_gb']:.1f} GB",
                 f"{line['full_gb']:.1f} GB",
                 f"{results['per_param_gb'][job]['pruned']:.1f} / {results['per_param_gb'][job]['full']:.1f} GB",
-                f"{line['sizes']}",
+                f"{line['sizes']}"
+                + "".join(
+                    f" (left out: {point['params'] / 1e6:.0f} M at {point['gb']:.2f} GB, "
+                    f"{point['above_line_gb']:+.2f} GB above the line: on the plateau)"
+                    for point in line.get("plateau", [])
+                ),
             ]
         )
     parts.append(
@@ -413,7 +442,7 @@ def markdown(results: dict) -> str:
                 "pruned (extrapolated)",
                 "full (extrapolated)",
                 "per-param part (bytes/param × params): pruned / full",
-                "sizes measured",
+                "sizes fitted",
             ],
             fit_rows,
         )
