@@ -334,10 +334,13 @@ def save(results: dict, measured: dict, name: str, info: dict) -> Path:
     results["fits"] = {
         job: fit([(row["params"], row["max_rss_gb"]) for row in rows]) for job, rows in measured.items()
     }
-    results["fits_with_width"] = {
-        job: fit_with_width([(row["params"], row["scale"], row["max_rss_gb"]) for row in rows])
-        for job, rows in measured.items()
-    }
+    results["fits_with_width"] = {}
+    for job, rows in measured.items():  # over the sizes the linear fit kept (not those on the plateau)
+        plateau = {point["params"] for point in (results["fits"][job] or {}).get("plateau", [])}
+        kept = [
+            (row["params"], row["scale"], row["max_rss_gb"]) for row in rows if row["params"] not in plateau
+        ]
+        results["fits_with_width"][job] = fit_with_width(kept)
     summarise(results)
     return write_results(name, results, markdown(results), info)
 
