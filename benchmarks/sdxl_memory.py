@@ -107,6 +107,65 @@ def write_pipelines(work: Path, scales: list[float], latent: int, pixels: int) -
     return made
 
 
+class RssSampler:
+    """Samples, every ``interval`` seconds in a thread, the RSS of the process whose command line holds
+    ``needle`` (the dp process under /usr/bin/time) and how many records ``metrics`` (a fine-tuning run's
+    OUT/metrics.jsonl) has by then. ``peak_before(n)``: the highest RSS sampled before the n-th record was
+    written, so the peak of the training steps apart from what comes after them (writing the model)."""
+
+    def __init__(self, needle: str, metrics: Path | None = None, interval: float = 0.2):
+        import threading
+
+        self.needle, self.metrics, self.interval = needle.encode(), metrics, interval
+        self.samples: list[tuple[float, int]] = []  # (GB, records)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def pid(self) -> int | None:
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    cmdline = (entry / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if (
+                    self.needle in cmdline
+                    and b"dpcli" in cmdline
+                    and not cmdline.startswith(b"/usr/bin/time")
+                ):
+                    return int(entry.name)
+        return None
+
+    def run(self) -> None:
+        pid = None
+        while not self.stop.wait(self.interval):
+            pid = pid or self.pid()
+            if pid is None:
+                continue
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                pid = None
+                continue
+            rss = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+            records = 0
+            if self.metrics is not None and self.metrics.is_file():
+                records = sum(1 for line in self.metrics.read_text().splitlines() if line.strip())
+            self.samples.append((rss * 1024 / GB, records))
+
+    def peak_before(self, records: int) -> float | None:
+        before = [gb for gb, count in self.samples if count < records]
+        return round(max(before), 2) if before else None
+
+
 def command_for(job: str, pipeline: Path, images: Path, work: Path) -> list[str]:
     dp = [sys.executable, "-m", "dpcli"]
     if job.startswith("score"):
@@ -217,12 +276,14 @@ def fit_with_width(points: list[tuple[int, float, float]]) -> dict | None:
 
 
 def predicted_gb(job: str, params: int, measured: dict) -> float:
-    points = [(row["params"], row["max_rss_gb"]) for row in measured.get(job, [])]
-    line = fit(points)
-    if line is not None:
-        return line["fixed_gb"] + line["bytes_per_param"] * params / GB
+    """The larger of two predictions: the fit of the sizes measured so far (when two or more) and the
+    per-parameter theory over a guessed fixed part (a fit over sizes on a plateau underestimates)."""
     fixed = FIXED_GUESS_GB["bf16" if job == "score-bf16" else "fp32"]
-    return fixed + JOBS[job][0] * params / GB
+    theory = fixed + JOBS[job][0] * params / GB
+    line = fit([(row["params"], row["max_rss_gb"]) for row in measured.get(job, [])])
+    if line is None:
+        return theory
+    return max(theory, line["fixed_gb"] + line["bytes_per_param"] * params / GB)
 
 
 def main() -> None:
@@ -239,6 +300,7 @@ def main() -> None:
         action="store_true",
         help="keep the runs of the existing results file and measure only the (job, scale) pairs it lacks",
     )
+    parser.add_argument("--redo", default="", help="with --append: comma-separated jobs to measure again")
     args = parser.parse_args()
     jobs = args.jobs.split(",")
     unknown = [job for job in jobs if job != "libraries" and job not in JOBS]
@@ -275,9 +337,10 @@ def main() -> None:
     previous = RESULTS / f"{name}.json"
     if args.append and previous.is_file():
         old = json.loads(previous.read_text())
-        measured = {job: list(rows) for job, rows in old.get("runs", {}).items()}
+        redo = set(args.redo.split(",")) if args.redo else set()
+        measured = {job: list(rows) for job, rows in old.get("runs", {}).items() if job not in redo}
         results["scales"] = {**old.get("scales", {}), **results["scales"]}
-        results["failed"] = old.get("failed", {})
+        results["failed"] = {job: row for job, row in old.get("failed", {}).items() if job not in redo}
         if "libraries" in old:
             results["libraries"] = old["libraries"]
         if old.get("command"):
@@ -300,7 +363,13 @@ def main() -> None:
                 print(f"skip {job} at {scale:g}: predicted {expected:.1f} GB > {args.max_gb} GB", flush=True)
                 continue
             command = command_for(job, pipelines[scale]["folder"], images, work)
-            result, stats = timed(command, check=False)
+            finetuning = job.startswith("finetune")
+            metrics = work / "finetuned" / "metrics.jsonl" if finetuning else None
+            with RssSampler(str(pipelines[scale]["folder"]), metrics) as sampler:
+                result, stats = timed(command, check=False)
+            if finetuning:
+                # the training steps' own peak, before the model is written (2 steps: 2 records)
+                stats["train_peak_gb"] = sampler.peak_before(2)
             shutil.rmtree(work / "finetuned", ignore_errors=True)
             shutil.rmtree(work / "latents", ignore_errors=True)
             if result.returncode != 0:
@@ -333,6 +402,12 @@ def save(results: dict, measured: dict, name: str, info: dict) -> Path:
     results["runs"] = measured
     results["fits"] = {
         job: fit([(row["params"], row["max_rss_gb"]) for row in rows]) for job, rows in measured.items()
+    }
+    # fine-tuning: the training steps' own peak (sampled before the model is written), fitted alone
+    results["fits_train"] = {
+        job: fit([(row["params"], row["train_peak_gb"]) for row in rows if row.get("train_peak_gb")])
+        for job, rows in measured.items()
+        if job.startswith("finetune")
     }
     results["fits_with_width"] = {}
     for job, rows in measured.items():  # over the sizes the linear fit kept (not those on the plateau)
@@ -374,9 +449,10 @@ def summarise(results: dict) -> None:
                 "error_gb": round(error, 2),
                 "error_percent": round(100 * error / FULL_SCORE_BF16_512_GB, 1),
             }
-    if fits.get("finetune") and fits.get("finetune-teacher"):
-        teacher = fits["finetune-teacher"]["bytes_per_param"] - fits["finetune"]["bytes_per_param"]
-        student = fits["finetune"]
+    train = results.get("fits_train", {})
+    if train.get("finetune") and train.get("finetune-teacher"):
+        teacher = train["finetune-teacher"]["bytes_per_param"] - train["finetune"]["bytes_per_param"]
+        student = train["finetune"]
         results["teacher_bytes_per_param"] = round(teacher, 2)
         # the recipe's case: the pruned student with the unpruned teacher
         results["pruned_student_full_teacher_gb"] = round(
@@ -450,6 +526,40 @@ def markdown(results: dict) -> str:
             fit_rows,
         )
     )
+    train_rows = [
+        [
+            job,
+            f"{line['fixed_gb']:.2f} GB",
+            f"**{line['bytes_per_param']:.2f}**",
+            f"{JOBS[job][0]}",
+            ", ".join(f"{r:+.2f}" for r in line["residuals_gb"]),
+            f"{line['pruned_gb']:.1f} GB",
+            f"{line['full_gb']:.1f} GB",
+            f"{line['sizes']}",
+        ]
+        for job, line in results.get("fits_train", {}).items()
+        if line is not None
+    ]
+    if train_rows:
+        parts.append(
+            "Fine-tuning, the training steps alone (RSS sampled every 0.2 s until the second step's record, "
+            "before the model is written):"
+        )
+        parts.append(
+            markdown_table(
+                [
+                    "job",
+                    "fixed",
+                    "bytes/param fitted",
+                    "theory",
+                    "residuals",
+                    "pruned (extrapolated)",
+                    "full (extrapolated)",
+                    "sizes fitted",
+                ],
+                train_rows,
+            )
+        )
     width_rows = [
         [
             job,
@@ -498,7 +608,7 @@ def markdown(results: dict) -> str:
     if "teacher_bytes_per_param" in results:
         parts.append(
             f"Teacher (bf16): {results['teacher_bytes_per_param']:.2f} bytes per teacher parameter (finetune-teacher "
-            f"minus finetune); the pruned student with the full teacher: {results['pruned_student_full_teacher_gb']:.1f} GB "
+            f"minus finetune, training steps); the pruned student with the full teacher: {results['pruned_student_full_teacher_gb']:.1f} GB "
             "(extrapolated)."
         )
     for skip in results["skipped"]:
