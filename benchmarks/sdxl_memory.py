@@ -110,8 +110,9 @@ def write_pipelines(work: Path, scales: list[float], latent: int, pixels: int) -
 class RssSampler:
     """Samples, every ``interval`` seconds in a thread, the RSS of the process whose command line holds
     ``needle`` (the dp process under /usr/bin/time) and how many records ``metrics`` (a fine-tuning run's
-    OUT/metrics.jsonl) has by then. ``peak_before(n)``: the highest RSS sampled before the n-th record was
-    written, so the peak of the training steps apart from what comes after them (writing the model)."""
+    OUT/metrics.jsonl) has by then. ``peak_between(1, 2)``: the peak of the second training step alone,
+    when weights, gradients, optimizer state and EMA all exist, apart from loading before it and writing
+    the model after it."""
 
     def __init__(self, needle: str, metrics: Path | None = None, interval: float = 0.2):
         import threading
@@ -159,11 +160,12 @@ class RssSampler:
             records = 0
             if self.metrics is not None and self.metrics.is_file():
                 records = sum(1 for line in self.metrics.read_text().splitlines() if line.strip())
-            self.samples.append((rss * 1024 / GB, records))
+            self.samples.append((rss / 1e6, records))  # kB as /usr/bin/time's maximum RSS, / 1e6
 
-    def peak_before(self, records: int) -> float | None:
-        before = [gb for gb, count in self.samples if count < records]
-        return round(max(before), 2) if before else None
+    def peak_between(self, first: int, second: int) -> float | None:
+        """The highest RSS sampled after record ``first`` and before record ``second`` was written."""
+        inside = [gb for gb, count in self.samples if first <= count < second]
+        return round(max(inside), 2) if inside else None
 
 
 def command_for(job: str, pipeline: Path, images: Path, work: Path) -> list[str]:
@@ -368,8 +370,8 @@ def main() -> None:
             with RssSampler(str(pipelines[scale]["folder"]), metrics) as sampler:
                 result, stats = timed(command, check=False)
             if finetuning:
-                # the training steps' own peak, before the model is written (2 steps: 2 records)
-                stats["train_peak_gb"] = sampler.peak_before(2)
+                # the second step's own peak: after the first step's record, before the second's
+                stats["train_peak_gb"] = sampler.peak_between(1, 2)
             shutil.rmtree(work / "finetuned", ignore_errors=True)
             shutil.rmtree(work / "latents", ignore_errors=True)
             if result.returncode != 0:
@@ -403,7 +405,7 @@ def save(results: dict, measured: dict, name: str, info: dict) -> Path:
     results["fits"] = {
         job: fit([(row["params"], row["max_rss_gb"]) for row in rows]) for job, rows in measured.items()
     }
-    # fine-tuning: the training steps' own peak (sampled before the model is written), fitted alone
+    # fine-tuning: the second training step's own peak (sampled), fitted alone
     results["fits_train"] = {
         job: fit([(row["params"], row["train_peak_gb"]) for row in rows if row.get("train_peak_gb")])
         for job, rows in measured.items()
@@ -542,8 +544,8 @@ def markdown(results: dict) -> str:
     ]
     if train_rows:
         parts.append(
-            "Fine-tuning, the training steps alone (RSS sampled every 0.2 s until the second step's record, "
-            "before the model is written):"
+            "Fine-tuning, the second training step alone (RSS sampled every 0.2 s between the first and the "
+            "second step's record in metrics.jsonl: no loading, no writing of the model):"
         )
         parts.append(
             markdown_table(
@@ -608,7 +610,7 @@ def markdown(results: dict) -> str:
     if "teacher_bytes_per_param" in results:
         parts.append(
             f"Teacher (bf16): {results['teacher_bytes_per_param']:.2f} bytes per teacher parameter (finetune-teacher "
-            f"minus finetune, training steps); the pruned student with the full teacher: {results['pruned_student_full_teacher_gb']:.1f} GB "
+            f"minus finetune, step 2); the pruned student with the full teacher: {results['pruned_student_full_teacher_gb']:.1f} GB "
             "(extrapolated)."
         )
     for skip in results["skipped"]:
