@@ -167,6 +167,14 @@ class RssSampler:
         inside = [gb for gb, count in self.samples if first <= count < second]
         return round(max(inside), 2) if inside else None
 
+    def median_between(self, first: int, second: int) -> float | None:
+        """The median RSS sampled between those records: what stays resident through the step, without
+        its short-lived peaks."""
+        import statistics
+
+        inside = [gb for gb, count in self.samples if first <= count < second]
+        return round(statistics.median(inside), 2) if inside else None
+
 
 def command_for(job: str, pipeline: Path, images: Path, work: Path) -> list[str]:
     dp = [sys.executable, "-m", "dpcli"]
@@ -372,6 +380,7 @@ def main() -> None:
             if finetuning:
                 # the second step's own peak: after the first step's record, before the second's
                 stats["train_peak_gb"] = sampler.peak_between(1, 2)
+                stats["train_resident_gb"] = sampler.median_between(1, 2)
             shutil.rmtree(work / "finetuned", ignore_errors=True)
             shutil.rmtree(work / "latents", ignore_errors=True)
             if result.returncode != 0:
@@ -407,7 +416,7 @@ def save(results: dict, measured: dict, name: str, info: dict) -> Path:
     }
     # fine-tuning: the second training step's own peak (sampled), fitted alone
     results["fits_train"] = {
-        job: fit([(row["params"], row["train_peak_gb"]) for row in rows if row.get("train_peak_gb")])
+        job: fit([(row["params"], row["train_resident_gb"]) for row in rows if row.get("train_resident_gb")])
         for job, rows in measured.items()
         if job.startswith("finetune")
     }
@@ -544,8 +553,8 @@ def markdown(results: dict) -> str:
     ]
     if train_rows:
         parts.append(
-            "Fine-tuning, the second training step alone (RSS sampled every 0.2 s between the first and the "
-            "second step's record in metrics.jsonl: no loading, no writing of the model):"
+            "Fine-tuning, what stays resident through the second training step (median RSS sampled every 0.2 s "
+            "between the first and the second step's record in metrics.jsonl: no loading, no writing):"
         )
         parts.append(
             markdown_table(
