@@ -414,7 +414,7 @@ def save(results: dict, measured: dict, name: str, info: dict) -> Path:
     results["fits"] = {
         job: fit([(row["params"], row["max_rss_gb"]) for row in rows]) for job, rows in measured.items()
     }
-    # fine-tuning: the second training step's own peak (sampled), fitted alone
+    # fine-tuning: what stays resident through the second training step (sampled), fitted alone
     results["fits_train"] = {
         job: fit([(row["params"], row["train_resident_gb"]) for row in rows if row.get("train_resident_gb")])
         for job, rows in measured.items()
@@ -480,7 +480,12 @@ def markdown(results: dict) -> str:
                     job,
                     f"{row['scale']:g}",
                     f"{row['params']:,}",
-                    f"**{row['max_rss_gb']:.2f} GB**",
+                    f"**{row['max_rss_gb']:.2f} GB**"
+                    + (
+                        f" (step 2: peak {row['train_peak_gb']:.2f}, resident {row['train_resident_gb']:.2f} GB)"
+                        if row.get("train_resident_gb")
+                        else ""
+                    ),
                     f"{row['cpu_s']:.0f} s",
                     f"{row['wall_s']:.0f} s",
                 ]
