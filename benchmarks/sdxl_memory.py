@@ -22,11 +22,13 @@ size, so the fixed part of the footprint is SDXL's), each command in a fresh pro
 - `libraries`: `python -c "import torch, diffusers, transformers, dpcli.api"`, the RSS no model adds.
 
 Then, per job, a least-squares fit peak RSS = fixed + bytes_per_param × UNet params over the measured
-scales, with residuals, extrapolated to the full and the pruned SDXL UNet, and the bf16 score
-extrapolation checked against the full-size measurement. A run whose predicted peak (from the fit of the
-scales already measured, or from the per-parameter theory) exceeds `--max-gb` is skipped and recorded as
-such. All sizes at 512 px (64x64 latents), batch 1. Results: benchmarks/results/sdxl_memory[-quick].json,
-.md. `--quick`: scales 0.1 and 0.2 only (a few minutes; under 8 GB per process).
+scales, with residuals (sizes on a size-independent plateau left out: `fit`), extrapolated to the full
+and the pruned SDXL UNet, and the bf16 score extrapolation checked against the full-size measurement. For
+fine-tuning, the RSS sampled through the second step (`RssSampler`) is fitted too: the whole process's
+peak at small sizes is the float32 load, not the training. A run whose predicted peak (the larger of the
+fit of the scales already measured and the per-parameter theory) exceeds `--max-gb` is skipped and
+recorded as such. All sizes at 512 px (64x64 latents), batch 1. Results: benchmarks/results/sdxl_memory[-quick].json,
+.md. `--quick`: scales 0.1 and 0.2 only (about 10 minutes here; at most 9.1 GB per process).
 """
 
 from __future__ import annotations
