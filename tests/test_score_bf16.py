@@ -1,6 +1,11 @@
 """dp score / dp prune with bf16 weights (--weights-dtype bf16): the scan's noise levels and its float32
 gradient sum (--grad-sum-dtype), measured against float32 weights (benchmarks/bf16_scores.py)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers.scan import calibration
@@ -8,7 +13,7 @@ from helpers.scan import calibration
 import dpcli
 from dpcli.plugins import get_registry
 from dpcli.scoring import Float32GradientSum, accumulate_gradients
-from dpcli.testing import tiny_loaded
+from dpcli.testing import invoke, tiny_loaded
 
 
 def bf16_loaded():
@@ -185,3 +190,51 @@ def test_grad_sum_dtype_option_and_bad_value(dp, tiny_unet_folder, image_folder,
             grad_sum_dtype="fp64",
             **({"criterion": "diff-taylor", "ratio": 0.3} if command == "prune" else {}),
         )
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_sum_bf16_gradients_like_one(tmp_path):
+    """torchrun: each process sums its share's bf16 gradients in float32, the float32 sums are added over
+    the processes: the scores of one process, to bf16's rounding of each timestep's gradient (the two
+    processes' bf16 forwards see other batch shapes)."""
+    from safetensors.torch import load_file
+
+    args = [
+        "score",
+        "builtin:ddpm-digits",
+        "--data",
+        "builtin:digits",
+        "--threshold",
+        "0.4",
+        "--timesteps",
+        "30",
+        "--calib-size",
+        "5",
+        "--timestep-stride",
+        "2",
+        "--weights-dtype",
+        "bf16",
+        "--precision",
+        "bf16",
+        "--json",
+        "-o",
+    ]
+    one = invoke(*args, tmp_path / "one.safetensors")
+    assert one.exit_code == 0, one.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.run(
+        [*torchrun, "-m", "dpcli", *args, str(tmp_path / "two.safetensors")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    two = json.loads(proc.stdout)
+    assert (one.json["world_size"], two["world_size"]) == (1, 2)
+    assert two["cutoff"] == one.json["cutoff"] < 29
+    assert two["losses"] == pytest.approx(one.json["losses"], rel=1e-2)
+    single, shared = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert single.keys() == shared.keys()
+    for key in single:
+        correlation = _spearman(single[key].double(), shared[key].double())
+        assert correlation > 0.98, (key, correlation)
