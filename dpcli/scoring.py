@@ -22,8 +22,9 @@ once at the end. The sum is the same sum, in another order: equal to one process
 float32 (the parameters are float32).
 
 Weights held in bf16/fp16 (``--weights-dtype``) get gradients in that dtype, and a sum of hundreds of them
-in bf16's 8-bit significand loses the small ones (benchmarks/bf16_scores.py: after 100 additions the
-pruned channels differed by 15 %). ``grad_sum_dtype`` "fp32" (the default) sums the scan in float32
+in bf16's 8-bit significand loses the small ones (benchmarks/bf16_scores.py, digits model, 1000 timesteps
+at chunk 1: 8.5 % of the channels pruned at ratio 0.3 differed from float32 weights', 3.2 % with a float32
+sum). ``grad_sum_dtype`` "fp32" (the default) sums the scan in float32
 instead (``Float32GradientSum``: each parameter's fresh ``.grad`` is added into a float32 buffer as soon
 as the backward produces it, and freed), and leaves the sum, cast once to the weights' dtype, in
 ``.grad``; "weights" sums in ``.grad`` itself (no float32 buffer: 2 bytes less per weight).

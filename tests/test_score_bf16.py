@@ -172,8 +172,21 @@ def test_squared_gradients_and_stride_with_the_float32_sum():
 
 @pytest.mark.parametrize("command", ["score", "prune"])
 def test_grad_sum_dtype_option_and_bad_value(dp, tiny_unet_folder, image_folder, tmp_path, command):
+    """The option is recorded with the scores (dp score --json, the scores in dp prune's dpcli.json); a bad
+    value is one line and exit 2 from the CLI, a BadSetting from the API, before anything is written."""
     result = dp(command, "--help")
     assert "--grad-sum-dtype" in result.stdout
+    scan = ["--data", str(image_folder), "--calib-size", "2", "--timesteps", "2"]
+    good = [command, str(tiny_unet_folder), *scan, "--grad-sum-dtype", "weights", "--json"]
+    if command == "prune":
+        good += ["--criterion", "diff-taylor", "--ratio", "0.3", "-o", str(tmp_path / "good")]
+    result = dp(*good)
+    assert result.exit_code == 0, result.stderr
+    if command == "score":
+        assert result.json["grad_sum_dtype"] == "weights"
+    else:
+        record = json.loads((tmp_path / "good" / "dpcli.json").read_text())
+        assert record["pruning"]["scores"]["grad_sum_dtype"] == "weights"
     args = [command, str(tiny_unet_folder), "--data", str(image_folder), "--grad-sum-dtype", "fp64"]
     if command == "prune":
         args += ["--criterion", "diff-taylor", "--ratio", "0.3", "-o", str(tmp_path / "out")]

@@ -239,6 +239,7 @@ class ScoreReport:
             "device": scan.device if scan else None,
             "world_size": scan.world_size if scan else None,
             "precision": self.scores.settings.get("precision"),
+            "grad_sum_dtype": self.scores.settings.get("grad_sum_dtype"),
             "seconds": self.scores.seconds,
             "scan_seconds": scan.seconds if scan else 0.0,
             "groups": len(self.scores.tensors),
