@@ -45,7 +45,7 @@ demo: $(STAMP)
 	@echo "Plots: $(DEMO_OUT)/timestep-scan.png (diff-taylor scan), $(DEMO_OUT)/finetune-loss.png (fine-tuning loss);"
 	@echo "side by side, one row per model from the same noise: $(DEMO_OUT)/compare/grid.png"
 	$(DP) compare $(DEMO_REPORTS) --num-samples 8 --force -o $(DEMO_OUT)/compare --json > /dev/null
-	$(DP) compare $(DEMO_REPORTS) --num-samples 256 --summary
+	$(DP) compare $(DEMO_REPORTS) --num-samples 256 --retime-reports --repeats 30 --summary
 
 # The steps of the demo and what each waits for (`make demo` runs them one at a time).
 demo-score: demo-inspect

@@ -263,6 +263,7 @@ def score(
     device: str = "auto",
     precision: str = "fp32",
     gradient_checkpointing: bool = False,
+    grad_sum_dtype: str = "fp32",
     plot: str | Path | None = None,
     adapter: str | None = None,
     config: str | Path | None = None,
@@ -319,6 +320,7 @@ def prune(
     precision: str = "fp32",
     layout: str = "free",
     gradient_checkpointing: bool = False,
+    grad_sum_dtype: str = "fp32",
     output: str | Path | None = None,
     force: bool = False,
     adapter: str | None = None,
@@ -577,6 +579,7 @@ def compare(
     guidance_scale: float | None = None,
     class_label: int | list[int] | None = None,
     mixed_protocols: bool = False,
+    retime_reports: bool = False,
     batch_size: int = 64,
     latency_batch: int = 64,
     repeats: int = 5,
@@ -593,7 +596,8 @@ def compare(
     are its MODEL arguments, loaded models or paths, ``report`` its ``--report`` files): size, MACs,
     latency, speedup, per-block widths, SSIM/PSNR to the first from the same noise and conditions.
     ``steps``/``spacing``/``sampler``/``seed`` left unset take a first report's settings (else DDIM, 100
-    uniform steps, seed 0). Returns the comparison (``to_json()`` is ``dp compare --json``); ``output``
+    uniform steps, seed 0). ``retime_reports`` loads each report's model again and times every model
+    here, round-robin, instead of taking the latencies the reports recorded. Returns the comparison (``to_json()`` is ``dp compare --json``); ``output``
     also writes report.json and the grid there."""
     from dpcli.jobs import compare as job
     from dpcli.jobs.evaluate import EvalSettings
@@ -617,6 +621,7 @@ def compare(
         scheduler=Path(scheduler) if scheduler is not None else None,
         conditioning=request,
         mixed_protocols=mixed_protocols,
+        retime_reports=retime_reports,
     )
     explicit = any(value is not None for value in chosen.values()) or not request.is_empty
     with params_limit(max_params):

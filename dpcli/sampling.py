@@ -292,28 +292,27 @@ class Sampler:
             images = self.adapter.decode(self.loaded, sample).float()
             return (images / 2 + 0.5).clamp(0, 1).cpu()
 
-    def step_latency(self, batch_size: int, warmup: int = 2, repeats: int = 5, on_run=None) -> float:
-        """Median wall time in ms of one denoising step (model + scheduler update) at ``batch_size``,
-        after ``warmup`` untimed steps, from a mid-sequence timestep."""
+    def step_timer(self, batch_size: int):
+        """A function that runs one denoising step (model + scheduler update) at ``batch_size`` from a
+        mid-sequence timestep, on the same inputs each call, and returns its wall time in seconds."""
         indices = list(range(batch_size))
         position = len(self.timesteps) // 2
-        times = []
         with torch.inference_mode():
             sample = initial_noise(self.noise_shape, self.settings.seed, indices).to(self.device)
             conditioning = self.conditioning(indices)
-            generators = None
-            if self.settings.sampler == "ddpm":
-                generators = [sample_generator(self.settings.seed, i, _STEPS) for i in indices]
-            for run in range(warmup + repeats):
+        generators = None
+        if self.settings.sampler == "ddpm":
+            generators = [sample_generator(self.settings.seed, i, _STEPS) for i in indices]
+
+        def run() -> float:
+            with torch.inference_mode():
                 synchronize(self.device)
                 started = time.perf_counter()
                 self.step(sample, position, conditioning, generators)
                 synchronize(self.device)
-                if run >= warmup:
-                    times.append(time.perf_counter() - started)
-                if on_run is not None:
-                    on_run()
-        return float(np.median(times)) * 1000
+                return time.perf_counter() - started
+
+        return run
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,14 @@ processes before the stopping rule sees it, so all stop at the same timestep, an
 once at the end. The sum is the same sum, in another order: equal to one process's to float rounding.
 ``precision`` bf16/fp16 runs the forward under autocast; the loss and the accumulated gradients stay
 float32 (the parameters are float32).
+
+Weights held in bf16/fp16 (``--weights-dtype``) get gradients in that dtype, and a sum of hundreds of them
+in bf16's 8-bit significand loses the small ones (benchmarks/bf16_scores.py, digits model, 1000 timesteps
+at chunk 1: 8.5 % of the channels pruned at ratio 0.3 differed from float32 weights', 3.2 % with a float32
+sum). ``grad_sum_dtype`` "fp32" (the default) sums the scan in float32
+instead (``Float32GradientSum``: each parameter's fresh ``.grad`` is added into a float32 buffer as soon
+as the backward produces it, and freed), and leaves the sum, cast once to the weights' dtype, in
+``.grad``; "weights" sums in ``.grad`` itself (no float32 buffer: 2 bytes less per weight).
 """
 
 from __future__ import annotations
@@ -141,6 +149,51 @@ def share_rows(total: int, rank: int, world_size: int) -> slice:
     return slice(total * rank // world_size, total * (rank + 1) // world_size)
 
 
+GRAD_SUM_DTYPES = ("fp32", "weights")
+
+
+def check_grad_sum_dtype(grad_sum_dtype: str) -> None:
+    """``grad_sum_dtype`` is fp32 (sum in float32) or weights (sum in the weights' dtype)."""
+    if grad_sum_dtype not in GRAD_SUM_DTYPES:
+        raise BadSetting(
+            "grad_sum_dtype",
+            "{grad_sum_dtype} must be one of " + ", ".join(GRAD_SUM_DTYPES),
+            got=repr(grad_sum_dtype),
+        )
+
+
+class Float32GradientSum:
+    """The scan's gradient sum in float32 for the parameters held in bf16/fp16, while it runs.
+
+    A post-accumulate-grad hook on each such parameter adds its fresh ``.grad`` (one backward's) into a
+    float32 buffer and sets ``.grad`` to None, so no full set of half-precision gradients is ever held
+    beside the buffers. ``attach`` returns None when every parameter is float32 (nothing to do)."""
+
+    HALF = (torch.bfloat16, torch.float16)
+
+    def __init__(self, parameters: list[torch.nn.Parameter]):
+        self.sums: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self.handles = [p.register_post_accumulate_grad_hook(self._add) for p in parameters]
+
+    @classmethod
+    def attach(cls, model: torch.nn.Module) -> Float32GradientSum | None:
+        half = [p for p in model.parameters() if p.requires_grad and p.dtype in cls.HALF]
+        return cls(half) if half else None
+
+    def _add(self, parameter: torch.Tensor) -> None:
+        if parameter in self.sums:
+            self.sums[parameter].add_(parameter.grad)
+        else:
+            self.sums[parameter] = parameter.grad.float()
+        parameter.grad = None
+
+    def detach(self) -> None:
+        """Remove the hooks (the sums stay)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
 # fp16 autocast: the scan's backward is scaled by this constant (the gradients are divided by it again),
 # so that small activation gradients do not underflow to zero in float16. A constant, not a dynamic
 # scaler: a scan cannot skip a timestep that overflowed; an overflow shows as a NaN/inf gradient error.
@@ -190,6 +243,7 @@ def accumulate_gradients(
     gradients: bool = True,
     precision: str = "fp32",
     dist: Distributed | None = None,
+    grad_sum_dtype: str = "fp32",
 ) -> ScanResult:
     """Run the scan on ``loaded.model`` in eval mode, leaving the summed gradients in ``.grad``.
 
@@ -209,6 +263,9 @@ def accumulate_gradients(
         of the calibration batch in ``x0``/``conditioning`` (see ``share_rows``) and the matching rows of
         ``noise``; losses and gradients are summed over them, and every process ends with the gradients of
         the whole batch. ``calib_size`` and ``samples_computed`` then count the whole job's.
+    :param grad_sum_dtype: fp32: sum the timesteps' gradients (or their squares) of bf16/fp16
+        weights in float32 and leave the sum cast to the weights' dtype in ``.grad``; weights: sum in
+        ``.grad``, in the weights' dtype. The same for float32 weights.
     """
     model = loaded.model
     scheduler = loaded.scheduler
@@ -228,10 +285,23 @@ def accumulate_gradients(
     elements = x0[0].numel() * images  # mse averages over every element of the calibration batch
     loss_scale = FP16_LOSS_SCALE if precision == "fp16" and gradients else 1.0
 
+    check_grad_sum_dtype(grad_sum_dtype)
+    wide = grad_sum_dtype == "fp32"
+
+    # The noisy samples and the targets are computed in float32 whatever the weights' dtype, and the noisy
+    # samples cast to the calibration batch's dtype (the weights') only as the model takes them:
+    # scheduler.add_noise works in its inputs' dtype, and in bf16 ᾱ_t rounds to 1 at the first timesteps
+    # (x_t = x0, no noise at all) and 1 - ᾱ_t to multiples of 2⁻⁸ after them: wrong noise levels exactly
+    # where Diff-Pruning looks (benchmarks/bf16_scores.py). A no-op for float32 batches.
+    sample_dtype = x0.dtype
+    x0, noise = x0.float(), noise.float()
+
     model.eval()
     if gradients:
         model.zero_grad(set_to_none=True)
     squares: dict[torch.nn.Parameter, torch.Tensor] | None = {} if squared else None
+    # squared: .grad holds one timestep (summed over its micro-batches), squared into float32 sums
+    accumulator = Float32GradientSum.attach(model) if gradients and wide and not squared else None
     losses: list[float] = []
     loss_max = 0.0
     cutoff = -1
@@ -239,61 +309,69 @@ def accumulate_gradients(
     stopped = False
     started = time.perf_counter()
     start = 0
-    while start < len(schedule) and not stopped:
-        steps = schedule[start : start + chunk]
-        chunk_losses = torch.zeros(len(steps), dtype=torch.float64)
-        summed = False
-        for first in range(0, local, micro):
-            rows = slice(first, first + micro)
-            clean, eps = x0[rows], noise[rows]
-            batch = clean.shape[0]
-            t = torch.tensor(steps, device=device).repeat_interleave(batch)
-            clean_k = clean.repeat(len(steps), *([1] * (clean.dim() - 1)))
-            eps_k = eps.repeat(len(steps), *([1] * (eps.dim() - 1)))
-            noisy = scheduler.add_noise(clean_k, eps_k, t)
-            target = loss_target(scheduler, clean_k, eps_k, t)
-            with torch.set_grad_enabled(gradients):
-                with autocast(device, precision):
-                    prediction = adapter.predict(loaded, noisy, t, _repeat(conditioning, len(steps), rows))
-                errors = (prediction.float() - target.float()).pow(2).flatten(1).sum(1)
-                per_step = errors.view(len(steps), batch).sum(1) / elements
-            values = per_step.detach().double()
-            if len(steps) > 1:
-                # Several timesteps per pass: this process's share is whole in it, so summed over the
-                # processes these losses are final and the cutoff is known before the backward.
-                values, summed = _reduce(job, values, device, "sum"), True
-            if gradients:
-                # with one timestep per pass, that timestep is always included
-                included = _included_count(values.tolist(), loss_max, threshold) if len(steps) > 1 else 1
-                (per_step[:included].sum() * loss_scale).backward()
-            chunk_losses += values.cpu()
-            forward_passes += 1
-            samples += len(steps) * batch
-        if not summed:
-            chunk_losses = _reduce(job, chunk_losses, device, "sum").cpu()
-        if squares is not None:
-            _sum_gradients(job, model, 1 / loss_scale)
-            _add_squared_gradients(model, squares)
-        for step, loss in zip(steps, chunk_losses.tolist(), strict=False):
-            if not math.isfinite(loss):
-                raise DpError(f"the loss at timestep {step} is {loss}: the model or data produce NaN/inf")
-            losses.append(loss)
-            cutoff = step
-            if on_progress is not None:
-                on_progress(step, loss)
-            loss_max = max(loss_max, loss)
-            if loss < loss_max * threshold:
-                stopped = True
-                break
-        start += len(steps)
-    if squares is not None:
-        for parameter in model.parameters():
-            parameter.grad = squares.get(parameter)
-    if gradients and squares is None:
-        _sum_gradients(job, model, 1 / loss_scale)
-    if gradients and stride > 1:
-        _scale_gradients(model, stride)
+    try:
+        while start < len(schedule) and not stopped:
+            steps = schedule[start : start + chunk]
+            chunk_losses = torch.zeros(len(steps), dtype=torch.float64)
+            summed = False
+            for first in range(0, local, micro):
+                rows = slice(first, first + micro)
+                clean, eps = x0[rows], noise[rows]
+                batch = clean.shape[0]
+                t = torch.tensor(steps, device=device).repeat_interleave(batch)
+                clean_k = clean.repeat(len(steps), *([1] * (clean.dim() - 1)))
+                eps_k = eps.repeat(len(steps), *([1] * (eps.dim() - 1)))
+                noisy = scheduler.add_noise(clean_k, eps_k, t)
+                target = loss_target(scheduler, clean_k, eps_k, t)
+                with torch.set_grad_enabled(gradients):
+                    with autocast(device, precision):
+                        prediction = adapter.predict(
+                            loaded, noisy.to(sample_dtype), t, _repeat(conditioning, len(steps), rows)
+                        )
+                    errors = (prediction.float() - target.float()).pow(2).flatten(1).sum(1)
+                    per_step = errors.view(len(steps), batch).sum(1) / elements
+                values = per_step.detach().double()
+                if len(steps) > 1:
+                    # Several timesteps per pass: this process's share is whole in it, so summed over the
+                    # processes these losses are final and the cutoff is known before the backward.
+                    values, summed = _reduce(job, values, device, "sum"), True
+                if gradients:
+                    # with one timestep per pass, that timestep is always included
+                    included = _included_count(values.tolist(), loss_max, threshold) if len(steps) > 1 else 1
+                    (per_step[:included].sum() * loss_scale).backward()
+                chunk_losses += values.cpu()
+                forward_passes += 1
+                samples += len(steps) * batch
+            if not summed:
+                chunk_losses = _reduce(job, chunk_losses, device, "sum").cpu()
+            if squares is not None:
+                _sum_gradients(job, model, _grads(model), 1 / loss_scale)
+                _add_squared_gradients(model, squares, wide)
+            for step, loss in zip(steps, chunk_losses.tolist(), strict=False):
+                if not math.isfinite(loss):
+                    raise DpError(f"the loss at timestep {step} is {loss}: the model or data produce NaN/inf")
+                losses.append(loss)
+                cutoff = step
+                if on_progress is not None:
+                    on_progress(step, loss)
+                loss_max = max(loss_max, loss)
+                if loss < loss_max * threshold:
+                    stopped = True
+                    break
+            start += len(steps)
+    finally:
+        if accumulator is not None:
+            accumulator.detach()
     if gradients:
+        if squares is not None:
+            totals = squares  # summed over the processes and unscaled timestep by timestep
+        else:
+            totals = accumulator.sums if accumulator is not None else {}
+            totals.update(_grads(model))
+            _sum_gradients(job, model, totals, 1 / loss_scale)
+        if stride > 1:
+            _scale_gradients(model, totals, stride)
+        _into_grad(model, totals)
         _check_gradients(model, precision)
     if job:
         samples = int(_reduce(job, torch.tensor([samples]), device, "sum"))
@@ -314,12 +392,25 @@ def accumulate_gradients(
     )
 
 
-def _scale_gradients(model: torch.nn.Module, factor: float) -> None:
+def _scale_gradients(model: torch.nn.Module, totals: dict, factor: float) -> None:
     """Each strided timestep stands for ``factor`` timesteps: Σ_t g_t ≈ factor × the strided sum (and
     Σ_t g_t⊙g_t ≈ factor × the strided sum of squares), so scores keep the scale of a full scan."""
     for parameter in model.parameters():
-        if parameter.grad is not None:
-            parameter.grad.mul_(factor)
+        if parameter in totals:
+            totals[parameter].mul_(factor)
+
+
+def _grads(model: torch.nn.Module) -> dict:
+    """Each parameter's ``.grad`` (those that have one)."""
+    return {p: p.grad for p in model.parameters() if p.grad is not None}
+
+
+def _into_grad(model: torch.nn.Module, totals: dict) -> None:
+    """Leave each parameter's sum in ``.grad``, cast to its dtype (a float32 sum of bf16 weights is
+    rounded once, here); one parameter at a time, so a float32 sum is freed as its cast is made."""
+    for parameter in model.parameters():
+        total = totals.pop(parameter, None)
+        parameter.grad = None if total is None else total.to(parameter.dtype)
 
 
 def _reduce(job: Distributed | None, values: torch.Tensor, device: torch.device, op: str) -> torch.Tensor:
@@ -333,14 +424,16 @@ def _reduce(job: Distributed | None, values: torch.Tensor, device: torch.device,
     return shared
 
 
-def _sum_gradients(job: Distributed | None, model: torch.nn.Module, factor: float) -> None:
-    """Sum ``.grad`` over the processes of ``job`` (each holds its share's gradient), then × ``factor``."""
+def _sum_gradients(job: Distributed | None, model: torch.nn.Module, totals: dict, factor: float) -> None:
+    """Sum each parameter's gradient in ``totals`` over the processes of ``job`` (each holds its share's
+    gradient), then × ``factor``. In the order of ``model.parameters()``, the same on every process."""
     for parameter in model.parameters():
-        if parameter.grad is not None:
+        total = totals.get(parameter)
+        if total is not None:
             if job is not None:
-                torch.distributed.all_reduce(parameter.grad)
+                torch.distributed.all_reduce(total)
             if factor != 1:
-                parameter.grad.mul_(factor)
+                total.mul_(factor)
 
 
 def _check_gradients(model: torch.nn.Module, precision: str = "fp32") -> None:
@@ -350,14 +443,17 @@ def _check_gradients(model: torch.nn.Module, precision: str = "fp32") -> None:
             raise DpError(f"gradient of {name} contains NaN/inf: scores would be garbage{hint}")
 
 
-def _add_squared_gradients(model: torch.nn.Module, squares: dict) -> None:
-    """Add this timestep's squared gradients to ``squares`` and clear ``.grad`` for the next timestep."""
+def _add_squared_gradients(model: torch.nn.Module, squares: dict, wide: bool = False) -> None:
+    """Add this timestep's squared gradients to ``squares`` (in float32 with ``wide``) and clear ``.grad``
+    for the next timestep."""
     for parameter in model.parameters():
         if parameter.grad is not None:
+            grad = parameter.grad.detach()
+            square = (grad.float() if wide else grad).pow(2)
             if parameter in squares:
-                squares[parameter] += parameter.grad.detach().pow(2)
+                squares[parameter] += square
             else:
-                squares[parameter] = parameter.grad.detach().pow(2)
+                squares[parameter] = square
             parameter.grad = None
 
 
@@ -473,6 +569,7 @@ def scan_calibration(
         conditioning=conditioning,
         precision=settings.precision,
         dist=dist,
+        grad_sum_dtype=settings.grad_sum_dtype,
         **options,
     )
     return scan, available

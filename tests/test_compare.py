@@ -141,3 +141,79 @@ def test_bad_input_exits_2(dp, tmp_path, tiny_unet_folder):
         assert result.exit_code == 2, (args, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
     assert not (tmp_path / "out").exists()
+
+
+def test_retime_reports_times_every_model_here_instead_of_the_reports_latency(
+    dp, tmp_path, tiny_unet_folder, pruned_folder
+):
+    import json
+
+    latency = ["--latency-batch", "2", "--repeats", "2"]
+    common = ["--steps", "2", "--num-samples", "3", *latency]
+    assert dp("eval", tiny_unet_folder, *common, "-o", tmp_path / "a").exit_code == 0
+    assert dp("eval", pruned_folder, *common, "-o", tmp_path / "b").exit_code == 0
+    report_b = tmp_path / "b" / "report.json"
+    recorded = json.loads(report_b.read_text())
+    recorded["latency"]["batch_1_ms"] = 1e6  # as if that run had been timed on a crawling machine
+    report_b.write_text(json.dumps(recorded))
+    reports = ["--report", tmp_path / "a", "--report", tmp_path / "b"]
+
+    taken = dp("compare", *reports, *latency, "--json")
+    assert taken.exit_code == 0, taken.stderr
+    assert taken.json["models"][1]["latency"]["batch_1_ms"] == 1e6
+
+    retimed = dp("compare", tiny_unet_folder, *reports, *latency, "--retime-reports", "--json")
+    assert retimed.exit_code == 0, retimed.stderr
+    models = retimed.json["models"]
+    assert [m["latency"]["timed_together"] for m in models] == [3, 3, 3]
+    assert all(0 < m["latency"]["batch_1_ms"] < 1e5 for m in models)
+    assert models[2]["latency"]["repeats"] == 2 and models[2]["from_report"]
+    assert models[2]["fid"] == recorded["fid"]  # only the latency is measured again
+    summary = dp("compare", *reports, *latency, "--retime-reports", "--summary")
+    assert summary.exit_code == 0 and "timed in this run" in summary.stdout
+
+
+def test_retime_reports_refuses_a_model_that_is_gone_or_changed(
+    dp, tmp_path, tiny_unet_folder, pruned_folder
+):
+    import shutil
+
+    common = ["--steps", "2", "--num-samples", "3", "--no-latency"]
+    model = tmp_path / "model"
+    shutil.copytree(pruned_folder, model)
+    assert dp("eval", model, *common, "-o", tmp_path / "a").exit_code == 0
+
+    def refused(extra, message):
+        result = dp(
+            "compare", tiny_unet_folder, "--report", tmp_path / "a", *FAST[:4], "--retime-reports", *extra
+        )
+        assert result.exit_code == 2, (extra, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert "Sampling" not in result.stderr  # refused before any sampling
+
+    refused(["--no-latency"], "cannot go with --no-latency")
+    shutil.rmtree(model)
+    refused([], "cannot be loaded to time it again")
+    shutil.copytree(tiny_unet_folder, model)  # another model in its place
+    refused([], "no longer the model the report measured")
+
+
+def test_models_timed_together_stay_equal_when_the_machine_slows_down_midway():
+    from dpcli.jobs.measure import LatencySettings, measure_latencies
+
+    calls = []
+
+    class Sampler:  # two identical models; the machine gets 10x slower halfway through the timing
+        device, precision_name = "cpu", "fp32"
+
+        def step_timer(self, batch_size):
+            def run():
+                calls.append(self)
+                return 0.01 if len(calls) <= 10 else 0.1
+
+            return run
+
+    first, second = Sampler(), Sampler()
+    latencies = measure_latencies([first, second], LatencySettings(batch=1, warmup=0, repeats=10))
+    assert latencies[0]["batch_1_ms"] == latencies[1]["batch_1_ms"]
+    assert calls[:4] == [first, second, second, first]  # one step each in turn, the order rotated

@@ -41,6 +41,16 @@ MixedProtocols = Annotated[
     ),
 ]
 
+RetimeReports = Annotated[
+    bool,
+    typer.Option(
+        "--retime-reports",
+        help="Load each --report's model again and time every model here, one denoising step of each in "
+        "turn, instead of taking the latency each report recorded in its own run: speedups free of "
+        "run-to-run drift.",
+    ),
+]
+
 Summary = Annotated[
     bool,
     typer.Option(
@@ -62,6 +72,7 @@ def compare(
     sampler: SamplerName = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed of the sampling noise.")] = None,
     mixed_protocols: MixedProtocols = False,
+    retime_reports: RetimeReports = False,
     summary: Summary = False,
     json_output: Json = False,
     **options,

@@ -285,6 +285,15 @@ GradientCheckpointing = Annotated[
         "more compute (diffusers UNets).",
     ),
 ]
+GradSumDtype = Annotated[
+    str,
+    typer.Option(
+        "--grad-sum-dtype",
+        help="fp32 (default): sum the scan's gradients of bf16/fp16 weights (--weights-dtype) in float32, "
+        "4 bytes per weight; weights: sum them in the weights' dtype, 2 bytes per weight, at a cost in "
+        "agreement with fp32 scores (README). No effect on fp32 weights.",
+    ),
+]
 Optimizer = Annotated[
     str,
     typer.Option(
@@ -329,6 +338,7 @@ SCAN_OPTIONS = {
     "device": (RunDevice, "auto"),
     "precision": (ScanPrecision, "fp32"),
     "gradient_checkpointing": (GradientCheckpointing, False),
+    "grad_sum_dtype": (GradSumDtype, "fp32"),
     "seed": (Seed, 0),
     "ignore": (Ignore, None),
     "round_to": (RoundTo, None),

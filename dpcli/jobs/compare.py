@@ -18,6 +18,7 @@ from dpcli.jobs.measure import (
     LatencySettings,
     Progress,
     check_same_noise,
+    measure_latencies,
     measure_latency,
     model_summary,
     resolve_sampling_conditions,
@@ -28,7 +29,7 @@ from dpcli.jobs.protocol import describe_difference, protocol_differences
 from dpcli.metrics import ssim_psnr
 from dpcli.reporting import Reporter, silent
 from dpcli.runtime import is_main_process
-from dpcli.sampling import SamplerSettings
+from dpcli.sampling import Sampler, SamplerSettings
 
 
 @dataclass
@@ -42,6 +43,7 @@ class CompareSettings:
     scheduler: Path | None = None  # replaces the scheduler of every model sampled here
     conditioning: ConditioningRequest = field(default_factory=ConditioningRequest)
     mixed_protocols: bool = False  # compare reports evaluated under different protocols (flagged per row)
+    retime_reports: bool = False  # time the reports' models here, round-robin with the live ones
 
 
 @dataclass
@@ -183,6 +185,10 @@ def compare_models(
         raise BadSetting("num_samples", "{num_samples} must be at least 1", got=settings.num_samples)
     if settings.latency is not None:
         settings.latency.validate()
+    elif settings.retime_reports:
+        raise BadSetting(
+            "retime_reports", "{retime_reports} times the models: it cannot go with --no-latency"
+        )
     read = [read_eval_report(path) for path in settings.reports]
     protocol_notes = check_protocols(read, settings.mixed_protocols)
     sampling = settings.sampling
@@ -194,6 +200,10 @@ def compare_models(
     sampling.validate()
 
     entries: list[Entry] = []
+    timed: list = []  # the samplers timed together at the end (--retime-reports)
+    retimed = []  # the reports' models, loaded (and checked) before any sampling
+    if settings.retime_reports and is_main_process():
+        retimed = [report_sampler(report, file, settings, status) for report, _, file in read]
     first_loaded = None
     conditions = reported
     for spec in settings.models:
@@ -215,10 +225,15 @@ def compare_models(
         sampler, samples = sample_model(loaded, sampling, settings.num_samples, settings.device, progress)
         if not is_main_process():
             continue
-        latency = measure_latency(sampler, settings.latency, progress) if settings.latency else None
+        latency = None
+        if settings.retime_reports:
+            timed.append(sampler)  # timed below with the reports' models, so it stays on the device
+        elif settings.latency:
+            latency = measure_latency(sampler, settings.latency, progress)
         summary["image_shape"] = list(samples.images.shape[1:])
         entries.append(Entry(summary, samples.describe(), latency, samples.images))
-        loaded.model.to("cpu")
+        if not settings.retime_reports:
+            loaded.model.to("cpu")
     if not is_main_process():
         return None
     for (report, images, file), note in zip(read, protocol_notes, strict=True):
@@ -237,9 +252,43 @@ def compare_models(
                 report_grid(report, file),
             )
         )
+    if settings.retime_reports:
+        timed += retimed
+        for entry, latency in zip(entries, measure_latencies(timed, settings.latency, progress), strict=True):
+            entry.latency = {**latency, "timed_together": len(timed)}
     if conditions is None and read:
         conditions = conditions_from_record(read[0][0].get("protocol"), for_sampling=False)
     return compare_entries(entries, settings.num_samples, conditions)
+
+
+def report_sampler(report: dict, file: Path, settings: CompareSettings, status) -> Sampler:
+    """A sampler of the model a dp eval report measured, loaded again with the report's sampling settings
+    and conditions, to time it beside the others (``--retime-reports``)."""
+    from dpcli.errors import BadInput, DpError
+    from dpcli.loading import load_model
+
+    spec = report.get("model")
+    if not spec:
+        raise BadInput(
+            f"{file}: the report does not say which model it measured, so it cannot be timed again"
+        )
+    status(f"Loading {spec} (from {file}) to time it")
+    try:
+        loaded = load_model(spec, scheduler=settings.scheduler)
+    except DpError as error:
+        raise BadInput(f"{file}: its model {spec} cannot be loaded to time it again: {error}") from None
+    summary = model_summary(loaded)
+    for key in ("params", "macs"):
+        if report.get(key) is not None and summary.get(key) != report.get(key):
+            raise BadInput(
+                f"{file}: {spec} is no longer the model the report measured ({key} {summary.get(key):,} now, "
+                f"{report[key]:,} in the report)"
+            )
+    sampling = sampling_from_report(report, settings.sampling)
+    conditions = conditions_from_record(report.get("protocol"))
+    if conditions is not None:
+        sampling = with_conditions(sampling, conditions)
+    return Sampler(loaded, sampling, settings.device)
 
 
 def report_grid(report: dict, file: Path) -> str | None:

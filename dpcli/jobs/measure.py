@@ -4,6 +4,7 @@ sampling speed, sampling with a progress bar from resolved conditions, and FID a
 from __future__ import annotations
 
 import contextlib
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,21 +92,43 @@ class LatencySettings:
 
 def measure_latency(sampler: Sampler, settings: LatencySettings, progress: Progress = no_progress) -> dict:
     """Median ms per denoising step at batch 1 and at the throughput batch (warm-up excluded)."""
+    return measure_latencies([sampler], settings, progress)[0]
+
+
+def measure_latencies(
+    samplers: list[Sampler], settings: LatencySettings, progress: Progress = no_progress
+) -> list[dict]:
+    """``measure_latency`` of several samplers at once, timed round-robin (one step of each in turn, the
+    order rotated every round), so that a change in the machine's speed while they run (load, clocks,
+    another process) falls on all of them alike and their speedups stay fair."""
     sizes = [1] + ([settings.batch] if settings.batch > 1 else [])
     runs = settings.warmup + settings.repeats
-    results = {}
-    with progress("Latency", runs * len(sizes)) as advance:
+    medians: list[dict[int, float]] = [{} for _ in samplers]
+    with progress("Latency", runs * len(sizes) * len(samplers)) as advance:
         for size in sizes:
-            results[size] = sampler.step_latency(size, settings.warmup, settings.repeats, on_run=advance)
-    return {
-        "batch_1_ms": results[1],
-        "batch": settings.batch,
-        "batch_ms": results.get(settings.batch, results[1]),
-        "warmup": settings.warmup,
-        "repeats": settings.repeats,
-        "device": str(sampler.device),
-        "precision": sampler.precision_name,
-    }
+            timers = [sampler.step_timer(size) for sampler in samplers]
+            times: list[list[float]] = [[] for _ in samplers]
+            for run in range(runs):
+                for offset in range(len(timers)):
+                    index = (run + offset) % len(timers)
+                    elapsed = timers[index]()
+                    if run >= settings.warmup:
+                        times[index].append(elapsed)
+                    advance()
+            for index, measured in enumerate(times):
+                medians[index][size] = statistics.median(measured) * 1000
+    return [
+        {
+            "batch_1_ms": median[1],
+            "batch": settings.batch,
+            "batch_ms": median.get(settings.batch, median[1]),
+            "warmup": settings.warmup,
+            "repeats": settings.repeats,
+            "device": str(sampler.device),
+            "precision": sampler.precision_name,
+        }
+        for sampler, median in zip(samplers, medians, strict=True)
+    ]
 
 
 def sample_model(

@@ -21,6 +21,7 @@ from dpcli.reporting import Reporter, silent
 from dpcli.runtime import Distributed, check_precision, check_weights_precision
 from dpcli.scoring import (
     ScanResult,
+    check_grad_sum_dtype,
     gradient_checkpointing,
     place,
     scan_calibration,
@@ -45,6 +46,7 @@ class ScoreSettings(DataOptions):
     device: str = "auto"  # where the scan runs (dpcli.runtime.start_distributed)
     precision: str = "fp32"  # or bf16 / fp16: autocast for the scan's forward
     gradient_checkpointing: bool = False  # recompute activations in the scan's backward (less memory)
+    grad_sum_dtype: str = "fp32"  # or weights: sum bf16/fp16 weights' gradients in their own dtype
     seed: int = 0
     ignore: list[str] | None = None
     round_to: int | None = None
@@ -74,6 +76,7 @@ class ScoreSettings(DataOptions):
                 "timestep_stride", "{timestep_stride} must be at least 1", got=self.timestep_stride
             )
         check_precision(self.precision)
+        check_grad_sum_dtype(self.grad_sum_dtype)
         if self.calib_size is not None and self.calib_size < 1:
             raise BadSetting("calib_size", "{calib_size} must be at least 1", got=self.calib_size)
         if self.scan_budget is not None:
@@ -185,6 +188,7 @@ def _compute_scores(loaded: LoadedModel, settings: ScoreSettings, on_progress, d
         "timestep_stride": scan.stride if scan else None,
         "scan_budget": plan.to_json() if plan else None,
         "precision": settings.precision if scan else None,
+        "grad_sum_dtype": settings.grad_sum_dtype if scan else None,
         "ignore": settings.options.ignore,
         "round_to": settings.options.round_to,
         "head_ratio": settings.options.head_ratio,
@@ -235,6 +239,7 @@ class ScoreReport:
             "device": scan.device if scan else None,
             "world_size": scan.world_size if scan else None,
             "precision": self.scores.settings.get("precision"),
+            "grad_sum_dtype": self.scores.settings.get("grad_sum_dtype"),
             "seconds": self.scores.seconds,
             "scan_seconds": scan.seconds if scan else 0.0,
             "groups": len(self.scores.tensors),

@@ -99,6 +99,8 @@ def render_compare_summary(result: dict) -> None:
     sampling = result.get("sampling") or {}
     steps = sampling.get("steps")
     batches = f" (batch 1 and batch {batch})" if batch and batch > 1 else ""
+    if any((m.get("latency") or {}).get("timed_together") for m in models):
+        batches += ", every model timed in this run, one step of each in turn"
     sampler = f", {str(sampling.get('sampler', 'ddim')).upper()} {steps} steps" if steps else ""
     table = Table(
         title=f"Summary: {len(models)} models against {escape(str(result['baseline']))}",
