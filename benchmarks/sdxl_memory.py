@@ -9,9 +9,10 @@ size, so the fixed part of the footprint is SDXL's), each command in a fresh pro
 
 - `score-fp32`: `dp score PIPELINE --data IMAGES --calib-size 1 --batch-size 1 --chunk 1 --timesteps 2
   --weights-dtype fp32` (float32 weights, no autocast);
-- `score-bf16`: the same with `--weights-dtype bf16 --precision bf16 --gradient-checkpointing` (the
-  command measured at full size: 14.52 GB at 512 px, docs/benchmarks.md; scale 0.7 has about the pruned
-  UNet's size);
+- `score-bf16`: the same with `--weights-dtype bf16 --precision bf16 --gradient-checkpointing
+  --grad-sum-dtype weights` (the command measured at full size, 14.52 GB at 512 px, docs/benchmarks.md,
+  before the float32 gradient sum became the default; scale 0.7 has about the pruned UNet's size);
+- `score-bf16-fp32sum`: the same with the default `--grad-sum-dtype fp32` (scale 0.7 only);
 - `finetune`: `dp finetune PIPELINE --data IMAGES --steps 2 --batch-size 1 --precision bf16
   --gradient-checkpointing --workers 0 --checkpoint-every 0` (AdamW, EMA: float32 master weights);
 - `finetune-teacher`: the same with `--teacher PIPELINE/unet` (the same-size UNet as its own teacher,
@@ -54,6 +55,7 @@ GB = 1e9
 # job: (theoretical bytes per UNet parameter, what they are, scales of the full run)
 JOBS = {
     "score-bf16": (4, "bf16 weights 2 + bf16 gradients 2", [0.2, 0.4, 0.6, 0.7]),
+    "score-bf16-fp32sum": (6, "bf16 weights 2 + float32 gradient sum 4", [0.7]),
     "finetune": (20, "float32 weights 4 + gradients 4 + AdamW moments 8 + EMA 4", [0.1, 0.2, 0.3]),
     "finetune-teacher": (22, "finetune 20 + the same-size teacher in bf16 2", [0.1, 0.2, 0.3]),
     "score-fp32": (8, "float32 weights 4 + gradients 4", [0.2, 0.3, 0.4]),
@@ -196,6 +198,9 @@ def command_for(job: str, pipeline: Path, images: Path, work: Path) -> list[str]
         command += ["--chunk", "1", "--timesteps", "2", "--weights-dtype", dtype, "--json"]
         if dtype == "bf16":
             command += ["--precision", "bf16", "--gradient-checkpointing"]
+            # score-bf16 sums the gradients in bf16, as the full-size measurement it is checked against
+            # (taken before --grad-sum-dtype existed); score-bf16-fp32sum: the default float32 sum
+            command += ["--grad-sum-dtype", "fp32" if job.endswith("fp32sum") else "weights"]
         return command
     output = work / "finetuned"
     command = [*dp, "finetune", str(pipeline), "--data", str(images), "--steps", "2", "--batch-size", "1"]
@@ -290,7 +295,7 @@ def fit_with_width(points: list[tuple[int, float, float]]) -> dict | None:
 def predicted_gb(job: str, params: int, measured: dict) -> float:
     """The larger of two predictions: the fit of the sizes measured so far (when two or more) and the
     per-parameter theory over a guessed fixed part (a fit over sizes on a plateau underestimates)."""
-    fixed = FIXED_GUESS_GB["bf16" if job == "score-bf16" else "fp32"]
+    fixed = FIXED_GUESS_GB["bf16" if job.startswith("score-bf16") else "fp32"]
     theory = fixed + JOBS[job][0] * params / GB
     line = fit([(row["params"], row["max_rss_gb"]) for row in measured.get(job, [])])
     if line is None:
