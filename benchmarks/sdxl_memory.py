@@ -12,7 +12,8 @@ size, so the fixed part of the footprint is SDXL's), each command in a fresh pro
 - `score-bf16`: the same with `--weights-dtype bf16 --precision bf16 --gradient-checkpointing
   --grad-sum-dtype weights` (the command measured at full size, 14.52 GB at 512 px, docs/benchmarks.md,
   before the float32 gradient sum became the default; scale 0.7 has about the pruned UNet's size);
-- `score-bf16-fp32sum`: the same with the default `--grad-sum-dtype fp32` (scale 0.7 only);
+- `score-bf16-fp32sum`: the same with the default `--grad-sum-dtype fp32` (scale 0.4 only: the
+  difference to `score-bf16` there);
 - `finetune`: `dp finetune PIPELINE --data IMAGES --steps 2 --batch-size 1 --precision bf16
   --gradient-checkpointing --workers 0 --checkpoint-every 0` (AdamW, EMA: float32 master weights);
 - `finetune-teacher`: the same with `--teacher PIPELINE/unet` (the same-size UNet as its own teacher,
@@ -55,7 +56,7 @@ GB = 1e9
 # job: (theoretical bytes per UNet parameter, what they are, scales of the full run)
 JOBS = {
     "score-bf16": (4, "bf16 weights 2 + bf16 gradients 2", [0.2, 0.4, 0.6, 0.7]),
-    "score-bf16-fp32sum": (6, "bf16 weights 2 + float32 gradient sum 4", [0.7]),
+    "score-bf16-fp32sum": (6, "bf16 weights 2 + float32 gradient sum 4", [0.4]),
     "finetune": (20, "float32 weights 4 + gradients 4 + AdamW moments 8 + EMA 4", [0.1, 0.2, 0.3]),
     "finetune-teacher": (22, "finetune 20 + the same-size teacher in bf16 2", [0.1, 0.2, 0.3]),
     "score-fp32": (8, "float32 weights 4 + gradients 4", [0.2, 0.3, 0.4]),
