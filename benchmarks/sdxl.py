@@ -228,6 +228,17 @@ def speed_step(config_file: Path, pruned: Path, pixels: int, repeats: int, resul
     return rows
 
 
+def score_command(pipeline: Path, images: Path, dtype: str, timesteps: int = 2) -> list[str]:
+    """`dp score` at batch 1 (one calibration image, one timestep per pass) with weights in ``dtype``;
+    bf16/fp16 also under that autocast precision, with gradient checkpointing."""
+    command = [sys.executable, "-m", "dpcli", "score", str(pipeline), "--data", str(images)]
+    command += ["--calib-size", "1", "--batch-size", "1", "--chunk", "1", "--timesteps", str(timesteps)]
+    command += ["--weights-dtype", dtype, "--json"]
+    if dtype != "fp32":
+        command += ["--precision", dtype, "--gradient-checkpointing"]
+    return command
+
+
 def score_step(work: Path, latent: int, dtypes: list[str], timesteps: int, results: dict) -> list[list[str]]:
     """`dp score` at batch 1 on a random-weight SDXL pipeline folder (benchmarks/sdxl_pipeline.py)."""
     pixels = latent * 8
@@ -254,28 +265,7 @@ def score_step(work: Path, latent: int, dtypes: list[str], timesteps: int, resul
             if not images.is_dir():
                 (work / "tmp" / "images").rename(images)
             print(json.dumps({f"pipeline {dtype}": build}), flush=True)
-        command = [
-            sys.executable,
-            "-m",
-            "dpcli",
-            "score",
-            str(pipeline),
-            "--data",
-            str(images),
-            "--calib-size",
-            "1",
-            "--batch-size",
-            "1",
-            "--chunk",
-            "1",
-            "--timesteps",
-            str(timesteps),
-            "--weights-dtype",
-            dtype,
-            "--json",
-        ]
-        if dtype != "fp32":
-            command += ["--precision", dtype, "--gradient-checkpointing"]
+        command = score_command(pipeline, images, dtype, timesteps)
         result, stats = timed(command)
         report = json.loads(result.stdout)
         per_sample = report["scan_seconds"] / report["samples"]

@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine_info, markdown_table, write_results  # noqa: E402
-from sdxl import timed  # noqa: E402
+from sdxl import score_command, timed  # noqa: E402
 
 PIPELINE_SCRIPT = Path(__file__).with_name("sdxl_pipeline.py")
 FULL_PARAMS = 2_567_463_684
@@ -185,20 +185,8 @@ def command_for(job: str, pipeline: Path, images: Path, work: Path) -> list[str]
     dp = [sys.executable, "-m", "dpcli"]
     if job.startswith("score"):
         dtype = job.split("-")[1]
-        command = [
-            *dp,
-            "score",
-            str(pipeline),
-            "--data",
-            str(images),
-            "--calib-size",
-            "1",
-            "--batch-size",
-            "1",
-        ]
-        command += ["--chunk", "1", "--timesteps", "2", "--weights-dtype", dtype, "--json"]
+        command = score_command(pipeline, images, dtype)
         if dtype == "bf16":
-            command += ["--precision", "bf16", "--gradient-checkpointing"]
             # score-bf16 sums the gradients in bf16, as the full-size measurement it is checked against
             # (taken before --grad-sum-dtype existed); score-bf16-fp32sum: the default float32 sum
             command += ["--grad-sum-dtype", "fp32" if job.endswith("fp32sum") else "weights"]
