@@ -597,8 +597,8 @@ def compare(
     latency, speedup, per-block widths, SSIM/PSNR to the first from the same noise and conditions.
     ``steps``/``spacing``/``sampler``/``seed`` left unset take a first report's settings (else DDIM, 100
     uniform steps, seed 0). ``retime_reports`` loads each report's model again and times every model
-    here, round-robin, instead of taking the latencies the reports recorded. Returns the comparison (``to_json()`` is ``dp compare --json``); ``output``
-    also writes report.json and the grid there."""
+    here, round-robin, instead of taking the latencies the reports recorded. Returns the comparison
+    (``to_json()`` is ``dp compare --json``); ``output`` also writes report.json and the grid there."""
     from dpcli.jobs import compare as job
     from dpcli.jobs.evaluate import EvalSettings
     from dpcli.sizing import params_limit

@@ -2,18 +2,16 @@
 gradient sum (--grad-sum-dtype), measured against float32 weights (benchmarks/bf16_scores.py)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers.processes import DIGITS_SCAN, run_dp
 from helpers.scan import calibration
 
 import dpcli
 from dpcli.plugins import get_registry
 from dpcli.scoring import Float32GradientSum, accumulate_gradients
-from dpcli.testing import invoke, tiny_loaded
+from dpcli.testing import tiny_loaded
 
 
 def bf16_loaded():
@@ -212,40 +210,12 @@ def test_two_gloo_processes_sum_bf16_gradients_like_one(tmp_path):
     processes' bf16 forwards see other batch shapes)."""
     from safetensors.torch import load_file
 
-    args = [
-        "score",
-        "builtin:ddpm-digits",
-        "--data",
-        "builtin:digits",
-        "--threshold",
-        "0.4",
-        "--timesteps",
-        "30",
-        "--calib-size",
-        "5",
-        "--timestep-stride",
-        "2",
-        "--weights-dtype",
-        "bf16",
-        "--precision",
-        "bf16",
-        "--json",
-        "-o",
-    ]
-    one = invoke(*args, tmp_path / "one.safetensors")
-    assert one.exit_code == 0, one.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    proc = subprocess.run(
-        [*torchrun, "-m", "dpcli", *args, str(tmp_path / "two.safetensors")],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr
-    two = json.loads(proc.stdout)
-    assert (one.json["world_size"], two["world_size"]) == (1, 2)
-    assert two["cutoff"] == one.json["cutoff"] < 29
-    assert two["losses"] == pytest.approx(one.json["losses"], rel=1e-2)
+    scan = ["--calib-size", "5", "--timestep-stride", "2", "--weights-dtype", "bf16", "--precision", "bf16"]
+    one = run_dp(["score", *DIGITS_SCAN, *scan, "-o", tmp_path / "one.safetensors"], processes=1)
+    two = run_dp(["score", *DIGITS_SCAN, *scan, "-o", tmp_path / "two.safetensors"], processes=2)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["cutoff"] == one["cutoff"] < 29
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-2)
     single, shared = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
     assert single.keys() == shared.keys()
     for key in single:

@@ -1,13 +1,11 @@
 """dp score / dp prune on a chosen device, in a chosen precision, and shared out over torchrun processes."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from helpers.latent import kl_autoencoder, latent_unet2d, write_pipeline
+from helpers.processes import DIGITS_SCAN, run_dp
 from helpers.scan import calibration
 
 from dpcli.errors import BadSetting
@@ -23,9 +21,8 @@ from dpcli.scoring import (
     gradient_checkpointing,
     share_rows,
 )
-from dpcli.testing import invoke, make_image_folder, tiny_loaded
+from dpcli.testing import make_image_folder, tiny_loaded
 
-SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1"}
 CUDA = torch.cuda.is_available()
 
 
@@ -188,41 +185,6 @@ def test_each_process_prepares_only_its_share_and_the_shares_make_the_batch(imag
 
 
 # Two gloo processes against one ------------------------------------------------------------------------
-TORCHRUN = [
-    sys.executable,
-    "-m",
-    "torch.distributed.run",
-    "--standalone",
-    "--nproc-per-node",
-    "2",
-    "-m",
-    "dpcli",
-]
-# builtin:ddpm-digits is trained, so its loss falls and the threshold stops the scan early (at t = 8 with
-# these settings), far from any tie: the stopping test compares losses that differ by several percent.
-SCAN = [
-    "builtin:ddpm-digits",
-    "--data",
-    "builtin:digits",
-    "--threshold",
-    "0.4",
-    "--timesteps",
-    "30",
-    "--json",
-]
-
-
-def run(args, processes: int):
-    if processes == 1:
-        result = invoke(*args)
-        assert result.exit_code == 0, result.stderr
-        return result.json
-    command = [*TORCHRUN, *args]
-    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **SUBPROCESS_ENV})
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)  # one JSON object: rank 0 alone prints
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "scan",
@@ -232,8 +194,8 @@ def run(args, processes: int):
 def test_two_gloo_processes_score_like_one(tmp_path, scan):
     from safetensors.torch import load_file
 
-    one = run(["score", *SCAN, *scan, "-o", str(tmp_path / "one.safetensors")], processes=1)
-    two = run(["score", *SCAN, *scan, "-o", str(tmp_path / "two.safetensors")], processes=2)
+    one = run_dp(["score", *DIGITS_SCAN, *scan, "-o", str(tmp_path / "one.safetensors")], processes=1)
+    two = run_dp(["score", *DIGITS_SCAN, *scan, "-o", str(tmp_path / "two.safetensors")], processes=2)
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert two["cutoff"] == one["cutoff"] < 29 and two["scan_budget"] == one["scan_budget"]
     assert (two["calib_size"], two["timestep_stride"]) == (one["calib_size"], one["timestep_stride"])
@@ -260,7 +222,7 @@ def test_two_gloo_processes_prune_like_one(tmp_path):
         out = tmp_path / f"pruned-{processes}"
         args = [
             "prune",
-            *SCAN,
+            *DIGITS_SCAN,
             "--calib-size",
             "5",
             "--criterion",
@@ -270,7 +232,7 @@ def test_two_gloo_processes_prune_like_one(tmp_path):
             "-o",
             str(out),
         ]
-        report = run(args, processes)
+        report = run_dp(args, processes)
         assert report["output"] == str(out)
         kept.append(json.loads((out / "dpcli.json").read_text())["pruning"]["kept_channels"])
     assert kept[0] == kept[1]

@@ -6,6 +6,7 @@ shared 2-core machine anyway."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,28 @@ from pathlib import Path
 import torch
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+# builtin:ddpm-digits is trained, so its loss falls and the threshold stops the scan early (at t = 8 with
+# these settings), far from any tie: the stopping test compares losses that differ by several percent.
+DIGITS_SCAN = ["builtin:ddpm-digits", "--data", "builtin:digits", "--threshold", "0.4", "--timesteps", "30"]
+
+
+def run_dp(args, processes: int = 1) -> dict:
+    """``dp ARGS... --json`` in this process (1) or under torchrun with 2 gloo processes: its JSON report
+    (rank 0 alone prints), after asserting it succeeded."""
+    from dpcli.testing import invoke
+
+    args = [*map(str, args), "--json"]
+    if processes == 1:
+        result = invoke(*args)
+        assert result.exit_code == 0, result.stderr
+        return result.json
+    assert processes == 2, "TORCHRUN starts 2 processes"
+    proc = subprocess.run(
+        [*TORCHRUN, "-m", "dpcli", *args], capture_output=True, text=True, env=SUBPROCESS_ENV
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 @contextmanager
